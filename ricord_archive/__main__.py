@@ -1,0 +1,3 @@
+from ricord_archive.cli import main
+
+raise SystemExit(main())

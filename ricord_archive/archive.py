@@ -1,0 +1,107 @@
+"""Assembling and running the archive: database, services, HTTP and DIMSE listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+
+from ricord_archive.blobstore import BlobStore
+from ricord_archive.config import Config
+from ricord_archive.deid import Keyring
+from ricord_archive.dimse.server import DimseServer
+from ricord_archive.index.database import create_pool, ensure_database
+from ricord_archive.index.embedded import EmbeddedPostgres
+from ricord_archive.index.migrate import migrate
+from ricord_archive.index.store import Site, ensure_site
+from ricord_archive.ingest import IngestService
+from ricord_archive.query import QueryService
+from ricord_archive.retrieve import RetrieveService
+from ricord_archive.secret import load_secret
+from ricord_archive.web.app import Services, create_app
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data_dir(config: Config) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.chmod(0o700 | 0o001)  # o+x only: the embedded PostgreSQL's user passes
+
+
+@contextlib.asynccontextmanager
+async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated connection pool: to the configured server, or to the embedded cluster,
+    started (or adopted) for the duration and stopped afterwards when `stop_embedded`."""
+    embedded = None
+    url = config.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(config.data_dir / "pg")
+        url = await asyncio.to_thread(embedded.start)
+        await ensure_database(url)
+    try:
+        pool = await create_pool(url)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None and stop_embedded:
+            await asyncio.to_thread(embedded.stop)
+
+
+@dataclass
+class _Readiness:
+    ready: bool = False
+
+    def __call__(self) -> bool:
+        return self.ready
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT or SIGTERM, then stop listeners, the pool and the embedded database."""
+    prepare_data_dir(config)
+    keys = Keyring(load_secret(config))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    readiness = _Readiness()
+    async with database(config) as pool:
+        async with pool.acquire() as conn:
+            sites: dict[str, Site] = {s.name: await ensure_site(conn, s) for s in config.sites}
+        for site in sites.values():
+            log.info("site %s has SITEID %s", site.name, site.siteid)
+        blobs = BlobStore(config.data_dir / "blobs")
+        ingest = IngestService(pool, blobs, keys, sites, config.limits)
+        query = QueryService(pool, config.limits.qido_max_limit)
+        services = Services(
+            ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
+            default_site=config.default_site.name,
+            max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
+        )
+        runner = web.AppRunner(create_app(services), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, config.http_host, config.http_port).start()
+        dimse = DimseServer(config, ingest, query, loop)
+        await asyncio.to_thread(dimse.start)
+        readiness.ready = True
+        log.info(
+            "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",
+            config.http_host, config.http_port, config.ae_title, config.dimse_host,
+            config.dimse_port,
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping")
+            readiness.ready = False
+            await asyncio.to_thread(dimse.stop)
+            await runner.cleanup()

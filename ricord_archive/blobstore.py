@@ -1,0 +1,68 @@
+"""The blob store on a local filesystem: four verbs, server-generated keys, never overwritten.
+
+A write goes to a temporary file, is fsynced, renamed into place, and the directory fsynced,
+so a key that reaches the index always names complete bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def new_key() -> str:
+        name = uuid.uuid4().hex
+        return f"{name[:2]}/{name[2:4]}/{name}.dcm"
+
+    def path(self, key: str) -> Path:
+        """The file of a key; keys are only ever ones this store generated."""
+        if not _KEY.match(key):
+            raise ValueError("not a blob key of this store")
+        return self.root / key
+
+    def put(self, data: bytes) -> str:
+        """Write `data` durably under a new key and return the key."""
+        key = self.new_key()
+        final = self.root / key
+        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        return key
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

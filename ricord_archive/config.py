@@ -1,0 +1,154 @@
+"""Configuration: TOML file, overridden by RICORD_* environment variables, overridden by flags.
+
+Loaded once into frozen dataclasses and passed down; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SITE_NAME = "default"
+_SITEID = re.compile(r"^[1-9][0-9]{5}$")
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    aets: tuple[str, ...] = ()
+    siteid: str | None = None
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_object_bytes: int = 2 * 1024**3
+    max_stow_bytes: int = 8 * 1024**3
+    qido_max_limit: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("data")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+    dimse_host: str = "127.0.0.1"
+    dimse_port: int = 11112
+    ae_title: str = "RICORD"
+    database_url: str | None = None
+    secret_key: str | None = None
+    sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
+    accept_any_calling_aet: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def default_site(self) -> SiteConfig:
+        return next(s for s in self.sites if s.default)
+
+    def site_for_aet(self, calling_aet: str) -> SiteConfig | None:
+        """The site a calling AE title belongs to, or None when it is not recognised."""
+        for site in self.sites:
+            if calling_aet in site.aets:
+                return site
+        return self.default_site if self.accept_any_calling_aet else None
+
+    def site_named(self, name: str) -> SiteConfig:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise ConfigError(f"no site named {name!r} in the configuration")
+
+
+def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
+    if raw is None:
+        return (SiteConfig(DEFAULT_SITE_NAME, default=True),), True
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("[[sites]] must be a non-empty array of tables")
+    sites = []
+    for entry in raw:
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError("every [[sites]] entry needs a name")
+        aets = entry.get("aets", [])
+        if not isinstance(aets, list) or not all(
+            isinstance(a, str) and _AE_TITLE.match(a) for a in aets
+        ):
+            raise ConfigError(f"site {name!r}: aets must be AE titles of 1-16 printable characters")
+        siteid = entry.get("siteid")
+        if siteid is not None:
+            siteid = str(siteid)
+            if not _SITEID.match(siteid):
+                raise ConfigError(f"site {name!r}: siteid must be 6 digits, not starting with 0")
+        sites.append(SiteConfig(name, tuple(aets), siteid, bool(entry.get("default", False))))
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError("site names must be unique")
+    all_aets = [a for s in sites for a in s.aets]
+    if len(set(all_aets)) != len(all_aets):
+        raise ConfigError("an AE title may belong to one site only")
+    pinned = [s.siteid for s in sites if s.siteid]
+    if len(set(pinned)) != len(pinned):
+        raise ConfigError("pinned siteids must be unique")
+    defaults = [s for s in sites if s.default]
+    if len(defaults) > 1:
+        raise ConfigError("only one site may be the default")
+    if not defaults:
+        sites[0] = replace(sites[0], default=True)
+    return tuple(sites), False
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from the file, then the environment, then explicit overrides."""
+    env = os.environ if env is None else env
+    if path is None and env.get("RICORD_CONFIG"):
+        path = Path(env["RICORD_CONFIG"])
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
+    server = raw.get("server", {})
+    sites, accept_any = _parse_sites(raw.get("sites"))
+    limits_raw = raw.get("limits", {})
+    values: dict[str, Any] = {
+        "data_dir": Path(server.get("data_dir", "data")),
+        "http_host": server.get("http_host", "127.0.0.1"),
+        "http_port": int(server.get("http_port", 8042)),
+        "dimse_host": server.get("dimse_host", "127.0.0.1"),
+        "dimse_port": int(server.get("dimse_port", 11112)),
+        "ae_title": server.get("ae_title", "RICORD"),
+        "database_url": server.get("database_url"),
+        "secret_key": server.get("secret_key"),
+        "sites": sites,
+        "accept_any_calling_aet": accept_any,
+        "limits": Limits(**{k: int(v) for k, v in limits_raw.items()}),
+    }
+    for var, key in (
+        ("RICORD_DATA_DIR", "data_dir"),
+        ("RICORD_DATABASE_URL", "database_url"),
+        ("RICORD_SECRET_KEY", "secret_key"),
+    ):
+        if env.get(var):
+            values[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+    if not _AE_TITLE.match(values["ae_title"]):
+        raise ConfigError("ae_title must be 1-16 printable characters")
+    return Config(**values)

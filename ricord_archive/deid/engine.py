@@ -1,0 +1,266 @@
+"""The de-identification engine: `deidentify(dataset, context)` rewrites a parsed dataset.
+
+Rules, in order, for every element at every depth:
+1. private (odd) groups, curves (50xx), overlays (60xx) and file-meta-like group 0002: removed;
+2. attributes PS3.15 Table E.1-1 names: its action, resolved for the applied options;
+3. anything else, by value representation: UIDs remapped (registry UIDs kept), dates shifted,
+   names, free text, AE titles, URIs and unknown (UN) values removed; numbers and codes kept.
+Sequences that are not removed are kept and cleaned item by item with the same rules.
+Then the archive's pseudonyms and the de-identification attributes are inserted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+
+from ricord_archive import __version__
+from ricord_archive.deid.keys import Keyring
+from ricord_archive.deid.table import APPLIED_OPTIONS, profile_table
+
+REGISTRY_UID_ROOT = "1.2.840.10008."
+
+# UI attributes that name a class or a registry entry, never an instance: kept whatever the root.
+_CLASS_UID_TAGS = frozenset({
+    0x00020002,  # MediaStorageSOPClassUID
+    0x00020010,  # TransferSyntaxUID
+    0x00080016,  # SOPClassUID
+    0x00081150,  # ReferencedSOPClassUID
+    0x0004151A,  # ReferencedSOPClassUIDInFile
+    0x0008010C,  # CodingSchemeUID
+    0x0008010D,  # ContextGroupExtensionCreatorUID
+    0x00080117,  # ContextUID
+    0x00000002,  # AffectedSOPClassUID
+    0x00000003,  # RequestedSOPClassUID
+})
+
+# Text attributes the table does not name that carry no personal information: coded entries
+# (CodeValue, CodingSchemeDesignator, CodingSchemeVersion, CodeMeaning, LongCodeValue,
+# URNCodeValue, MappingResource) and the device make and model (Retain Device Identity,
+# limited to Manufacturer and ManufacturerModelName).
+_SAFE_TEXT_TAGS = frozenset({
+    0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080119, 0x00080120, 0x00080105,
+    0x00080070, 0x00081090,
+})
+
+_REMOVED_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "UN"})
+_DUMMY = {
+    "PN": "ANONYMIZED", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "CS": "ANONYMIZED",
+    "ST": "ANONYMIZED", "LT": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED",
+    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
+    "IS": "0", "DS": "0",
+}
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+
+PATIENT_NAME = 0x00100010
+PATIENT_ID = 0x00100020
+PATIENT_AGE = 0x00101010
+PATIENT_BIRTH_DATE = 0x00100030
+ACCESSION_NUMBER = 0x00080050
+STUDY_ID = 0x00200010
+STUDY_INSTANCE_UID = 0x0020000D
+STUDY_DATE = 0x00080020
+
+
+class DeidentificationError(ValueError):
+    """The object cannot be de-identified safely (e.g. it has no PatientID)."""
+
+
+@dataclass(frozen=True)
+class DeidContext:
+    """What de-identifying one object needs from outside: the site, the patient's pseudonym
+    and date offset (allocated by the index), and the keys."""
+
+    siteid: str
+    pseudonym: str
+    date_offset_days: int
+    keys: Keyring
+
+
+def patient_id_of(dataset: Dataset) -> str:
+    """The original PatientID, required: objects without one are refused, never merged."""
+    value = dataset.get("PatientID")
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        raise DeidentificationError("the object has no PatientID (0010,0020)")
+    return text
+
+
+def shift_date(value: str, days: int) -> str:
+    """Shift a DA value by `days`; '' for anything that is not a full valid date."""
+    text = value.strip()
+    try:
+        moved = dt.datetime.strptime(text, "%Y%m%d").date() + dt.timedelta(days=days)
+    except ValueError:
+        return ""
+    return moved.strftime("%Y%m%d") if moved.year >= 1 else ""
+
+
+def shift_datetime(value: str, days: int) -> str:
+    """Shift the date part of a DT value, keeping the time of day; '' if the date is partial."""
+    text = value.strip()
+    date_part = shift_date(text[:8], days) if len(text) >= 8 else ""
+    return date_part + text[8:] if date_part else ""
+
+
+def cap_age(value: str) -> str:
+    """Ages over 89 years become 090Y (HIPAA safe harbour); malformed ages are dropped."""
+    match = _AGE.match(value.strip())
+    if not match:
+        return ""
+    number, unit = int(match.group(1)), match.group(2)
+    return "090Y" if unit == "Y" and number > 89 else value.strip()
+
+
+class _Cleaner:
+    def __init__(self, context: DeidContext) -> None:
+        self.context = context
+        self.actions = profile_table().actions
+
+    def remap_uid(self, value: str) -> str:
+        value = value.strip().rstrip("\x00")
+        if not value or value.startswith(REGISTRY_UID_ROOT):
+            return value
+        return self.context.keys.uid(self.context.siteid, value)
+
+    def _map_values(self, element: DataElement, fn) -> None:
+        value = element.value
+        if value is None or value == "":
+            return
+        if isinstance(value, MultiValue | list):
+            element.value = [fn(str(v)) for v in value]
+        else:
+            element.value = fn(str(value))
+
+    @staticmethod
+    def _dummy(element: DataElement) -> None:
+        element.value = _DUMMY.get(element.VR)
+
+    def _by_vr(self, element: DataElement) -> bool:
+        """Apply the VR rule; return False when the element must be removed."""
+        vr = element.VR
+        if vr == "UI":
+            if element.tag not in _CLASS_UID_TAGS:
+                self._map_values(element, self.remap_uid)
+            return True
+        if vr == "DA":
+            self._map_values(element, lambda v: shift_date(v, self.context.date_offset_days))
+            return True
+        if vr == "DT":
+            self._map_values(element, lambda v: shift_datetime(v, self.context.date_offset_days))
+            return True
+        if vr in _REMOVED_VRS:
+            return element.tag in _SAFE_TEXT_TAGS
+        return True
+
+    def _clean(self, element: DataElement) -> bool:
+        """Apply the table's 'C' action: dates shifted, times kept, age capped, else removed."""
+        vr = element.VR
+        if vr in ("DA", "DT", "TM"):
+            return self._by_vr(element)
+        if element.tag == PATIENT_AGE:
+            self._map_values(element, cap_age)
+            return True
+        return False  # free text cannot be cleaned reliably: removed
+
+    def element(self, element: DataElement) -> bool:
+        """Rewrite one element in place; return False when it must be removed."""
+        tag = element.tag
+        group = tag >> 16
+        if group % 2 == 1 or group == 0x0002 or group >> 8 in (0x50, 0x60):
+            return False
+        action = self.actions.get(int(tag))
+        if element.VR == "SQ":
+            if action == "X":
+                return False
+            for item in element.value or ():
+                self.dataset(item)
+            return True
+        if action is None:
+            return self._by_vr(element)
+        if action == "K":
+            return True
+        if action == "X":
+            return False
+        if action == "U":
+            self._map_values(element, self.remap_uid)
+            return True
+        if action == "C":
+            return self._clean(element)
+        if element.VR == "UI":  # U* compounds and any UID the table empties: remap instead
+            self._map_values(element, self.remap_uid)
+            return True
+        if "Z" in action:
+            element.value = None
+            return True
+        if "D" in action:
+            self._dummy(element)
+            return True
+        return False
+
+    def dataset(self, dataset: Dataset) -> None:
+        for tag in list(dataset.keys()):
+            element = dataset[tag]
+            if not self.element(element):
+                del dataset[tag]
+
+
+def _method_codes() -> Sequence:
+    items = []
+    for option in APPLIED_OPTIONS:
+        item = Dataset()
+        item.CodeValue = option.code
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = option.meaning
+        items.append(item)
+    return Sequence(items)
+
+
+def deidentify(dataset: Dataset, context: DeidContext) -> Dataset:
+    """De-identify `dataset` in place and return it. The file meta is not touched here."""
+    original_study_uid = str(dataset.get("StudyInstanceUID", "")).strip()
+    original_accession = str(dataset.get("AccessionNumber", "") or "").strip()
+    age = str(dataset.get("PatientAge", "") or "").strip()
+    birth = str(dataset.get("PatientBirthDate", "") or "").strip()
+    study_date = str(dataset.get("StudyDate", "") or "").strip()
+    _Cleaner(context).dataset(dataset)
+
+    keys, siteid = context.keys, context.siteid
+    dataset.PatientName = context.pseudonym
+    dataset.PatientID = context.pseudonym
+    if not age and birth and study_date:
+        derived = _age_from(birth, study_date)
+        if derived:
+            dataset.PatientAge = derived
+    if "PatientBirthDate" in dataset:
+        dataset.PatientBirthDate = None
+    dataset.AccessionNumber = (
+        keys.short_code("accession", siteid, original_accession) if original_accession else None
+    )
+    if original_study_uid:
+        dataset.StudyID = keys.short_code("study-id", siteid, original_study_uid)
+    dataset.ClinicalTrialSiteID = siteid
+    dataset.ClinicalTrialSubjectID = context.pseudonym
+    dataset.PatientIdentityRemoved = "YES"
+    dataset.DeidentificationMethod = f"ricord-archive {__version__} PS3.15 E.1-1"
+    dataset.DeidentificationMethodCodeSequence = _method_codes()
+    dataset.LongitudinalTemporalInformationModified = "MODIFIED"
+    return dataset
+
+
+def _age_from(birth: str, study_date: str) -> str:
+    try:
+        born = dt.datetime.strptime(birth, "%Y%m%d").date()
+        seen = dt.datetime.strptime(study_date, "%Y%m%d").date()
+    except ValueError:
+        return ""
+    years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+    if years < 0:
+        return ""
+    return cap_age(f"{years:03d}Y")

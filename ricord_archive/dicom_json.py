@@ -1,0 +1,110 @@
+"""DICOM JSON (PS3.18 Annex F) and the index record of a de-identified dataset. Pure.
+
+Computed once at ingest and stored, so metadata and query answers are reads, not parses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+BULK_DATA_THRESHOLD = 1024
+DICOMWEB_ROOT = "/dicom-web"
+
+# Attributes stored per level: what QIDO-RS returns for a study, a series and an instance
+# (PS3.18 Table 6.7.1-2 family), plus the archive's site and subject keys.
+STUDY_TAGS = frozenset({
+    "00080005", "00080020", "00080030", "00080050", "00080090", "00080201", "00081030",
+    "00100010", "00100020", "00100030", "00100040", "00101010", "00101020", "00101030",
+    "0020000D", "00200010", "00120030", "00120040", "00120062", "00120063", "00280303",
+})
+SERIES_TAGS = frozenset({
+    "00080005", "00080060", "0008103E", "00080021", "00080031", "00180015", "0020000E",
+    "00200011", "00400244", "00400245", "00400275",
+})
+INSTANCE_TAGS = frozenset({
+    "00080005", "00080016", "00080018", "00200013", "00280010", "00280011", "00280100",
+    "00280008",
+})
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return f"{DICOMWEB_ROOT}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+
+def to_json(dataset: Dataset, bulk_base: str) -> dict[str, Any]:
+    """The dataset as DICOM JSON, large binary values replaced by a BulkDataURI under
+    `bulk_base` (the instance's path)."""
+
+    def bulk_uri(element: DataElement) -> str:
+        return f"{bulk_base}/bulkdata/{int(element.tag):08X}"
+
+    return dataset.to_json_dict(
+        bulk_data_threshold=BULK_DATA_THRESHOLD,
+        bulk_data_element_handler=bulk_uri,
+        suppress_invalid_tags=True,
+    )
+
+
+def subset(document: dict[str, Any], tags: frozenset[str]) -> dict[str, Any]:
+    return {tag: value for tag, value in document.items() if tag in tags}
+
+
+def first_value(document: dict[str, Any], tag: str) -> Any:
+    values = document.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index needs of one de-identified instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str | None
+    study_date: dt.date | None
+    study_time: str | None
+    accession_number: str | None
+    study_id: str | None
+    series_number: int | None
+    instance_number: int | None
+
+
+def _as_date(value: Any) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value), "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def index_record(dataset: Dataset) -> InstanceRecord:
+    def text(keyword: str) -> str | None:
+        value = dataset.get(keyword)
+        return str(value).strip() or None if value not in (None, "") else None
+
+    return InstanceRecord(
+        study_uid=str(dataset.StudyInstanceUID),
+        series_uid=str(dataset.SeriesInstanceUID),
+        sop_uid=str(dataset.SOPInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+        modality=text("Modality"),
+        study_date=_as_date(text("StudyDate")),
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        series_number=_as_int(text("SeriesNumber")),
+        instance_number=_as_int(text("InstanceNumber")),
+    )

@@ -1,0 +1,1 @@
+"""The DIMSE adapter (pynetdicom)."""

@@ -1,0 +1,78 @@
+"""One exception family for archive failures.
+
+Each kind carries its DIMSE status, its HTTP status and its STOW-RS FailureReason, so each
+protocol adapter maps them in one place. Messages never contain PHI: they may reach a client.
+"""
+
+from __future__ import annotations
+
+
+class ArchiveError(Exception):
+    """Base of every failure the archive reports to a client."""
+
+    dimse_status: int = 0xC000  # Error: cannot understand
+    http_status: int = 500
+    failure_reason: int = 0x0110  # Processing failure
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        # The object's SOP Class UID and its de-identified SOP Instance UID, once known.
+        self.sop_class_uid: str | None = None
+        self.sop_uid: str | None = None
+
+
+class InvalidObject(ArchiveError):
+    """The bytes are not a DICOM object the archive can process."""
+
+    dimse_status = 0xC000
+    http_status = 400
+    failure_reason = 0xC000
+
+
+class RefusedObject(ArchiveError):
+    """A valid object the archive will not accept (policy), e.g. one without a PatientID."""
+
+    dimse_status = 0xC000
+    http_status = 409
+    failure_reason = 0xC000
+
+
+class StudyMismatch(ArchiveError):
+    """A STOW-RS object whose study does not match the study in the request URL."""
+
+    dimse_status = 0xA900
+    http_status = 409
+    failure_reason = 0xA900
+
+
+class ObjectTooLarge(ArchiveError):
+    dimse_status = 0xA700
+    http_status = 413
+    failure_reason = 0xA700
+
+
+class StorageUnavailable(ArchiveError):
+    """The index or blob store failed: the object was not stored and may be sent again."""
+
+    dimse_status = 0xA700  # Refused: out of resources
+    http_status = 503
+    failure_reason = 0xA700
+
+
+class BadRequest(ArchiveError):
+    dimse_status = 0xA900  # Identifier does not match SOP class
+    http_status = 400
+
+
+class NotFound(ArchiveError):
+    dimse_status = 0xC000
+    http_status = 404
+
+
+class NotAcceptable(ArchiveError):
+    http_status = 406
+
+
+class UnsupportedMediaType(ArchiveError):
+    http_status = 415

@@ -1,0 +1,1 @@
+"""The PostgreSQL index: the only package that talks to the database."""

@@ -1,0 +1,40 @@
+"""Connecting to PostgreSQL: the embedded cluster or a configured server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_database(url: str) -> None:
+    """Create the URL's database if it does not exist (embedded cluster's first start)."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            # identifiers cannot be parameters; the name comes from our own constant
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def create_pool(url: str, attempts: int = 20) -> asyncpg.Pool:
+    """A connection pool, retried while the server is still coming up."""
+    delay = 0.1
+    for attempt in range(attempts):
+        try:
+            return await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60)
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("database not ready (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
