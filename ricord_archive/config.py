@@ -9,13 +9,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 DEFAULT_SITE_NAME = "default"
-_SITEID = re.compile(r"^[1-9][0-9]{5}$")
-_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+_SITEID = re.compile(r"^[1-9][0-9]{5}\Z")  # \Z, not $: "$" also accepts a trailing newline
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}\Z")
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,8 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
         raise ConfigError("[[sites]] must be a non-empty array of tables")
     sites = []
     for entry in raw:
+        if not isinstance(entry, dict):
+            raise ConfigError("every [[sites]] entry must be a table")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError("every [[sites]] entry needs a name")
@@ -107,6 +109,34 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
     return tuple(sites), False
 
 
+def _port(server: Mapping[str, Any], key: str, default: int) -> int:
+    value = server.get(key, default)
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if isinstance(value, bool) or not 0 <= port <= 65535:
+        raise ConfigError(f"[server] {key} must be a port number (0-65535)")
+    return port
+
+
+def _parse_limits(raw: Any) -> Limits:
+    if not isinstance(raw, dict):
+        raise ConfigError("[limits] must be a table")
+    known = {f.name for f in fields(Limits)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"[limits]: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"[limits] {key} must be a positive integer")
+        values[key] = value
+    return Limits(**values)
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -123,20 +153,22 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
     server = raw.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("[server] must be a table")
     sites, accept_any = _parse_sites(raw.get("sites"))
     limits_raw = raw.get("limits", {})
     values: dict[str, Any] = {
         "data_dir": Path(server.get("data_dir", "data")),
         "http_host": server.get("http_host", "127.0.0.1"),
-        "http_port": int(server.get("http_port", 8042)),
+        "http_port": _port(server, "http_port", 8042),
         "dimse_host": server.get("dimse_host", "127.0.0.1"),
-        "dimse_port": int(server.get("dimse_port", 11112)),
+        "dimse_port": _port(server, "dimse_port", 11112),
         "ae_title": server.get("ae_title", "RICORD"),
         "database_url": server.get("database_url"),
         "secret_key": server.get("secret_key"),
         "sites": sites,
         "accept_any_calling_aet": accept_any,
-        "limits": Limits(**{k: int(v) for k, v in limits_raw.items()}),
+        "limits": _parse_limits(limits_raw),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),
@@ -149,6 +181,6 @@ def load_config(
         if value is not None:
             values[key] = value
     values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
-    if not _AE_TITLE.match(values["ae_title"]):
+    if not isinstance(values["ae_title"], str) or not _AE_TITLE.match(values["ae_title"]):
         raise ConfigError("ae_title must be 1-16 printable characters")
     return Config(**values)

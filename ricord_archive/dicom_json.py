@@ -13,6 +13,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 BULK_DATA_THRESHOLD = 1024
+PIXEL_DATA_TAGS = ("7FE00008", "7FE00009", "7FE00010")  # Float, Double Float, Pixel Data
 DICOMWEB_ROOT = "/dicom-web"
 
 # Attributes stored per level: what QIDO-RS returns for a study, a series and an instance
@@ -43,11 +44,16 @@ def to_json(dataset: Dataset, bulk_base: str) -> dict[str, Any]:
     def bulk_uri(element: DataElement) -> str:
         return f"{bulk_base}/bulkdata/{int(element.tag):08X}"
 
-    return dataset.to_json_dict(
+    document = dataset.to_json_dict(
         bulk_data_threshold=BULK_DATA_THRESHOLD,
         bulk_data_element_handler=bulk_uri,
         suppress_invalid_tags=True,
     )
+    for tag in PIXEL_DATA_TAGS:  # pixel data is bulk data whatever its size: viewers expect it
+        if tag in document and "InlineBinary" in document[tag]:
+            uri = f"{bulk_base}/bulkdata/{tag}"
+            document[tag] = {"vr": document[tag]["vr"], "BulkDataURI": uri}
+    return document
 
 
 def subset(document: dict[str, Any], tags: frozenset[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from ricord_archive.errors import BadRequest
 
-_DATE = re.compile(r"^\d{8}$")
+_DATE = re.compile(r"[0-9]{8}")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_VALUE = 1024
 
@@ -51,7 +51,7 @@ def match_single_or_wildcard(column: str, value: str, fold_case: bool = False) -
 
 
 def _date(text: str, key: str) -> str:
-    if not _DATE.match(text):
+    if not _DATE.fullmatch(text):
         raise BadRequest(f"{key}: expected a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
     return text
 
@@ -140,7 +140,7 @@ def keyword_of(key: str) -> str | None:
 def _int_parameter(name: str, raw: str | None, default: int | None) -> int | None:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not re.fullmatch(r"[0-9]{1,9}", raw):  # str.isdigit() accepts "²", which int() refuses
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(raw)
 

@@ -4,8 +4,11 @@ Rules, in order, for every element at every depth:
 1. private (odd) groups, curves (50xx), overlays (60xx) and file-meta-like group 0002: removed;
 2. attributes PS3.15 Table E.1-1 names: its action, resolved for the applied options;
 3. anything else, by value representation: UIDs remapped (registry UIDs kept), dates shifted,
-   names, free text, AE titles, URIs and unknown (UN) values removed; numbers and codes kept.
-Sequences that are not removed are kept and cleaned item by item with the same rules.
+   names, free text, AE titles, URIs and unknown (UN) values removed; numbers and codes kept;
+   ages over 89 years capped at 090Y.
+Sequences the table empties ('Z') and code sequences that identify a person or an institution
+are emptied; other sequences that are not removed are kept and cleaned item by item with the
+same rules.
 Then the archive's pseudonyms and the de-identification attributes are inserted.
 """
 
@@ -32,7 +35,11 @@ _CLASS_UID_TAGS = frozenset({
     0x00020010,  # TransferSyntaxUID
     0x00080016,  # SOPClassUID
     0x00081150,  # ReferencedSOPClassUID
-    0x0004151A,  # ReferencedSOPClassUIDInFile
+    0x0008001A,  # RelatedGeneralSOPClassUID
+    0x0008001B,  # OriginalSpecializedSOPClassUID
+    0x00041510,  # ReferencedSOPClassUIDInFile
+    0x00041512,  # ReferencedTransferSyntaxUIDInFile
+    0x0004151A,  # ReferencedRelatedGeneralSOPClassUIDInFile
     0x0008010C,  # CodingSchemeUID
     0x0008010D,  # ContextGroupExtensionCreatorUID
     0x00080117,  # ContextUID
@@ -47,6 +54,14 @@ _CLASS_UID_TAGS = frozenset({
 _SAFE_TEXT_TAGS = frozenset({
     0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080119, 0x00080120, 0x00080105,
     0x00080070, 0x00081090,
+})
+
+# Code sequences whose codes name a person or an institution (a staff number, "Dr Smith",
+# "General Hospital"): the coded-entry exception above must not keep them, so they are emptied.
+_IDENTIFYING_CODE_SEQUENCES = frozenset({
+    0x00080082,  # InstitutionCodeSequence
+    0x00401101,  # PersonIdentificationCodeSequence
+    0x0040A088,  # VerifyingObserverIdentificationCodeSequence
 })
 
 _REMOVED_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "UN"})
@@ -97,9 +112,9 @@ def shift_date(value: str, days: int) -> str:
     text = value.strip()
     try:
         moved = dt.datetime.strptime(text, "%Y%m%d").date() + dt.timedelta(days=days)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: shifted before year 1 or after 9999
         return ""
-    return moved.strftime("%Y%m%d") if moved.year >= 1 else ""
+    return moved.strftime("%Y%m%d")
 
 
 def shift_datetime(value: str, days: int) -> str:
@@ -110,7 +125,10 @@ def shift_datetime(value: str, days: int) -> str:
 
 
 def cap_age(value: str) -> str:
-    """Ages over 89 years become 090Y (HIPAA safe harbour); malformed ages are dropped."""
+    """Ages over 89 years become 090Y (HIPAA safe harbour); malformed ages are dropped.
+
+    Applied to every AS value kept, including those the table keeps ('K', Patient's Age under
+    the Retain Patient Characteristics Option)."""
     match = _AGE.match(value.strip())
     if not match:
         return ""
@@ -155,18 +173,17 @@ class _Cleaner:
         if vr == "DT":
             self._map_values(element, lambda v: shift_datetime(v, self.context.date_offset_days))
             return True
+        if vr == "AS":
+            self._map_values(element, cap_age)
+            return True
         if vr in _REMOVED_VRS:
             return element.tag in _SAFE_TEXT_TAGS
         return True
 
     def _clean(self, element: DataElement) -> bool:
         """Apply the table's 'C' action: dates shifted, times kept, age capped, else removed."""
-        vr = element.VR
-        if vr in ("DA", "DT", "TM"):
+        if element.VR in ("DA", "DT", "TM", "AS"):
             return self._by_vr(element)
-        if element.tag == PATIENT_AGE:
-            self._map_values(element, cap_age)
-            return True
         return False  # free text cannot be cleaned reliably: removed
 
     def element(self, element: DataElement) -> bool:
@@ -179,13 +196,16 @@ class _Cleaner:
         if element.VR == "SQ":
             if action == "X":
                 return False
+            if action == "Z" or tag in _IDENTIFYING_CODE_SEQUENCES:
+                element.value = Sequence()
+                return True
             for item in element.value or ():
                 self.dataset(item)
             return True
         if action is None:
             return self._by_vr(element)
         if action == "K":
-            return True
+            return element.VR != "AS" or self._by_vr(element)
         if action == "X":
             return False
         if action == "U":

@@ -13,8 +13,10 @@ import logging
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -135,18 +137,50 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             raise EmbeddedPostgresError(f"initdb failed: {result.stderr.strip()}")
 
+    def _lock_file(self) -> list[str]:
+        try:
+            return (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return []
+
     def _running_socket_dir(self) -> Path | None:
         """The socket directory of a live server on this cluster, if one is running."""
-        status = self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
-        if status.returncode != 0:
+        lines = self._lock_file()
+        if len(lines) < 5 or not _is_live_postgres(lines[0]):
             return None
-        try:
-            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return None
-        if len(lines) >= 5 and lines[4].strip() and Path(lines[4].strip()).is_dir():
-            return Path(lines[4].strip())
-        return None
+        socket_dir = Path(lines[4].strip())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # it may still be starting up or shutting down
+            if not _is_live_postgres(lines[0]):
+                return None
+            if _accepts_connections(socket_dir):
+                return socket_dir
+            time.sleep(0.1)
+        raise EmbeddedPostgresError(
+            f"a PostgreSQL process ({lines[0].strip()}) holds {self.pgdata} but does not answer"
+        )
+
+    def _clear_stale_lock(self) -> None:
+        """Remove the lock of a dead server once no old process is attached to its shared memory.
+
+        A SIGKILLed postmaster can linger as a zombie that pg_ctl takes for a running server.
+        """
+        lines = self._lock_file()
+        if not lines:
+            return
+        shm_id = lines[6].split()[-1] if len(lines) > 6 and lines[6].split() else None
+        deadline = time.monotonic() + 30
+        while shm_id and _shm_attached(shm_id) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the old server's children exit when they notice its death
+        if shm_id and _shm_attached(shm_id):
+            raise EmbeddedPostgresError(
+                "processes of a dead PostgreSQL server are still attached to its shared memory"
+            )
+        log.info("removing the stale lock files of a PostgreSQL server that is gone")
+        if len(lines) > 4 and lines[4].strip():
+            for name in (f".s.PGSQL.{PORT}.lock", f".s.PGSQL.{PORT}"):
+                (Path(lines[4].strip()) / name).unlink(missing_ok=True)
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
 
     def start(self) -> str:
         """Start (or adopt) the server; return the URL of the archive database (may not exist)."""
@@ -155,6 +189,7 @@ class EmbeddedPostgres:
         if socket_dir is not None:
             log.info("adopting the embedded PostgreSQL left running by a previous archive process")
         else:
+            self._clear_stale_lock()
             socket_dir = self._socket_dir()
             options = (
                 f"-c listen_addresses='' -p {PORT} -k {socket_dir} "
@@ -189,6 +224,39 @@ class EmbeddedPostgres:
             return None
         socket_dir = self._running_socket_dir()
         return connection_url(socket_dir) if socket_dir else None
+
+
+def _is_live_postgres(pid_text: str) -> bool:
+    """Whether the PID runs a postgres process that is not a zombie."""
+    try:
+        stat = Path(f"/proc/{int(pid_text)}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return name.startswith("postgres") and state not in "ZX"
+
+
+def _shm_attached(shm_id: str) -> bool:
+    """Whether any process is attached to the SysV shared memory segment `shm_id`."""
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for row in rows:
+        fields = row.split()
+        if fields[1] == shm_id:
+            return int(fields[6]) > 0
+    return False
+
+
+def _accepts_connections(socket_dir: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(socket_dir / f".s.PGSQL.{PORT}"))
+        except OSError:
+            return False
+    return True
 
 
 def connection_url(socket_dir: Path) -> str:

@@ -1,0 +1,139 @@
+"""Fixtures that run the real archive: a server process on free ports with its own data
+directory and embedded PostgreSQL, waited for on /health with a deadline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from tests.phi_corpus import PhiCorpus
+
+START_DEADLINE = 90.0
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Archive:
+    data_dir: Path
+    log_path: Path
+    config: Path | None = None
+    http_port: int = field(default_factory=free_port)
+    dimse_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.root}/dicom-web"
+
+    def client(self) -> DICOMwebClient:
+        return DICOMwebClient(self.dicomweb_url)
+
+    def command(self, *args: str) -> list[str]:
+        base = [sys.executable, "-m", "ricord_archive", *args, "--data-dir", str(self.data_dir)]
+        return base + (["--config", str(self.config)] if self.config else [])
+
+    def start(self) -> Archive:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RICORD_")}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command("serve") + [
+                "--http-port", str(self.http_port), "--dimse-port", str(self.dimse_port),
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"archive exited ({self.process.returncode}):\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.root}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)  # polling interval, not a wait for an outcome
+        raise RuntimeError(f"archive not ready within {START_DEADLINE}s:\n{self.log()}")
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the archive stops its listeners and the embedded PostgreSQL."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def make_archive(tmp_path_factory) -> Iterator:
+    """Start archives on demand; all are stopped (and their PostgreSQL with them) at the end."""
+    started: list[Archive] = []
+
+    def make(name: str = "archive", config_text: str | None = None) -> Archive:
+        base = tmp_path_factory.mktemp(name)
+        config = None
+        if config_text is not None:
+            config = base / "ricord-archive.toml"
+            config.write_text(config_text)
+        archive = Archive(base / "data", base / "archive.log", config)
+        started.append(archive)
+        return archive.start()
+
+    yield make
+    for archive in started:
+        if archive.process is not None and archive.process.poll() is None:
+            archive.stop()
+        _stop_leftover_postgres(archive.data_dir)
+
+
+def _stop_leftover_postgres(data_dir: Path) -> None:
+    """After a test killed an archive with SIGKILL its PostgreSQL may still run: stop it."""
+    pid_file = data_dir / "pg" / "data" / "postmaster.pid"
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # fast shutdown
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+@pytest.fixture(scope="session")
+def dcmtk_tools() -> None:
+    for tool in ("echoscu", "storescu", "findscu"):
+        assert shutil.which(tool), f"DCMTK's {tool} is required (apt-get install dcmtk)"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> PhiCorpus:
+    return PhiCorpus(seed=20261122, out_dir=tmp_path / "corpus")

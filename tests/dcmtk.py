@@ -1,0 +1,45 @@
+"""Running DCMTK's command-line tools as the DIMSE peers of the tests."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from tests.conftest import DCMTK_ENV
+
+TIMEOUT = 120
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, env=DCMTK_ENV, timeout=TIMEOUT, cwd=cwd
+    )
+
+
+def echoscu(port: int, calling: str = "ECHOSCU") -> subprocess.CompletedProcess:
+    return run("echoscu", "-aet", calling, "-aec", "RICORD", "127.0.0.1", str(port))
+
+
+def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    """Send files on one association; each proposed in its own transfer syntax too."""
+    return run(
+        "storescu", "-v", "-aet", calling, "-aec", "RICORD", "127.0.0.1", str(port),
+        *[str(f) for f in files],
+    )
+
+
+def findscu(port: int, out_dir: Path, keys: dict[str, str], calling: str = "FINDSCU"
+            ) -> list[Dataset]:
+    """A Study Root C-FIND at STUDY level; returns the response identifiers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("rsp*.dcm"):
+        old.unlink()
+    args = ["findscu", "-S", "-X", "-od", str(out_dir), "-aet", calling, "-aec", "RICORD"]
+    for key, value in {"QueryRetrieveLevel": "STUDY", **keys}.items():
+        args += ["-k", f"{key}={value}" if value else key]
+    result = run(*args, "127.0.0.1", str(port))
+    assert result.returncode == 0, result.stderr
+    return [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]

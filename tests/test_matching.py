@@ -1,0 +1,269 @@
+"""Unit tests for the query model: parsing QIDO-RS / C-FIND keys and building parameterised SQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ricord_archive.errors import BadRequest
+from ricord_archive.matching import Condition, keyword_of, parse_study_query, where_clause
+
+MAX_LIMIT = 100
+
+
+def parse(max_limit: int = MAX_LIMIT, **params: str):
+    return parse_study_query(params, max_limit)
+
+
+def only_condition(**params: str) -> Condition:
+    conditions = parse(**params).conditions
+    assert len(conditions) == 1
+    return conditions[0]
+
+
+def rejected(**params: str) -> None:
+    with pytest.raises(BadRequest):
+        parse(**params)
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "keyword"),
+    [("PatientName", "PatientName"), ("00100010", "PatientName"),
+     ("0020000d", "StudyInstanceUID"), ("0020000D", "StudyInstanceUID")],
+)
+def test_keyword_of_accepts_keywords_and_tags(key, keyword):
+    assert keyword_of(key) == keyword
+
+
+@pytest.mark.parametrize("key", ["patientname", "NotAKeyword", "00091001", "0010001", "x"])
+def test_keyword_of_rejects_what_is_not_a_dicom_attribute(key):
+    assert keyword_of(key) is None
+
+
+def test_keyword_and_tag_keys_build_the_same_condition():
+    assert parse(PatientName="DOE*") == parse_study_query({"00100010": "DOE*"}, MAX_LIMIT)
+
+
+def test_non_dicom_key_is_a_bad_request():
+    rejected(foo="bar")
+
+
+def test_known_but_unmatched_keyword_is_ignored_and_reported():
+    query = parse(SeriesDescription="chest", **{"00081030": "x"})  # StudyDescription by tag
+    assert query.conditions == ()
+    assert query.ignored_keys == ("SeriesDescription", "StudyDescription")
+
+
+def test_empty_values_are_return_keys_without_condition():
+    query = parse(PatientName="", StudyDate="", SeriesDescription="")
+    assert query.conditions == ()
+    assert query.ignored_keys == ()
+
+
+def test_control_parameters_are_not_keys():
+    query = parse(includefield="all", fuzzymatching="false", limit="5", offset="1")
+    assert query.conditions == ()
+    assert query.ignored_keys == ()
+
+
+# --- single value and wildcard matching --------------------------------------------------------
+
+
+def test_patient_name_matches_case_insensitively():
+    assert only_condition(PatientName="Doe") == Condition("upper(s.patient_id) = {}", ("DOE",))
+
+
+def test_patient_id_and_accession_match_exactly():
+    assert only_condition(PatientID="Ab1") == Condition("s.patient_id = {}", ("Ab1",))
+    assert only_condition(AccessionNumber="A1") == Condition("s.accession_number = {}", ("A1",))
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [("Doe*", "DOE%"), ("D?e", "D_E"), ("*x*", "%X%"),
+     ("50%*", "50\\%%"), ("a_b*", "A\\_B%"), ("a\\b?", "A\\\\B_")],
+)
+def test_wildcards_become_like_patterns_with_user_metacharacters_escaped(value, pattern):
+    condition = only_condition(PatientName=value)
+    assert condition == Condition("upper(s.patient_id) LIKE {}", (pattern,))
+
+
+def test_percent_and_underscore_without_wildcards_match_literally():
+    assert only_condition(AccessionNumber="5%_") == Condition("s.accession_number = {}", ("5%_",))
+
+
+def test_lone_star_is_universal():
+    assert only_condition(PatientName="*") == Condition("TRUE", ())
+
+
+def test_modalities_in_study_overlap_upper_cased():
+    condition = only_condition(ModalitiesInStudy="ct,mr\\SR")
+    assert condition == Condition("s.modalities && {}", (["CT", "MR", "SR"],))
+
+
+# --- dates -----------------------------------------------------------------------------------
+
+
+def test_single_date():
+    assert only_condition(StudyDate="20200115") == Condition(
+        "s.study_date = {}", (dt.date(2020, 1, 15),)
+    )
+
+
+def test_closed_date_range():
+    assert only_condition(StudyDate="20200101-20200131") == Condition(
+        "s.study_date BETWEEN {} AND {}", (dt.date(2020, 1, 1), dt.date(2020, 1, 31))
+    )
+
+
+def test_open_date_ranges():
+    assert only_condition(StudyDate="20200101-") == Condition(
+        "s.study_date >= {}", (dt.date(2020, 1, 1),)
+    )
+    assert only_condition(StudyDate="-20200131") == Condition(
+        "s.study_date <= {}", (dt.date(2020, 1, 31),)
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2020", "2020-01-15", "20201315", "20200230", "-", "20200101-2020", "abcdefgh",
+     "20200101-20200102-20200103", "２０２００１０１", "20200101\n", " 20200101"],
+)
+def test_malformed_dates_are_bad_requests(value):
+    rejected(StudyDate=value)
+
+
+# --- UID lists ---------------------------------------------------------------------------------
+
+
+def test_uid_list_by_comma_and_backslash():
+    condition = only_condition(StudyInstanceUID="1.2.3, 2.25.4\\1.2.840.10008.5")
+    assert condition == Condition("s.study_uid = ANY({})", (["1.2.3", "2.25.4", "1.2.840.10008.5"],))
+
+
+@pytest.mark.parametrize(
+    "value", ["1.2.abc", "1..2", ".1.2", "1.2.", "1.2.*", ",", "1.2;DROP TABLE study", "1" * 65]
+)
+def test_invalid_uids_are_bad_requests(value):
+    rejected(StudyInstanceUID=value)
+
+
+def test_uid_of_64_characters_is_accepted():
+    uid = "1." + "2" * 62
+    assert only_condition(StudyInstanceUID=uid).values == ([uid],)
+
+
+# --- limit, offset and value limits -----------------------------------------------------------
+
+
+def test_limit_defaults_to_max_and_offset_to_zero():
+    query = parse()
+    assert (query.limit, query.offset) == (MAX_LIMIT, 0)
+
+
+def test_limit_and_offset_are_parsed():
+    query = parse(limit="10", offset="20")
+    assert (query.limit, query.offset) == (10, 20)
+
+
+def test_limit_is_capped_at_max_limit():
+    assert parse(limit="5000").limit == MAX_LIMIT
+    assert parse(max_limit=7, limit="8").limit == 7
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "ten", " 5", "1234567890", "²", "٣"])
+def test_bad_limits_and_offsets_are_bad_requests(value):
+    rejected(limit=value)
+    rejected(offset=value)
+
+
+def test_nul_in_value_is_a_bad_request():
+    rejected(PatientName="DOE\x00")
+    rejected(SeriesDescription="\x00")  # even for a key that is then ignored
+
+
+def test_overlong_value_is_a_bad_request():
+    rejected(AccessionNumber="A" * 1025)
+    assert only_condition(AccessionNumber="A" * 1024).values == ("A" * 1024,)
+
+
+# --- where_clause -------------------------------------------------------------------------------
+
+
+def test_where_clause_without_conditions():
+    assert where_clause(()) == ("TRUE", [])
+
+
+def test_where_clause_numbers_placeholders_in_order():
+    query = parse(
+        PatientID="P1", PatientName="*", StudyDate="20200101-20200131", StudyInstanceUID="1.2,1.3"
+    )
+    sql, values = where_clause(query.conditions)
+    assert sql == (
+        "s.patient_id = $1 AND TRUE AND s.study_date BETWEEN $2 AND $3 "
+        "AND s.study_uid = ANY($4)"
+    )
+    assert values == ["P1", dt.date(2020, 1, 1), dt.date(2020, 1, 31), ["1.2", "1.3"]]
+
+
+def test_where_clause_starts_at_first_param():
+    sql, values = where_clause(parse(PatientID="P1", AccessionNumber="A*").conditions, 3)
+    assert sql == "s.patient_id = $3 AND s.accession_number LIKE $4"
+    assert values == ["P1", "A%"]
+
+
+# --- user input never becomes SQL text (property) -------------------------------------------
+
+
+def expected_sql(column: str, value: str) -> str:
+    """The SQL a value must produce: it depends on the kind of match only, never the content."""
+    if value == "*":
+        return "TRUE"
+    return f"{column} {'LIKE' if '*' in value or '?' in value else '='} $1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(max_size=1100), accession=st.text(max_size=1100))
+def test_user_values_only_travel_as_bind_values(name, accession):
+    params = {"PatientName": name, "AccessionNumber": accession}
+    try:
+        query = parse_study_query(params, MAX_LIMIT)
+    except BadRequest:
+        assert any(len(v) > 1024 or "\x00" in v for v in params.values())
+        return
+    parts, all_values = [], []
+    for keyword, column in (("PatientName", "upper(s.patient_id)"),
+                            ("AccessionNumber", "s.accession_number")):
+        value = params[keyword]
+        if value:
+            sql, values = where_clause(parse_study_query({keyword: value}, MAX_LIMIT).conditions)
+            assert sql == expected_sql(column, value)
+            assert value not in sql or value in expected_sql(column, "x")
+            parts.append(sql)
+            all_values.extend(values)
+    sql, values = where_clause(query.conditions)
+    assert re.fullmatch(
+        r"TRUE|(TRUE|upper\(s\.patient_id\) (=|LIKE) \$1|s\.accession_number (=|LIKE) \$1)"
+        r"( AND (TRUE|s\.accession_number (=|LIKE) \$[12]))?",
+        sql,
+    ), sql
+    assert len(re.findall(r"\$\d+", sql)) == len(values) == len(all_values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.text(max_size=12))
+def test_limit_parsing_never_fails_other_than_bad_request(raw):
+    try:
+        limit = parse(limit=raw).limit
+    except BadRequest:
+        assert not re.fullmatch(r"[0-9]{1,9}", raw)
+        return
+    assert 0 <= limit <= MAX_LIMIT
