@@ -3,6 +3,7 @@ directory and embedded PostgreSQL, waited for on /health with a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,16 +53,16 @@ class Archive:
         return DICOMwebClient(self.dicomweb_url)
 
     def command(self, *args: str) -> list[str]:
-        base = [sys.executable, "-m", "ricord_archive", *args, "--data-dir", str(self.data_dir)]
-        return base + (["--config", str(self.config)] if self.config else [])
+        config = ["--config", str(self.config)] if self.config else []
+        return [sys.executable, "-m", "ricord_archive", *args, "--data-dir", str(self.data_dir),
+                *config]
 
     def start(self) -> Archive:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RICORD_")}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.command("serve") + [
-                "--http-port", str(self.http_port), "--dimse-port", str(self.dimse_port),
-            ],
+            [*self.command("serve"), "--http-port", str(self.http_port),
+             "--dimse-port", str(self.dimse_port)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()
@@ -122,10 +123,8 @@ def make_archive(tmp_path_factory) -> Iterator:
 def _stop_leftover_postgres(data_dir: Path) -> None:
     """After a test killed an archive with SIGKILL its PostgreSQL may still run: stop it."""
     pid_file = data_dir / "pg" / "data" / "postmaster.pid"
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # fast shutdown
-    except (OSError, ValueError, IndexError):
-        pass
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,10 @@ def echoscu(port: int, calling: str = "ECHOSCU") -> subprocess.CompletedProcess:
     return run("echoscu", "-aet", calling, "-aec", "RICORD", "127.0.0.1", str(port))
 
 
-def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
-    """Send files on one association; each proposed in its own transfer syntax too."""
+def storescu(
+    port: int, files: list[Path], calling: str = "STORESCU"
+) -> subprocess.CompletedProcess:
+    """Send files on one association (uncompressed transfer syntaxes proposed)."""
     return run(
         "storescu", "-v", "-aet", calling, "-aec", "RICORD", "127.0.0.1", str(port),
         *[str(f) for f in files],

@@ -54,7 +54,8 @@ class PhiCorpus:
         return PlantedPatient(
             patient_id=plant(patient_id or self._token("PID")),
             name=plant(f"{self._token('FAM')}^{self._token('GIV')}"),
-            birth_date=plant(f"19{self.rng.randint(30, 60)}0{self.rng.randint(1, 9)}1{self.rng.randint(1, 9)}"),
+            birth_date=plant(dt.date(1930 + self.rng.randint(0, 30), self.rng.randint(1, 9),
+                                     self.rng.randint(10, 19)).strftime("%Y%m%d")),
         )
 
     def study(
@@ -141,7 +142,7 @@ class PhiCorpus:
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             meta.SourceApplicationEntityTitle = shared["source_ae"]
             ds.file_meta = meta
-            path = self.out_dir / f"{ds.SOPInstanceUID}.dcm"
+            path = self.out_dir / f"{len(self.corpus.files) + len(files):05d}.dcm"
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
             files.append(path)

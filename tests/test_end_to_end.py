@@ -129,6 +129,8 @@ def test_stow_qido_wado_with_dicomweb_client(make_archive, corpus):
     metadata = client.retrieve_series_metadata(study_uid, one.SeriesInstanceUID)
     assert len(metadata) == 3
     assert all("BulkDataURI" in m["7FE00010"] for m in metadata)
+    pixels = client.retrieve_bulkdata(archive.root + metadata[0]["7FE00010"]["BulkDataURI"])
+    assert pixels == [by_number[int(value(metadata[0], "00200013"))].PixelData]
     instance_md = client.retrieve_instance_metadata(
         study_uid, one.SeriesInstanceUID, one.SOPInstanceUID
     )

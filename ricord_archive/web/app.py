@@ -84,4 +84,5 @@ def create_app(services: Services) -> web.Application:
     instance = f"{ROOT}/studies/{{study}}/series/{{series}}/instances/{{instance}}"
     app.router.add_get(instance, wado.retrieve)
     app.router.add_get(f"{instance}/metadata", wado.metadata)
+    app.router.add_get(f"{instance}/bulkdata/{{tag}}", wado.bulk_data)
     return app

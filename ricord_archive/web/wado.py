@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 from aiohttp import web
 
-from ricord_archive.errors import NotAcceptable
+from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.web import app as web_app
 from ricord_archive.web.media import DICOM, DICOM_JSON, accepts, accepts_multipart_dicom
 
 _CHUNK = 1024 * 1024
+OCTET_STREAM = "application/octet-stream"
 
 
 def _uids(request: web.Request) -> tuple[str, ...]:
@@ -51,3 +53,19 @@ async def metadata(request: web.Request) -> web.Response:
         raise NotAcceptable("metadata is served as application/dicom+json")
     body = await services.retrieve.metadata(*_uids(request))
     return web.Response(body=body, content_type=DICOM_JSON)
+
+
+async def bulk_data(request: web.Request) -> web.Response:
+    """multipart/related; type="application/octet-stream" with one element's value."""
+    services = request.app[web_app.SERVICES]
+    tag_text = request.match_info["tag"]
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
+        raise BadRequest("bulk data is addressed by an 8-digit hexadecimal tag")
+    value = await services.retrieve.bulk_data(*_uids(request), int(tag_text, 16))
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: {OCTET_STREAM}\r\nContent-Length: {len(value)}\r\n\r\n"
+    ).encode("ascii") + value + f"\r\n--{boundary}--\r\n".encode("ascii")
+    return web.Response(body=body, headers={
+        "Content-Type": f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}',
+    })
