@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ricord_archive import __version__
 from ricord_archive.config import Config, ConfigError, load_config
+from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import MigrationError
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    configure_pydicom()
     try:
         config = _config(args)
         if args.command == "db-url":

@@ -6,9 +6,12 @@ names no value from the object.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from io import BytesIO
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -20,6 +23,15 @@ from ricord_archive.errors import InvalidObject, ObjectTooLarge
 IMPLEMENTATION_CLASS_UID = "2.25.160133569416932096125839520520128475921"
 IMPLEMENTATION_VERSION_NAME = f"RICORD_{__version__.replace('.', '')}"[:16]
 _PREAMBLE = b"\x00" * 128
+
+
+def configure_pydicom() -> None:
+    """pydicom's global settings, set once at start-up: its value-validation messages quote
+    the offending value (PHI), so they are neither raised on read nor logged."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 def parse(data: bytes, max_bytes: int) -> Dataset:

@@ -135,7 +135,8 @@ def test_open_date_ranges():
 @pytest.mark.parametrize(
     "value",
     ["2020", "2020-01-15", "20201315", "20200230", "-", "20200101-2020", "abcdefgh",
-     "20200101-20200102-20200103", "２０２００１０１", "20200101\n", " 20200101"],
+     "20200101-20200102-20200103", "20200101\n", " 20200101",
+     "\uff12\uff10\uff12\uff10\uff10\uff11\uff10\uff11"],  # full-width digits
 )
 def test_malformed_dates_are_bad_requests(value):
     rejected(StudyDate=value)
@@ -146,7 +147,8 @@ def test_malformed_dates_are_bad_requests(value):
 
 def test_uid_list_by_comma_and_backslash():
     condition = only_condition(StudyInstanceUID="1.2.3, 2.25.4\\1.2.840.10008.5")
-    assert condition == Condition("s.study_uid = ANY({})", (["1.2.3", "2.25.4", "1.2.840.10008.5"],))
+    uids = ["1.2.3", "2.25.4", "1.2.840.10008.5"]
+    assert condition == Condition("s.study_uid = ANY({})", (uids,))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,242 @@
+"""Unit tests for configuration loading: TOML file, then RICORD_* environment, then overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ricord_archive.config import DEFAULT_SITE_NAME, ConfigError, Limits, load_config
+
+TWO_SITES = """
+[[sites]]
+name = "alpha"
+aets = ["ALPHA_CT", "ALPHA_MR"]
+siteid = 123456
+
+[[sites]]
+name = "beta"
+aets = ["BETA"]
+siteid = "654321"
+default = true
+"""
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None, **overrides):
+    path = tmp_path / "ricord-archive.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path, env=env or {}, overrides=overrides)
+
+
+def rejected(tmp_path: Path, text: str, match: str | None = None) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load(tmp_path, text)
+
+
+def sites_toml(*entries: str) -> str:
+    return "".join(f"[[sites]]\n{entry}\n" for entry in entries)
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+def test_defaults_have_one_default_site_accepting_any_ae():
+    config = load_config(env={})
+    assert [s.name for s in config.sites] == [DEFAULT_SITE_NAME]
+    assert config.default_site.name == DEFAULT_SITE_NAME
+    assert config.accept_any_calling_aet
+    assert config.site_for_aet("ANY_SCU") is config.default_site
+
+
+def test_default_values():
+    config = load_config(env={})
+    assert config.data_dir == Path("data").resolve()
+    assert (config.http_port, config.dimse_port, config.ae_title) == (8042, 11112, "RICORD")
+    assert config.database_url is None
+    assert config.secret_key is None
+    assert config.limits == Limits()
+
+
+def test_config_is_frozen():
+    config = load_config(env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.ae_title = "OTHER"  # type: ignore[misc]
+
+
+def test_config_path_from_environment(tmp_path):
+    path = tmp_path / "conf.toml"
+    path.write_text('[server]\nae_title = "FROM_ENV_FILE"\n', encoding="utf-8")
+    assert load_config(env={"RICORD_CONFIG": str(path)}).ae_title == "FROM_ENV_FILE"
+
+
+def test_server_settings_from_file(tmp_path):
+    config = load(tmp_path, '[server]\nhttp_port = 9000\ndimse_port = 104\nae_title = "ARCH"\n')
+    assert (config.http_port, config.dimse_port, config.ae_title) == (9000, 104, "ARCH")
+
+
+# --- sites ----------------------------------------------------------------------------------------
+
+
+def test_sites_are_parsed(tmp_path):
+    config = load(tmp_path, TWO_SITES)
+    alpha, beta = config.sites
+    assert (alpha.name, alpha.aets, alpha.siteid, alpha.default) == (
+        "alpha", ("ALPHA_CT", "ALPHA_MR"), "123456", False
+    )
+    assert (beta.name, beta.aets, beta.siteid, beta.default) == ("beta", ("BETA",), "654321", True)
+    assert config.default_site is beta
+    assert not config.accept_any_calling_aet
+
+
+def test_site_for_aet(tmp_path):
+    config = load(tmp_path, TWO_SITES)
+    assert config.site_for_aet("ALPHA_MR").name == "alpha"
+    assert config.site_for_aet("BETA").name == "beta"
+    assert config.site_for_aet("STRANGER") is None
+    assert config.site_for_aet("alpha_mr") is None  # AE titles are case-sensitive
+
+
+def test_site_named(tmp_path):
+    config = load(tmp_path, TWO_SITES)
+    assert config.site_named("alpha").siteid == "123456"
+    with pytest.raises(ConfigError):
+        config.site_named("gamma")
+
+
+def test_first_site_becomes_default_when_none_is_flagged(tmp_path):
+    config = load(tmp_path, sites_toml('name = "a"', 'name = "b"'))
+    assert [s.default for s in config.sites] == [True, False]
+    assert config.default_site.name == "a"
+    assert config.sites[0].aets == ()
+    assert config.sites[0].siteid is None
+
+
+def test_two_defaults_rejected(tmp_path):
+    rejected(tmp_path, sites_toml('name = "a"\ndefault = true', 'name = "b"\ndefault = true'))
+
+
+@pytest.mark.parametrize(
+    "siteid", ['"012345"', '"12345"', '"1234567"', '"abcdef"', '"123456\\n"', "12345.0", "true"]
+)
+def test_pinned_siteid_must_be_six_digits_not_starting_with_zero(tmp_path, siteid):
+    rejected(tmp_path, sites_toml(f'name = "a"\nsiteid = {siteid}'), match="siteid")
+
+
+def test_duplicate_site_names_rejected(tmp_path):
+    rejected(tmp_path, sites_toml('name = "a"', 'name = "a"'), match="unique")
+
+
+def test_duplicate_aets_rejected(tmp_path):
+    text = sites_toml('name = "a"\naets = ["SCU"]', 'name = "b"\naets = ["SCU"]')
+    rejected(tmp_path, text, match="one site")
+
+
+def test_duplicate_pinned_siteids_rejected(tmp_path):
+    text = sites_toml('name = "a"\nsiteid = 111111', 'name = "b"\nsiteid = "111111"')
+    rejected(tmp_path, text, match="unique")
+
+
+@pytest.mark.parametrize(
+    "aets", ['"SCU"', f'["{"X" * 17}"]', "[1]", '["BAD\\u0001"]', '["SCU\\n"]', '[""]']
+)
+def test_bad_aets_rejected(tmp_path, aets):
+    rejected(tmp_path, sites_toml(f'name = "a"\naets = {aets}'), match="aets")
+
+
+@pytest.mark.parametrize(
+    "text", ["sites = []\n", "sites = [1]\n", 'sites = "a"\n', sites_toml('aets = ["X"]')]
+)
+def test_malformed_site_lists_rejected(tmp_path, text):
+    rejected(tmp_path, text)
+
+
+# --- environment and overrides ----------------------------------------------------------------
+
+
+SERVER = """
+[server]
+data_dir = "/srv/from-file"
+database_url = "postgresql://file/db"
+secret_key = "file-secret"
+"""
+
+ENV = {
+    "RICORD_DATA_DIR": "/srv/from-env",
+    "RICORD_DATABASE_URL": "postgresql://env/db",
+    "RICORD_SECRET_KEY": "env-secret",
+}
+
+
+def test_file_values_without_environment(tmp_path):
+    config = load(tmp_path, SERVER)
+    assert config.data_dir == Path("/srv/from-file")
+    assert config.database_url == "postgresql://file/db"
+    assert config.secret_key == "file-secret"
+
+
+def test_environment_overrides_file(tmp_path):
+    config = load(tmp_path, SERVER, env=ENV)
+    assert config.data_dir == Path("/srv/from-env")
+    assert config.database_url == "postgresql://env/db"
+    assert config.secret_key == "env-secret"
+
+
+def test_empty_environment_variables_are_ignored(tmp_path):
+    config = load(tmp_path, SERVER, env=dict.fromkeys(ENV, ""))
+    assert config.database_url == "postgresql://file/db"
+
+
+def test_explicit_overrides_beat_environment(tmp_path):
+    config = load(
+        tmp_path, SERVER, env=ENV, data_dir=Path("/srv/from-flag"),
+        database_url="postgresql://flag/db", http_port=1234, ae_title=None,
+    )
+    assert config.data_dir == Path("/srv/from-flag")
+    assert config.database_url == "postgresql://flag/db"
+    assert config.secret_key == "env-secret"
+    assert config.http_port == 1234
+    assert config.ae_title == "RICORD"  # None means "not given"
+
+
+def test_relative_data_dir_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(env={"RICORD_DATA_DIR": "store"}).data_dir == tmp_path / "store"
+
+
+# --- limits and other validation --------------------------------------------------------------
+
+
+def test_limits_from_file(tmp_path):
+    limits = load(tmp_path, "[limits]\nqido_max_limit = 50\nmax_object_bytes = 1048576\n").limits
+    assert limits == Limits(max_object_bytes=1048576, qido_max_limit=50)
+
+
+def test_unknown_limit_is_a_config_error(tmp_path):
+    rejected(tmp_path, "[limits]\nmax_objekt_bytes = 10\n", match="max_objekt_bytes")
+
+
+@pytest.mark.parametrize("value", ['"lots"', "0", "-1", "1.5", "true"])
+def test_limits_must_be_positive_integers(tmp_path, value):
+    rejected(tmp_path, f"[limits]\nqido_max_limit = {value}\n", match="qido_max_limit")
+
+
+@pytest.mark.parametrize("text", ["limits = 5\n", "server = 5\n"])
+def test_sections_must_be_tables(tmp_path, text):
+    rejected(tmp_path, text)
+
+
+@pytest.mark.parametrize("port", ['"http"', "70000", "-1", "true"])
+def test_bad_ports_rejected(tmp_path, port):
+    rejected(tmp_path, f"[server]\nhttp_port = {port}\n", match="http_port")
+
+
+@pytest.mark.parametrize("title", ['""', '"SEVENTEEN_CHARS_X"', '"RICORD\\n"', "5"])
+def test_bad_ae_title_rejected(tmp_path, title):
+    rejected(tmp_path, f"[server]\nae_title = {title}\n", match="ae_title")
+
+
+def test_unreadable_or_invalid_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.toml", env={})
+    rejected(tmp_path, "[server\n")
