@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -125,12 +124,6 @@ def _stop_leftover_postgres(data_dir: Path) -> None:
     pid_file = data_dir / "pg" / "data" / "postmaster.pid"
     with contextlib.suppress(OSError, ValueError, IndexError):
         os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # fast shutdown
-
-
-@pytest.fixture(scope="session")
-def dcmtk_tools() -> None:
-    for tool in ("echoscu", "storescu", "findscu"):
-        assert shutil.which(tool), f"DCMTK's {tool} is required (apt-get install dcmtk)"
 
 
 @pytest.fixture

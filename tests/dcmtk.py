@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -13,9 +16,21 @@ from tests.conftest import DCMTK_ENV
 TIMEOUT = 120
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def tool(name: str) -> str | None:
+    """DCMTK's program, not pynetdicom's console script of the same name in this venv."""
+    own_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != own_bin
+    )
+    return shutil.which(name, path=path)
+
+
+def run(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    program = tool(name)
+    assert program, f"DCMTK's {name} is required (apt-get install dcmtk)"
     return subprocess.run(
-        list(args), capture_output=True, text=True, env=DCMTK_ENV, timeout=TIMEOUT, cwd=cwd
+        [program, *args], capture_output=True, text=True, env=DCMTK_ENV, timeout=TIMEOUT,
+        cwd=cwd,
     )
 
 

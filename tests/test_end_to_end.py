@@ -39,7 +39,7 @@ def blob_files(archive: Archive) -> list:
     return [p for p in (archive.data_dir / "blobs").rglob("*.dcm")]
 
 
-def test_echo_store_and_find_with_dcmtk(make_archive, corpus, dcmtk_tools, tmp_path):
+def test_echo_store_and_find_with_dcmtk(make_archive, corpus, tmp_path):
     archive = make_archive()
     assert dcmtk.echoscu(archive.dimse_port).returncode == 0
     patient = corpus.patient()
