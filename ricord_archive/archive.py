@@ -80,7 +80,7 @@ async def serve(config: Config) -> None:
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
         blobs = BlobStore(config.data_dir / "blobs")
-        ingest = IngestService(pool, blobs, keys, sites, config.limits)
+        ingest = IngestService(pool, blobs, keys, sites, config)
         query = QueryService(pool, config.limits.qido_max_limit)
         services = Services(
             ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, sop_class_uids
+
 DEFAULT_SITE_NAME = "default"
 _SITEID = re.compile(r"^[1-9][0-9]{5}\Z")  # \Z, not $: "$" also accepts a trailing newline
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}\Z")
@@ -28,6 +30,7 @@ class SiteConfig:
     aets: tuple[str, ...] = ()
     siteid: str | None = None
     default: bool = False
+    sop_classes: frozenset[str] = DEFAULT_SOP_CLASSES  # SOP Class UIDs the site may send
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Config:
     secret_key: str | None = None
     sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
     accept_any_calling_aet: bool = True
+    project_name: str = "RICORD"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -91,7 +95,18 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
             siteid = str(siteid)
             if not _SITEID.match(siteid):
                 raise ConfigError(f"site {name!r}: siteid must be 6 digits, not starting with 0")
-        sites.append(SiteConfig(name, tuple(aets), siteid, bool(entry.get("default", False))))
+        sop_classes = DEFAULT_SOP_CLASSES
+        if "sop_classes" in entry:
+            listed = entry["sop_classes"]
+            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+                raise ConfigError(f"site {name!r}: sop_classes must be a list of UIDs or keywords")
+            try:
+                sop_classes = sop_class_uids(listed)
+            except ValueError as exc:
+                raise ConfigError(f"site {name!r}: {exc}") from exc
+        sites.append(SiteConfig(
+            name, tuple(aets), siteid, bool(entry.get("default", False)), sop_classes
+        ))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError("site names must be unique")
@@ -137,6 +152,15 @@ def _parse_limits(raw: Any) -> Limits:
     return Limits(**values)
 
 
+def _project_name(section: Any) -> str:
+    if not isinstance(section, dict):
+        raise ConfigError("[deidentification] must be a table")
+    name = section.get("project_name", "RICORD")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9 _.-]{1,16}", name):
+        raise ConfigError("project_name must be 1-16 letters, digits, spaces, '_', '.' or '-'")
+    return name
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -168,6 +192,7 @@ def load_config(
         "secret_key": server.get("secret_key"),
         "sites": sites,
         "accept_any_calling_aet": accept_any,
+        "project_name": _project_name(raw.get("deidentification", {})),
         "limits": _parse_limits(limits_raw),
     }
     for var, key in (

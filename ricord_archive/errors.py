@@ -31,11 +31,28 @@ class InvalidObject(ArchiveError):
 
 
 class RefusedObject(ArchiveError):
-    """A valid object the archive will not accept (policy), e.g. one without a PatientID."""
+    """A valid object the archive will not accept (policy), e.g. one without a PatientID.
+
+    `reason` is a short fixed label (no PHI), counted per site in the index.
+    """
 
     dimse_status = 0xC000
     http_status = 409
     failure_reason = 0xC000
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SopClassRefused(RefusedObject):
+    dimse_status = 0x0122  # Refused: SOP class not supported
+    failure_reason = 0x0122
+
+
+class NotAuthorized(RefusedObject):
+    dimse_status = 0x0124  # Refused: not authorized
+    failure_reason = 0x0124
 
 
 class StudyMismatch(ArchiveError):

@@ -18,9 +18,10 @@ from pydicom.dataset import Dataset
 
 from ricord_archive import dicom_io
 from ricord_archive.blobstore import BlobStore
-from ricord_archive.config import Limits
+from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
 from ricord_archive.deid.engine import DeidentificationError
+from ricord_archive.deid.policy import check_acceptable
 from ricord_archive.dicom_json import (
     SERIES_TAGS,
     STUDY_TAGS,
@@ -36,7 +37,13 @@ from ricord_archive.errors import (
     StorageUnavailable,
     StudyMismatch,
 )
-from ricord_archive.index.store import NewInstance, Site, patient_for, store_instance
+from ricord_archive.index.store import (
+    NewInstance,
+    Site,
+    count_refusal,
+    patient_for,
+    store_instance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +61,16 @@ class StoreResult:
     duplicate: bool
 
 
-def _prepare(
-    dataset: Dataset, context: DeidContext, patient_id: str
-) -> tuple[NewInstance, bytes]:
+def admit(dataset: Dataset, site: SiteConfig) -> str:
+    """Apply the acceptance policy; return the original PatientID the object is filed under."""
+    check_acceptable(dataset, site.sop_classes)
+    try:
+        return patient_id_of(dataset)
+    except DeidentificationError as exc:
+        raise RefusedObject(str(exc), "no-patient-id") from exc
+
+
+def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]:
     """CPU work: de-identify, serialize, and compute what the index stores (blob key left empty)
     and the bytes to write."""
     transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
@@ -78,7 +92,7 @@ def _prepare(
         blob_key="",
         size_bytes=len(data),
         sha256=hashlib.sha256(data).digest(),
-        patient_id=patient_id,
+        patient_id=context.pseudonym,
         study_json=orjson.dumps(subset(document, STUDY_TAGS)),
         series_json=orjson.dumps(subset(document, SERIES_TAGS)),
         instance_json=orjson.dumps(document),
@@ -88,18 +102,19 @@ def _prepare(
 class IngestService:
     def __init__(
         self, pool: asyncpg.Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
-        limits: Limits,
+        config: Config,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.keys = keys
         self.sites = sites
-        self.limits = limits
+        self.config = config
 
     async def store(self, data: bytes, site_name: str, study_uid: str | None = None) -> StoreResult:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
         site = self.sites[site_name]
-        dataset = await asyncio.to_thread(dicom_io.parse, data, self.limits.max_object_bytes)
+        limit = self.config.limits.max_object_bytes
+        dataset = await asyncio.to_thread(dicom_io.parse, data, limit)
         sop_class_uid = str(dataset.SOPClassUID)
         original_sop_uid = str(dataset.SOPInstanceUID).strip()
         try:
@@ -107,15 +122,21 @@ class IngestService:
         except ArchiveError as exc:  # name the object by the UID it would have had here
             exc.sop_class_uid = sop_class_uid
             exc.sop_uid = self.keys.uid(site.siteid, original_sop_uid)
+            if isinstance(exc, RefusedObject):
+                await self._count_refusal(site, exc)
             raise
+
+    async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
+        log.info("refused an object from site %s: %s", site.name, refusal.reason)
+        try:
+            await count_refusal(self.pool, site, refusal.reason)
+        except _DATABASE_ERRORS as exc:
+            log.warning("could not count a refusal: %s", type(exc).__name__)
 
     async def _store_parsed(
         self, dataset: Dataset, site: Site, study_uid: str | None
     ) -> StoreResult:
-        try:
-            patient_id = patient_id_of(dataset)
-        except DeidentificationError as exc:
-            raise RefusedObject(str(exc)) from exc
+        patient_id = admit(dataset, self.config.site_named(site.name))
         if study_uid is not None:
             original = str(dataset.StudyInstanceUID).strip()
             if study_uid not in (original, self.keys.uid(site.siteid, original)):
@@ -126,8 +147,11 @@ class IngestService:
             )
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
-        context = DeidContext(site.siteid, patient.pseudonym, patient.date_offset_days, self.keys)
-        new, blob = await asyncio.to_thread(_prepare, dataset, context, patient.pseudonym)
+        context = DeidContext(
+            site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
+            self.config.project_name,
+        )
+        new, blob = await asyncio.to_thread(prepare, dataset, context)
         try:
             key = await asyncio.to_thread(self.blobs.put, blob)
         except OSError as exc:

@@ -196,7 +196,7 @@ def test_clinical_trial_attributes_are_set():
 
 def test_method_code_sequence_names_exactly_the_applied_options():
     items = deid().DeidentificationMethodCodeSequence
-    assert sorted(item.CodeValue for item in items) == ["113100", "113107", "113108"]
+    assert sorted(item.CodeValue for item in items) == ["113100", "113107", "113108", "113109"]
     assert {item.CodingSchemeDesignator for item in items} == {"DCM"}
     assert all(item.CodeMeaning for item in items)
 
@@ -297,7 +297,11 @@ def test_institution_station_and_comments_removed():
 def test_private_tags_and_creators_removed_at_all_depths():
     ds = deid()
     private = [(depth, e.tag) for depth, e in walk(ds) if e.tag.is_private]
-    assert private == []
+    # only the archive's own provenance block remains: creator, project name, SITEID
+    assert private == [(0, 0x00130010), (0, 0x00131001), (0, 0x00131003)]
+    assert ds[0x00130010].value == "RSNA"
+    assert ds[0x00131001].value == "RICORD"
+    assert ds[0x00131003].value == ds.ClinicalTrialSiteID
     assert 0x00090010 not in level(ds, 2)
 
 

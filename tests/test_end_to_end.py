@@ -320,8 +320,8 @@ asyncio.run(main())
 @pytest.mark.parametrize(("name", "propose"), [
     ("CT_small.dcm", "-xe"),
     ("MR_small_implicit.dcm", "-xi"),
-    ("JPEG2000.dcm", "-xw"),
-    ("JPEG-lossy.dcm", "-xx"),
+    ("693_J2KI.dcm", "-xw"),
+    ("MR_small_jp2klossless.dcm", "-xv"),
     ("MR_small_jpeg_ls_lossless.dcm", "-xt"),
 ])
 def test_compressed_and_real_world_files_over_dimse(make_archive, name, propose, tmp_path):

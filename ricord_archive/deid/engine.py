@@ -25,9 +25,10 @@ from pydicom.sequence import Sequence
 
 from ricord_archive import __version__
 from ricord_archive.deid.keys import Keyring
-from ricord_archive.deid.table import APPLIED_OPTIONS, profile_table
+from ricord_archive.deid.table import DECLARED_OPTIONS, profile_table
 
 REGISTRY_UID_ROOT = "1.2.840.10008."
+PRIVATE_GROUP, PRIVATE_CREATOR = 0x0013, "RSNA"  # (0013,1001) project name, (0013,1003) SITEID
 
 # UI attributes that name a class or a registry entry, never an instance: kept whatever the root.
 _CLASS_UID_TAGS = frozenset({
@@ -96,6 +97,7 @@ class DeidContext:
     pseudonym: str
     date_offset_days: int
     keys: Keyring
+    project_name: str = "RICORD"
 
 
 def patient_id_of(dataset: Dataset) -> str:
@@ -233,7 +235,7 @@ class _Cleaner:
 
 def _method_codes() -> Sequence:
     items = []
-    for option in APPLIED_OPTIONS:
+    for option in DECLARED_OPTIONS:
         item = Dataset()
         item.CodeValue = option.code
         item.CodingSchemeDesignator = "DCM"
@@ -271,6 +273,10 @@ def deidentify(dataset: Dataset, context: DeidContext) -> Dataset:
     dataset.DeidentificationMethod = f"ricord-archive {__version__} PS3.15 E.1-1"
     dataset.DeidentificationMethodCodeSequence = _method_codes()
     dataset.LongitudinalTemporalInformationModified = "MODIFIED"
+    # Provenance where RICORD tooling (the RSNA Anonymizer) looks for it.
+    block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "SH", context.project_name[:16])
+    block.add_new(0x03, "SH", siteid)
     return dataset
 
 

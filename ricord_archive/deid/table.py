@@ -23,6 +23,7 @@ class Option(Enum):
         "Retain Longitudinal Temporal Information Modified Dates Option",
     )
     PATIENT_CHARACTERISTICS = ("113108", "rtnPatCharsOpt", "Retain Patient Characteristics Option")
+    DEVICE_IDENTITY = ("113109", "rtnDevIdOpt", "Retain Device Identity Option")
 
     @property
     def code(self) -> str:
@@ -37,7 +38,12 @@ class Option(Enum):
         return self.value[2]
 
 
+# Options whose table column drives the actions.
 APPLIED_OPTIONS = (Option.BASIC, Option.MODIFIED_DATES, Option.PATIENT_CHARACTERISTICS)
+# Options declared in DeidentificationMethodCodeSequence. Retain Device Identity is applied in
+# the limited form RICORD uses: only Manufacturer and ManufacturerModelName are kept (the
+# table's other device attributes, serial numbers and station names among them, are not).
+DECLARED_OPTIONS = (*APPLIED_OPTIONS, Option.DEVICE_IDENTITY)
 
 
 @dataclass(frozen=True)

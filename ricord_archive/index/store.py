@@ -112,6 +112,23 @@ async def patient_for(pool: asyncpg.Pool, site: Site, patient_key: bytes) -> Pat
     return Patient(row["pk"], row["pseudonym"], row["date_offset_days"])
 
 
+async def count_refusal(pool: asyncpg.Pool, site: Site, reason: str) -> None:
+    await pool.execute(
+        "INSERT INTO refusal (site_id, reason) VALUES ($1, $2) ON CONFLICT (site_id, reason) "
+        "DO UPDATE SET count = refusal.count + 1, last_at = now()",
+        site.id, reason,
+    )
+
+
+async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
+    """(site name, reason, count) for every refusal reason seen."""
+    rows = await pool.fetch(
+        "SELECT site.name, r.reason, r.count FROM refusal r JOIN site ON site.id = r.site_id "
+        "ORDER BY site.name, r.reason"
+    )
+    return [(r["name"], r["reason"], r["count"]) for r in rows]
+
+
 async def _existing(conn: asyncpg.Connection, sop_uid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT i.sha256, se.series_uid, st.study_uid FROM instance i "
@@ -123,7 +140,9 @@ async def _existing(conn: asyncpg.Connection, sop_uid: str) -> asyncpg.Record | 
 
 def _duplicate(row: asyncpg.Record, record: InstanceRecord) -> StoredRow:
     if row["study_uid"] != record.study_uid or row["series_uid"] != record.series_uid:
-        raise RefusedObject("SOP Instance UID already stored under another study or series")
+        raise RefusedObject(
+            "SOP Instance UID already stored under another study or series", "relational-mismatch"
+        )
     return StoredRow(inserted=False, sha256=row["sha256"])
 
 
@@ -146,7 +165,9 @@ async def store_instance(
             rec.accession_number, rec.study_id, new.study_json,
         )
         if study["patient_pk"] != patient.pk:
-            raise RefusedObject("Study Instance UID already stored under another patient")
+            raise RefusedObject(
+                "Study Instance UID already stored under another patient", "relational-mismatch"
+            )
         series = await conn.fetchrow(
             "INSERT INTO series (study_pk, series_uid, modality, series_number, dicom_json) "
             "VALUES ($1, $2, $3, $4, $5) "
@@ -155,7 +176,9 @@ async def store_instance(
             study["pk"], rec.series_uid, rec.modality, rec.series_number, new.series_json,
         )
         if series["study_pk"] != study["pk"]:
-            raise RefusedObject("Series Instance UID already stored under another study")
+            raise RefusedObject(
+                "Series Instance UID already stored under another study", "relational-mismatch"
+            )
         inserted = await conn.fetchval(
             "INSERT INTO instance (series_pk, study_pk, sop_uid, sop_class_uid, instance_number, "
             "transfer_syntax_uid, blob_key, size_bytes, sha256, dicom_json) "
