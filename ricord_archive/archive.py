@@ -17,7 +17,7 @@ from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dimse.server import DimseServer
 from ricord_archive.index.database import create_pool, ensure_database
-from ricord_archive.index.embedded import EmbeddedPostgres
+from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.store import Site, ensure_site
 from ricord_archive.ingest import IngestService
@@ -57,6 +57,24 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
             await asyncio.to_thread(embedded.stop)
 
 
+@contextlib.asynccontextmanager
+async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[asyncpg.Pool]:
+    """The index for a one-off command (migrate, the offline tools). An embedded PostgreSQL that
+    a running archive uses is adopted and left running; otherwise it is started for the command
+    and stopped afterwards. With `create=False` a data directory without a cluster is an error,
+    not a new empty index."""
+    embedded = None if config.database_url else EmbeddedPostgres(config.data_dir / "pg")
+    if embedded is not None and not create and not (embedded.pgdata / "PG_VERSION").exists():
+        raise EmbeddedPostgresError(
+            f"no archive index under {config.data_dir}: start the archive there once first "
+            "(ricord-archive serve), or give the right --data-dir or --database-url"
+        )
+    prepare_data_dir(config)
+    adopted = embedded is not None and await asyncio.to_thread(embedded.current_url) is not None
+    async with database(config, stop_embedded=not adopted) as pool:
+        yield pool
+
+
 @dataclass
 class _Readiness:
     ready: bool = False
@@ -86,6 +104,7 @@ async def serve(config: Config) -> None:
             ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
+            cors_origins=config.cors_origins,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()

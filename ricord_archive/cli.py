@@ -1,4 +1,5 @@
-"""The `ricord-archive` command: serve, migrate, db-url."""
+"""The `ricord-archive` command: serve, migrate, db-url, and the offline tools deid, lookup,
+refusals."""
 
 from __future__ import annotations
 
@@ -38,6 +39,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="the archive's AE title (default RICORD)")
     common(commands.add_parser("migrate", help="apply database migrations and exit"))
     common(commands.add_parser("db-url", help="print the URL of the archive's database"))
+
+    deid = commands.add_parser(
+        "deid", help="de-identify files offline exactly as ingest would (a dry run)",
+        description="De-identify a DICOM file or a folder (recursively) with the ingest rules, "
+        "without storing anything. Known patients get their pseudonyms; others get provisional "
+        "<SITEID>-DRYRUN-<n> ones. Refused and unreadable files are listed and not written.",
+    )
+    common(deid)
+    deid.add_argument("--site", required=True, help="the configured site the files come from")
+    deid.add_argument("source", metavar="IN", type=Path, help="a DICOM file or a folder")
+    deid.add_argument("target", metavar="OUT", type=Path,
+                      help="output file or folder (mirrors IN's folder structure)")
+
+    lookup = commands.add_parser(
+        "lookup", help="print the pseudonyms of original patient IDs at a site",
+        description="Print PATIENT_ID<TAB>pseudonym (or 'not found') for each ID, or with "
+        "--csv a PatientID,pseudonym CSV on standard output.",
+    )
+    common(lookup)
+    lookup.add_argument("--site", required=True, help="the configured site of the patients")
+    lookup.add_argument("--csv", metavar="FILE", type=Path,
+                        help="CSV file with a PatientID column in its header row ('-': stdin)")
+    lookup.add_argument("patient_ids", metavar="PATIENT_ID", nargs="*")
+
+    common(commands.add_parser("refusals", help="print refused objects per site and reason"))
     return parser
 
 
@@ -55,14 +81,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _migrate(config: Config) -> None:
-    from ricord_archive.archive import database, prepare_data_dir
+    from ricord_archive.archive import open_index
 
-    prepare_data_dir(config)
-    embedded_running = (
-        config.database_url is None
-        and EmbeddedPostgres(config.data_dir / "pg").current_url() is not None
-    )
-    async with database(config, stop_embedded=not embedded_running):
+    async with open_index(config):
         pass
 
 
@@ -78,8 +99,30 @@ def _db_url(config: Config) -> int:
     return 0
 
 
+def _run_tool(config: Config, args: argparse.Namespace) -> int:
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools.dry_run import deidentify_files
+    from ricord_archive.tools.lookup import lookup
+    from ricord_archive.tools.refusals import print_refusals
+
+    try:
+        if args.command == "deid":
+            asyncio.run(deidentify_files(config, args.site, args.source, args.target))
+        elif args.command == "lookup":
+            asyncio.run(lookup(config, args.site, args.patient_ids, args.csv, sys.stdout))
+        else:
+            asyncio.run(print_refusals(config, sys.stdout))
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "lookup" and bool(args.csv) == bool(args.patient_ids):
+        parser.error("lookup takes PATIENT_ID arguments or --csv FILE (one of them)")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -92,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(config))
             return 0
+        if args.command in ("deid", "lookup", "refusals"):
+            return _run_tool(config, args)
         from ricord_archive.archive import serve
 
         asyncio.run(serve(config))

@@ -53,6 +53,7 @@ class Config:
     sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
     accept_any_calling_aet: bool = True
     project_name: str = "RICORD"
+    cors_origins: tuple[str, ...] = ("*",)
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -152,6 +153,12 @@ def _parse_limits(raw: Any) -> Limits:
     return Limits(**values)
 
 
+def _cors_origins(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError("cors_origins must be a list of origins (or [\"*\"] for any)")
+    return tuple(value)
+
+
 def _project_name(section: Any) -> str:
     if not isinstance(section, dict):
         raise ConfigError("[deidentification] must be a table")
@@ -193,6 +200,7 @@ def load_config(
         "sites": sites,
         "accept_any_calling_aet": accept_any,
         "project_name": _project_name(raw.get("deidentification", {})),
+        "cors_origins": _cors_origins(server.get("cors_origins", ["*"])),
         "limits": _parse_limits(limits_raw),
     }
     for var, key in (

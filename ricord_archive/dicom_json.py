@@ -75,16 +75,28 @@ class InstanceRecord:
     sop_class_uid: str
     modality: str | None
     study_date: dt.date | None
-    study_time: str | None
+    study_time: dt.time | None
     accession_number: str | None
     study_id: str | None
+    patient_sex: str | None
+    patient_age: str | None
     series_number: int | None
+    pps_start_date: dt.date | None
+    pps_start_time: dt.time | None
     instance_number: int | None
 
 
 def _as_date(value: Any) -> dt.date | None:
     try:
         return dt.datetime.strptime(str(value), "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
+
+
+def _as_time(value: Any) -> dt.time | None:
+    text = str(value or "").replace(":", "")
+    try:
+        return dt.datetime.strptime(text[:6], "%H%M%S").time() if len(text) >= 6 else None
     except ValueError:
         return None
 
@@ -108,9 +120,13 @@ def index_record(dataset: Dataset) -> InstanceRecord:
         sop_class_uid=str(dataset.SOPClassUID),
         modality=text("Modality"),
         study_date=_as_date(text("StudyDate")),
-        study_time=text("StudyTime"),
+        study_time=_as_time(text("StudyTime")),
         accession_number=text("AccessionNumber"),
         study_id=text("StudyID"),
+        patient_sex=text("PatientSex"),
+        patient_age=text("PatientAge"),
         series_number=_as_int(text("SeriesNumber")),
+        pps_start_date=_as_date(text("PerformedProcedureStepStartDate")),
+        pps_start_time=_as_time(text("PerformedProcedureStepStartTime")),
         instance_number=_as_int(text("InstanceNumber")),
     )

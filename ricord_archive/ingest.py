@@ -92,7 +92,6 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
         blob_key="",
         size_bytes=len(data),
         sha256=hashlib.sha256(data).digest(),
-        patient_id=context.pseudonym,
         study_json=orjson.dumps(subset(document, STUDY_TAGS)),
         series_json=orjson.dumps(subset(document, SERIES_TAGS)),
         instance_json=orjson.dumps(document),

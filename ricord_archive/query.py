@@ -1,23 +1,77 @@
-"""The one query engine, for QIDO-RS and C-FIND alike."""
+"""The one query engine, for QIDO-RS and C-FIND alike: a `Query` in, DICOM JSON out."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 
-from ricord_archive.index.reads import find_studies
-from ricord_archive.matching import parse_study_query
+from ricord_archive.dicom_json import INSTANCE_TAGS
+from ricord_archive.index.search import search
+from ricord_archive.matching import Level, Query, parse_query
+
+PATIENT_TAGS = frozenset({
+    "00080005", "00100010", "00100020", "00100030", "00100040", "00120030", "00120040",
+    "00120062", "00120063", "00280303",
+})
 
 
 @dataclass(frozen=True)
-class StudySearch:
-    documents: list[dict[str, Any]]  # DICOM JSON per study, aggregates included
-    more: bool  # further matches exist past the page
-    ignored_keys: tuple[str, ...]
+class SearchResult:
+    documents: list[dict[str, Any]]  # DICOM JSON per match, aggregates included
+    more: int  # further matches past the page
+    ignored: tuple[str, ...]  # notes on query keys the archive did not match on
+
+
+def _value(vr: str, *values: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
+
+
+def _pick(document: dict[str, Any], tags: Iterable[str]) -> dict[str, Any]:
+    return {tag: document[tag] for tag in tags if tag in document}
+
+
+def _included(query: Query, document: dict[str, Any], defaults: frozenset[str]) -> dict:
+    if query.include is None:
+        return document
+    wanted = defaults | {path.split(".")[0] for path in query.include}
+    return _pick(document, wanted)
+
+
+def _patient(row: asyncpg.Record) -> dict[str, Any]:
+    document = _pick(orjson.loads(row["study_json"]), PATIENT_TAGS) if row["study_json"] else {}
+    document["00201200"] = _value("IS", row["num_studies"])
+    document["00201202"] = _value("IS", row["num_series"])
+    document["00201204"] = _value("IS", row["num_instances"])
+    return document
+
+
+def _study(row: asyncpg.Record) -> dict[str, Any]:
+    document = orjson.loads(row["study_json"])
+    document["00080061"] = _value("CS", *sorted(row["modalities"]))
+    document["00201206"] = _value("IS", row["num_series"])
+    document["00201208"] = _value("IS", row["num_instances"])
+    document["00080056"] = _value("CS", "ONLINE")
+    return document
+
+
+def _series(row: asyncpg.Record) -> dict[str, Any]:
+    document = orjson.loads(row["study_json"])
+    document.update(orjson.loads(row["series_json"]))
+    document["00201209"] = _value("IS", row["num_instances"])
+    document["00080056"] = _value("CS", "ONLINE")
+    return document
+
+
+def _instance(row: asyncpg.Record, query: Query) -> dict[str, Any]:
+    document = orjson.loads(row["study_json"])
+    document.update(orjson.loads(row["series_json"]))
+    document.update(_included(query, orjson.loads(row["instance_json"]), INSTANCE_TAGS))
+    document["00080056"] = _value("CS", "ONLINE")
+    return document
 
 
 class QueryService:
@@ -25,20 +79,20 @@ class QueryService:
         self.pool = pool
         self.max_limit = max_limit
 
-    async def search_studies(
-        self, params: Mapping[str, str], max_limit: int | None = None
-    ) -> StudySearch:
-        query = parse_study_query(params, max_limit or self.max_limit)
-        rows, more = await find_studies(self.pool, query)
-        documents = []
-        for row in rows:
-            document = orjson.loads(row.study_json)
-            modalities = {"vr": "CS", "Value": sorted(row.modalities)} if row.modalities else {
-                "vr": "CS"
-            }
-            document["00080061"] = modalities
-            document["00201206"] = {"vr": "IS", "Value": [row.num_series]}
-            document["00201208"] = {"vr": "IS", "Value": [row.num_instances]}
-            document["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
-            documents.append(dict(sorted(document.items())))
-        return StudySearch(documents, more, query.ignored_keys)
+    async def search(
+        self,
+        level: Level,
+        params: Iterable[tuple[str, str]],
+        scope: dict[str, str] | None = None,
+        max_limit: int | None = None,
+    ) -> SearchResult:
+        query = parse_query(level, params, max_limit or self.max_limit, scope)
+        page = await search(self.pool, query)
+        if level is Level.INSTANCE:
+            documents = [_instance(row, query) for row in page.rows]
+        else:
+            build = {Level.PATIENT: _patient, Level.STUDY: _study, Level.SERIES: _series}[level]
+            documents = [build(row) for row in page.rows]
+        return SearchResult(
+            [dict(sorted(d.items())) for d in documents], page.more, query.ignored
+        )

@@ -10,13 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ricord_archive.errors import BadRequest
-from ricord_archive.matching import Condition, keyword_of, parse_study_query, where_clause
+from ricord_archive.matching import Condition, Level, attribute_path, parse_query, where_clause
 
 MAX_LIMIT = 100
 
 
 def parse(max_limit: int = MAX_LIMIT, **params: str):
-    return parse_study_query(params, max_limit)
+    return parse_query(Level.STUDY, params.items(), max_limit)
+
+
+def keyword_of(key: str) -> str | None:
+    path = attribute_path(key)
+    return path[0] if path else None
 
 
 def only_condition(**params: str) -> Condition:
@@ -42,47 +47,65 @@ def test_keyword_of_accepts_keywords_and_tags(key, keyword):
     assert keyword_of(key) == keyword
 
 
-@pytest.mark.parametrize("key", ["patientname", "NotAKeyword", "00091001", "0010001", "x"])
+@pytest.mark.parametrize("key", ["patientname", "NotAKeyword", "0010001", "x", "PatientName."])
 def test_keyword_of_rejects_what_is_not_a_dicom_attribute(key):
     assert keyword_of(key) is None
 
 
 def test_keyword_and_tag_keys_build_the_same_condition():
-    assert parse(PatientName="DOE*") == parse_study_query({"00100010": "DOE*"}, MAX_LIMIT)
+    assert parse(PatientName="DOE*") == parse_query(
+        Level.STUDY, [("00100010", "DOE*")], MAX_LIMIT
+    )
+
+
+def test_private_and_unknown_tags_are_ignored_not_refused():
+    query = parse(**{"00091001": "x"})
+    assert query.conditions == ()
+    assert query.ignored == ("00091001 is not a matching key of this archive",)
 
 
 def test_non_dicom_key_is_a_bad_request():
     rejected(foo="bar")
 
 
-def test_known_but_unmatched_keyword_is_ignored_and_reported():
-    query = parse(SeriesDescription="chest", **{"00081030": "x"})  # StudyDescription by tag
+def test_keys_of_a_lower_level_or_unmatched_are_ignored_and_reported():
+    query = parse(SeriesDescription="chest", BodyPartExamined="CHEST")
     assert query.conditions == ()
-    assert query.ignored_keys == ("SeriesDescription", "StudyDescription")
+    assert query.ignored == (
+        "SeriesDescription is not a matching key at the study level",
+        "BodyPartExamined is not a matching key of this archive",
+    )
+
+
+def test_keys_de_identification_removed_match_nothing_but_universal():
+    assert only_condition(**{"00081030": "x"}) == Condition("FALSE")  # StudyDescription by tag
+    assert parse(StudyDescription="").conditions == ()
+    assert parse(StudyDescription="*").conditions == ()
 
 
 def test_empty_values_are_return_keys_without_condition():
-    query = parse(PatientName="", StudyDate="", SeriesDescription="")
+    query = parse(PatientName="", StudyDate="", StudyDescription="")
     assert query.conditions == ()
-    assert query.ignored_keys == ()
+    assert query.ignored == ()
 
 
 def test_control_parameters_are_not_keys():
     query = parse(includefield="all", fuzzymatching="false", limit="5", offset="1")
     assert query.conditions == ()
-    assert query.ignored_keys == ()
+    assert query.ignored == ()
+    assert query.include is None
 
 
 # --- single value and wildcard matching --------------------------------------------------------
 
 
 def test_patient_name_matches_case_insensitively():
-    assert only_condition(PatientName="Doe") == Condition("upper(s.patient_id) = {}", ("DOE",))
+    assert only_condition(PatientName="Doe") == Condition("upper(p.pseudonym) = {}", ("DOE",))
 
 
 def test_patient_id_and_accession_match_exactly():
-    assert only_condition(PatientID="Ab1") == Condition("s.patient_id = {}", ("Ab1",))
-    assert only_condition(AccessionNumber="A1") == Condition("s.accession_number = {}", ("A1",))
+    assert only_condition(PatientID="Ab1") == Condition("p.pseudonym = {}", ("Ab1",))
+    assert only_condition(AccessionNumber="A1") == Condition("st.accession_number = {}", ("A1",))
 
 
 @pytest.mark.parametrize(
@@ -92,20 +115,20 @@ def test_patient_id_and_accession_match_exactly():
 )
 def test_wildcards_become_like_patterns_with_user_metacharacters_escaped(value, pattern):
     condition = only_condition(PatientName=value)
-    assert condition == Condition("upper(s.patient_id) LIKE {}", (pattern,))
+    assert condition == Condition("upper(p.pseudonym) LIKE {}", (pattern,))
 
 
 def test_percent_and_underscore_without_wildcards_match_literally():
-    assert only_condition(AccessionNumber="5%_") == Condition("s.accession_number = {}", ("5%_",))
+    assert only_condition(AccessionNumber="5%_") == Condition("st.accession_number = {}", ("5%_",))
 
 
 def test_lone_star_is_universal():
-    assert only_condition(PatientName="*") == Condition("TRUE", ())
+    assert parse(PatientName="*").conditions == ()
 
 
 def test_modalities_in_study_overlap_upper_cased():
     condition = only_condition(ModalitiesInStudy="ct,mr\\SR")
-    assert condition == Condition("s.modalities && {}", (["CT", "MR", "SR"],))
+    assert condition == Condition("st.modalities && {}", (["CT", "MR", "SR"],))
 
 
 # --- dates -----------------------------------------------------------------------------------
@@ -113,22 +136,22 @@ def test_modalities_in_study_overlap_upper_cased():
 
 def test_single_date():
     assert only_condition(StudyDate="20200115") == Condition(
-        "s.study_date = {}", (dt.date(2020, 1, 15),)
+        "st.study_date = {}", (dt.date(2020, 1, 15),)
     )
 
 
 def test_closed_date_range():
     assert only_condition(StudyDate="20200101-20200131") == Condition(
-        "s.study_date BETWEEN {} AND {}", (dt.date(2020, 1, 1), dt.date(2020, 1, 31))
+        "st.study_date BETWEEN {} AND {}", (dt.date(2020, 1, 1), dt.date(2020, 1, 31))
     )
 
 
 def test_open_date_ranges():
     assert only_condition(StudyDate="20200101-") == Condition(
-        "s.study_date >= {}", (dt.date(2020, 1, 1),)
+        "st.study_date >= {}", (dt.date(2020, 1, 1),)
     )
     assert only_condition(StudyDate="-20200131") == Condition(
-        "s.study_date <= {}", (dt.date(2020, 1, 31),)
+        "st.study_date <= {}", (dt.date(2020, 1, 31),)
     )
 
 
@@ -148,7 +171,7 @@ def test_malformed_dates_are_bad_requests(value):
 def test_uid_list_by_comma_and_backslash():
     condition = only_condition(StudyInstanceUID="1.2.3, 2.25.4\\1.2.840.10008.5")
     uids = ["1.2.3", "2.25.4", "1.2.840.10008.5"]
-    assert condition == Condition("s.study_uid = ANY({})", (uids,))
+    assert condition == Condition("st.study_uid = ANY({})", (uids,))
 
 
 @pytest.mark.parametrize(
@@ -210,15 +233,15 @@ def test_where_clause_numbers_placeholders_in_order():
     )
     sql, values = where_clause(query.conditions)
     assert sql == (
-        "s.patient_id = $1 AND TRUE AND s.study_date BETWEEN $2 AND $3 "
-        "AND s.study_uid = ANY($4)"
+        "p.pseudonym = $1 AND st.study_date BETWEEN $2 AND $3 "
+        "AND st.study_uid = ANY($4)"
     )
     assert values == ["P1", dt.date(2020, 1, 1), dt.date(2020, 1, 31), ["1.2", "1.3"]]
 
 
 def test_where_clause_starts_at_first_param():
     sql, values = where_clause(parse(PatientID="P1", AccessionNumber="A*").conditions, 3)
-    assert sql == "s.patient_id = $3 AND s.accession_number LIKE $4"
+    assert sql == "p.pseudonym = $3 AND st.accession_number LIKE $4"
     assert values == ["P1", "A%"]
 
 
@@ -227,8 +250,6 @@ def test_where_clause_starts_at_first_param():
 
 def expected_sql(column: str, value: str) -> str:
     """The SQL a value must produce: it depends on the kind of match only, never the content."""
-    if value == "*":
-        return "TRUE"
     return f"{column} {'LIKE' if '*' in value or '?' in value else '='} $1"
 
 
@@ -237,24 +258,25 @@ def expected_sql(column: str, value: str) -> str:
 def test_user_values_only_travel_as_bind_values(name, accession):
     params = {"PatientName": name, "AccessionNumber": accession}
     try:
-        query = parse_study_query(params, MAX_LIMIT)
+        query = parse_query(Level.STUDY, params.items(), MAX_LIMIT)
     except BadRequest:
         assert any(len(v) > 1024 or "\x00" in v for v in params.values())
         return
     parts, all_values = [], []
-    for keyword, column in (("PatientName", "upper(s.patient_id)"),
-                            ("AccessionNumber", "s.accession_number")):
+    for keyword, column in (("PatientName", "upper(p.pseudonym)"),
+                            ("AccessionNumber", "st.accession_number")):
         value = params[keyword]
-        if value:
-            sql, values = where_clause(parse_study_query({keyword: value}, MAX_LIMIT).conditions)
+        if value not in ("", "*"):
+            single = parse_query(Level.STUDY, [(keyword, value)], MAX_LIMIT)
+            sql, values = where_clause(single.conditions)
             assert sql == expected_sql(column, value)
             assert value not in sql or value in expected_sql(column, "x")
             parts.append(sql)
             all_values.extend(values)
     sql, values = where_clause(query.conditions)
     assert re.fullmatch(
-        r"TRUE|(TRUE|upper\(s\.patient_id\) (=|LIKE) \$1|s\.accession_number (=|LIKE) \$1)"
-        r"( AND (TRUE|s\.accession_number (=|LIKE) \$[12]))?",
+        r"TRUE|(upper\(p\.pseudonym\) (=|LIKE) \$1|st\.accession_number (=|LIKE) \$1)"
+        r"( AND st\.accession_number (=|LIKE) \$2)?",
         sql,
     ), sql
     assert len(re.findall(r"\$\d+", sql)) == len(values) == len(all_values)

@@ -54,6 +54,10 @@ def test_burned_in_annotation_is_refused_as_not_authorized():
     check_acceptable(dataset(CT, BurnedInAnnotation="NO"), DEFAULT_SOP_CLASSES)
 
 
+def test_key_object_selection_is_not_refused_as_a_structured_report():
+    check_acceptable(dataset("1.2.840.10008.5.1.4.1.1.88.59"), DEFAULT_SOP_CLASSES)
+
+
 def test_default_classes_cover_images_and_the_objects_that_reference_them():
     names = {UID(uid).name for uid in DEFAULT_SOP_CLASSES}
     for expected in ("CT Image Storage", "Enhanced CT Image Storage", "MR Image Storage",

@@ -31,6 +31,8 @@ REGISTRY_UID_ROOT = "1.2.840.10008."
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0013, "RSNA"  # (0013,1001) project name, (0013,1003) SITEID
 
 # UI attributes that name a class or a registry entry, never an instance: kept whatever the root.
+# Not ContextGroupExtensionCreatorUID: it names the organization that extended a context group
+# and is remapped, like the Template Extension Creator UID PS3.15 remaps.
 _CLASS_UID_TAGS = frozenset({
     0x00020002,  # MediaStorageSOPClassUID
     0x00020010,  # TransferSyntaxUID
@@ -42,7 +44,6 @@ _CLASS_UID_TAGS = frozenset({
     0x00041512,  # ReferencedTransferSyntaxUIDInFile
     0x0004151A,  # ReferencedRelatedGeneralSOPClassUIDInFile
     0x0008010C,  # CodingSchemeUID
-    0x0008010D,  # ContextGroupExtensionCreatorUID
     0x00080117,  # ContextUID
     0x00000002,  # AffectedSOPClassUID
     0x00000003,  # RequestedSOPClassUID
@@ -63,6 +64,8 @@ _IDENTIFYING_CODE_SEQUENCES = frozenset({
     0x00080082,  # InstitutionCodeSequence
     0x00401101,  # PersonIdentificationCodeSequence
     0x0040A088,  # VerifyingObserverIdentificationCodeSequence
+    0x0040003A,  # AssigningAgencyOrDepartmentCodeSequence (of the patient ID's issuer)
+    0x00400039,  # AssigningJurisdictionCodeSequence (of the patient ID's issuer)
 })
 
 _REMOVED_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "UN"})

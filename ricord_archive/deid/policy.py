@@ -42,6 +42,7 @@ _ULTRASOUND = (
     "1.2.840.10008.5.1.4.1.1.6.3",  # photoacoustic
 )
 _STRUCTURED_REPORT = "1.2.840.10008.5.1.4.1.1.88."
+_KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"  # an SR-family class of references
 _ENCAPSULATED_DOCUMENT = "1.2.840.10008.5.1.4.1.1.104."
 
 
@@ -75,7 +76,7 @@ def check_acceptable(dataset: Dataset, accepted: frozenset[str]) -> None:
     if uid in _ULTRASOUND:
         raise SopClassRefused("refused: Ultrasound images may carry text in their pixels, "
                               "and pixel cleaning is not offered", "ultrasound")
-    if uid.startswith(_STRUCTURED_REPORT):
+    if uid.startswith(_STRUCTURED_REPORT) and uid != _KEY_OBJECT_SELECTION:
         raise SopClassRefused("refused: structured reports carry free text",
                               "structured-report")
     if uid.startswith(_ENCAPSULATED_DOCUMENT):

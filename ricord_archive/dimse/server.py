@@ -16,12 +16,17 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
+from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class DimseServer:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
         if not self.config.accept_any_calling_aet:
             ae.require_calling_aet = [a for s in self.config.sites for a in s.aets]
         handlers = [
@@ -109,19 +115,16 @@ class DimseServer:
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         identifier = event.identifier
-        level = str(identifier.get("QueryRetrieveLevel", "")).upper()
-        if level != "STUDY":
-            log.info("C-FIND at level %r is not supported", level[:16])
+        level = _LEVELS.get(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
+        study_root = event.request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind
+        if level is None or (study_root and level is Level.PATIENT):
+            log.info("C-FIND refused: unsupported query level for this information model")
             yield STATUS_IDENTIFIER_MISMATCH, None
             return
-        params = {
-            element.keyword: _value_text(element.value)
-            for element in identifier
-            if element.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet", "")
-            and element.VR != "SQ"
-        }
         try:
-            search = self._call(self.query.search_studies(params, _QUERY_LIMIT))
+            result = self._call(
+                self.query.search(level, list(_identifier_keys(identifier)), None, _QUERY_LIMIT)
+            )
         except ArchiveError as exc:
             log.info("C-FIND refused: %s", exc.message)
             yield exc.dimse_status, None
@@ -130,11 +133,34 @@ class DimseServer:
             log.error("C-FIND failed: %s", type(exc).__name__)
             yield STATUS_UNABLE_TO_PROCESS, None
             return
-        for document in search.documents:
+        for document in result.documents:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, _response(identifier, Dataset.from_json(document))
+
+
+_LEVELS = {
+    "PATIENT": Level.PATIENT, "STUDY": Level.STUDY, "SERIES": Level.SERIES,
+    "IMAGE": Level.INSTANCE,
+}
+_NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
+
+
+def _identifier_keys(identifier: Dataset, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(key, value) pairs of a C-FIND identifier; sequence keys become dotted paths."""
+    for element in identifier:
+        if element.keyword in _NOT_KEYS or not element.keyword:
+            continue
+        path = f"{prefix}{element.keyword}"
+        if element.VR == "SQ":
+            items = element.value or []
+            if items:
+                yield from _identifier_keys(items[0], f"{path}.")
+            else:
+                yield path, ""
+        else:
+            yield path, _value_text(element.value)
 
 
 def _value_text(value: object) -> str:
@@ -150,13 +176,13 @@ def _response(identifier: Dataset, found: Dataset) -> Dataset:
     response = Dataset()
     response.SpecificCharacterSet = "ISO_IR 192"
     for element in identifier:
-        if element.keyword == "SpecificCharacterSet":
+        if element.keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
             continue
         if element.tag in found:
             response.add(found[element.tag])
         else:
-            response.add_new(element.tag, element.VR, None)
-    response.QueryRetrieveLevel = "STUDY"
+            response.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
+    response.QueryRetrieveLevel = identifier.QueryRetrieveLevel
     return response
 
 

@@ -187,7 +187,7 @@ class EmbeddedPostgres:
         self._initialise()
         socket_dir = self._running_socket_dir()
         if socket_dir is not None:
-            log.info("adopting the embedded PostgreSQL left running by a previous archive process")
+            log.info("using the embedded PostgreSQL that is already running on this data directory")
         else:
             self._clear_stale_lock()
             socket_dir = self._socket_dir()

@@ -1,4 +1,5 @@
-"""Reads from the index: query answers and the locations and metadata of stored instances."""
+"""Reads from the index: query answers, the locations and metadata of stored instances, and
+the site and patient rows the offline tools look up (never allocating anything)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ricord_archive.matching import StudyQuery, where_clause
-
-
-@dataclass(frozen=True)
-class StudyRow:
-    study_json: bytes
-    modalities: list[str]
-    num_series: int
-    num_instances: int
-
-
-async def find_studies(pool: asyncpg.Pool, query: StudyQuery) -> tuple[list[StudyRow], bool]:
-    """Matching studies in a stable order; the flag says whether more exist past the limit."""
-    where, values = where_clause(query.conditions)
-    limit_param = len(values) + 1
-    sql = (
-        "SELECT s.dicom_json, s.modalities, s.num_series, s.num_instances "
-        "FROM study s JOIN site ON site.id = s.site_id "
-        f"WHERE {where} ORDER BY s.pk LIMIT ${limit_param} OFFSET ${limit_param + 1}"
-    )
-    limit = query.limit if query.limit is not None else 2**31 - 2
-    rows = await pool.fetch(sql, *values, limit + 1, query.offset)
-    more = len(rows) > limit
-    return [
-        StudyRow(r["dicom_json"], list(r["modalities"]), r["num_series"], r["num_instances"])
-        for r in rows[:limit]
-    ], more
+from ricord_archive.index.store import Patient, Site
 
 
 @dataclass(frozen=True)
@@ -73,3 +48,24 @@ async def instance_metadata(pool: asyncpg.Pool, *uids: str) -> list[bytes]:
     scope = _SCOPE[("study", "series", "instance")[len(uids) - 1]]
     rows = await pool.fetch(f"SELECT i.dicom_json {_FROM} WHERE {scope} {_ORDER}", *uids)
     return [r["dicom_json"] for r in rows]
+
+
+async def site_by_name(pool: asyncpg.Pool, name: str) -> Site | None:
+    """The index row of a configured site, or None before the archive first started with it."""
+    row = await pool.fetchrow("SELECT id, name, siteid FROM site WHERE name = $1", name)
+    return Site(row["id"], row["name"], row["siteid"]) if row is not None else None
+
+
+async def patients_by_key(
+    pool: asyncpg.Pool, site: Site, patient_keys: list[bytes]
+) -> dict[bytes, Patient]:
+    """The known patients of a site among `patient_keys` (keyed hashes of original IDs)."""
+    rows = await pool.fetch(
+        "SELECT patient_key, pk, pseudonym, date_offset_days FROM patient "
+        "WHERE site_id = $1 AND patient_key = ANY($2::bytea[])",
+        site.id, patient_keys,
+    )
+    return {
+        bytes(r["patient_key"]): Patient(r["pk"], r["pseudonym"], r["date_offset_days"])
+        for r in rows
+    }

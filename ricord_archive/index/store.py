@@ -15,7 +15,7 @@ from ricord_archive.config import SiteConfig
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
 
-_DATE_OFFSET_MAX_DAYS = 3650
+DATE_OFFSET_MAX_DAYS = 3650
 
 
 class SiteConflict(RuntimeError):
@@ -51,7 +51,6 @@ class NewInstance:
     blob_key: str
     size_bytes: int
     sha256: bytes
-    patient_id: str
     study_json: bytes
     series_json: bytes
     instance_json: bytes
@@ -107,7 +106,7 @@ async def patient_for(pool: asyncpg.Pool, site: Site, patient_key: bytes) -> Pat
                         "INSERT INTO patient (site_id, patient_key, pseudonym, date_offset_days) "
                         "VALUES ($1, $2, $3, $4) RETURNING pk, pseudonym, date_offset_days",
                         site.id, patient_key, f"{site.siteid}-{number:06d}",
-                        -(1 + secrets.randbelow(_DATE_OFFSET_MAX_DAYS)),
+                        -(1 + secrets.randbelow(DATE_OFFSET_MAX_DAYS)),
                     )
     return Patient(row["pk"], row["pseudonym"], row["date_offset_days"])
 
@@ -156,24 +155,26 @@ async def store_instance(
         if row is not None:
             return _duplicate(row, rec)
         study = await conn.fetchrow(
-            "INSERT INTO study (patient_pk, site_id, study_uid, patient_id, study_date, "
-            "study_time, accession_number, study_id, dicom_json) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "INSERT INTO study (patient_pk, site_id, study_uid, study_date, study_time, "
+            "accession_number, study_id, patient_sex, patient_age, dicom_json) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
             "ON CONFLICT (study_uid) DO UPDATE SET updated_at = now() "
-            "RETURNING pk, patient_pk",
-            patient.pk, site.id, rec.study_uid, new.patient_id, rec.study_date, rec.study_time,
-            rec.accession_number, rec.study_id, new.study_json,
+            "RETURNING pk, patient_pk, (xmax = 0) AS created",
+            patient.pk, site.id, rec.study_uid, rec.study_date, rec.study_time,
+            rec.accession_number, rec.study_id, rec.patient_sex, rec.patient_age,
+            new.study_json,
         )
         if study["patient_pk"] != patient.pk:
             raise RefusedObject(
                 "Study Instance UID already stored under another patient", "relational-mismatch"
             )
         series = await conn.fetchrow(
-            "INSERT INTO series (study_pk, series_uid, modality, series_number, dicom_json) "
-            "VALUES ($1, $2, $3, $4, $5) "
+            "INSERT INTO series (study_pk, series_uid, modality, series_number, pps_start_date, "
+            "pps_start_time, dicom_json) VALUES ($1, $2, $3, $4, $5, $6, $7) "
             "ON CONFLICT (series_uid) DO UPDATE SET modality = series.modality "
             "RETURNING pk, study_pk, (xmax = 0) AS created",
-            study["pk"], rec.series_uid, rec.modality, rec.series_number, new.series_json,
+            study["pk"], rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
+            rec.pps_start_time, new.series_json,
         )
         if series["study_pk"] != study["pk"]:
             raise RefusedObject(
@@ -200,5 +201,11 @@ async def store_instance(
             "modalities = CASE WHEN $3::text IS NULL OR $3 = ANY (modalities) THEN modalities "
             "ELSE array_append(modalities, $3) END, updated_at = now() WHERE pk = $1",
             study["pk"], 1 if series["created"] else 0, rec.modality,
+        )
+        await conn.execute(
+            "UPDATE patient SET num_instances = num_instances + 1, "
+            "num_series = num_series + $2::int, num_studies = num_studies + $3::int "
+            "WHERE pk = $1",
+            patient.pk, 1 if series["created"] else 0, 1 if study["created"] else 0,
         )
     return StoredRow(inserted=True, sha256=new.sha256)

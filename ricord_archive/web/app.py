@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
+from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.web import qido, stow, wado
@@ -28,6 +29,7 @@ class Services:
     default_site: str
     max_stow_bytes: int
     ready: Callable[[], bool]
+    cors_origins: tuple[str, ...] = ("*",)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -65,18 +67,71 @@ async def errors(
         return json_response({"error": "internal error"}, 500)
 
 
+_CORS_METHODS = "GET, POST, OPTIONS"
+_CORS_HEADERS = "Accept, Content-Type, Authorization, If-None-Match, Range"
+_CORS_EXPOSED = "Warning, Content-Type, Content-Length, ETag, Content-Location"
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    allowed = request.app[SERVICES].cors_origins
+    if origin is None or not request.path.startswith(ROOT):
+        return None
+    if "*" in allowed:
+        return "*"
+    return origin if origin in allowed else None
+
+
+@web.middleware
+async def cors_preflight(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer CORS preflight requests on the DICOMweb routes."""
+    if request.method != "OPTIONS" or not request.headers.get("Access-Control-Request-Method"):
+        return await handler(request)
+    origin = _allowed_origin(request)
+    if origin is None:
+        return web.Response(status=403, text="origin not allowed")
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": _CORS_METHODS,
+        "Access-Control-Allow-Headers": _CORS_HEADERS,
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    })
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Before any response's headers go out (streamed ones too): allow the caller's origin."""
+    origin = _allowed_origin(request)
+    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+        response.headers["Vary"] = "Origin"
+
+
 async def health(request: web.Request) -> web.Response:
     ready = request.app[SERVICES].ready()
     return json_response({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=1024**2)
+    app = web.Application(middlewares=[cors_preflight, errors], client_max_size=1024**2)
     app[SERVICES] = services
+    app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/health", health)
     app.router.add_post(f"{ROOT}/studies", stow.store)
     app.router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
-    app.router.add_get(f"{ROOT}/studies", qido.search_studies)
+    study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"
+    for path, level in (
+        (f"{ROOT}/studies", Level.STUDY),
+        (f"{ROOT}/series", Level.SERIES),
+        (f"{ROOT}/instances", Level.INSTANCE),
+        (f"{study}/series", Level.SERIES),
+        (f"{study}/instances", Level.INSTANCE),
+        (f"{series}/instances", Level.INSTANCE),
+    ):
+        app.router.add_get(path, qido.search(level))
     app.router.add_get(f"{ROOT}/studies/{{study}}", wado.retrieve)
     app.router.add_get(f"{ROOT}/studies/{{study}}/metadata", wado.metadata)
     app.router.add_get(f"{ROOT}/studies/{{study}}/series/{{series}}", wado.retrieve)

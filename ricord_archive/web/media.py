@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,19 @@ def accepts(header: str | None, *types: str) -> bool:
     return False
 
 
-def accepts_multipart_dicom(header: str | None) -> bool:
-    """Whether the Accept header admits multipart/related; type="application/dicom"."""
+def accepts_multipart(header: str | None, part_type: str) -> bool:
+    """Whether the Accept header admits multipart/related with parts of `part_type`
+    (an absent `type=` parameter admits any)."""
     for media in parse_accept(header):
         if media.type == "*/*":
             return True
-        if media.type == "multipart/related" and media.params.get("type", DICOM) in (
-            DICOM, "*/*", "application/*"
+        if media.type == "multipart/related" and media.params.get("type", part_type) in (
+            part_type, "*/*", "application/*"
         ):
             return True
     return False
+
+
+def accepts_multipart_dicom(header: str | None) -> bool:
+    """Whether the Accept header admits multipart/related; type="application/dicom"."""
+    return accepts_multipart(header, DICOM)

@@ -1,34 +1,84 @@
-"""QIDO-RS: GET /studies."""
+"""QIDO-RS: the six search resources, as DICOM JSON or multipart Native DICOM Model XML."""
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
+from ricord_archive.dicom_xml import to_xml
 from ricord_archive.errors import NotAcceptable
+from ricord_archive.matching import Level
 from ricord_archive.web import app as web_app
-from ricord_archive.web.media import DICOM_JSON, accepts
+from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
+
+_SCOPE_KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
 
-async def search_studies(request: web.Request) -> web.Response:
-    services = request.app[web_app.SERVICES]
-    if not accepts(request.headers.get("Accept"), DICOM_JSON, "application/json"):
-        raise NotAcceptable("QIDO-RS answers application/dicom+json")
-    params = {key: request.query.getone(key) for key in request.query}
-    search = await services.query.search_studies(params)
-    base = web_app.base_url(request)
-    for document in search.documents:
-        study_uid = document["0020000D"]["Value"][0]
-        document["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study_uid}"]}
-    headers = {}
-    warnings = [f'299 ricord-archive "ignored query key {key}"' for key in search.ignored_keys]
-    if search.more:
-        warnings.append(
-            '299 ricord-archive "there are more matches than returned: '
-            'page with limit and offset"'
-        )
-    if warnings:
-        headers["Warning"] = ", ".join(warnings)
-    return web.Response(
-        body=orjson.dumps(search.documents), content_type=DICOM_JSON, headers=headers
-    )
+def _retrieve_url(base: str, level: Level, document: dict) -> str | None:
+    def uid(tag: str) -> str:
+        return document[tag]["Value"][0]
+
+    if level is Level.STUDY:
+        return f"{base}/studies/{uid('0020000D')}"
+    if level is Level.SERIES:
+        return f"{base}/studies/{uid('0020000D')}/series/{uid('0020000E')}"
+    if level is Level.INSTANCE:
+        return (f"{base}/studies/{uid('0020000D')}/series/{uid('0020000E')}"
+                f"/instances/{uid('00080018')}")
+    return None
+
+
+def _warning(ignored: tuple[str, ...], more: int) -> str | None:
+    notes = [f'299 ricord-archive "ignored: {note}"' for note in ignored]
+    if more:
+        notes.append(f'299 ricord-archive "{more} more matches: page with limit and offset"')
+    return ", ".join(notes) or None
+
+
+def _multipart_xml(documents: list[dict]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [
+        f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode("ascii") + to_xml(d) + b"\r\n"
+        for d in documents
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode("ascii")
+    return body, f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'
+
+
+def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of one QIDO-RS resource at `level`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        services = request.app[web_app.SERVICES]
+        accept = request.headers.get("Accept")
+        want_json = accepts(accept, DICOM_JSON, "application/json")
+        if not want_json and not accepts_multipart(accept, DICOM_XML):
+            raise NotAcceptable(
+                'QIDO-RS answers application/dicom+json or multipart/related; '
+                'type="application/dicom+xml"'
+            )
+        scope = {
+            _SCOPE_KEYS[name]: value for name, value in request.match_info.items()
+        }
+        result = await services.query.search(level, list(request.query.items()), scope)
+        base = web_app.base_url(request)
+        for document in result.documents:
+            url = _retrieve_url(base, level, document)
+            if url:
+                document["00081190"] = {"vr": "UR", "Value": [url]}
+        headers = {}
+        warning = _warning(result.ignored, result.more)
+        if warning:
+            headers["Warning"] = warning
+        if want_json:
+            return web.Response(
+                body=orjson.dumps(result.documents), content_type=DICOM_JSON, headers=headers
+            )
+        body, content_type = _multipart_xml(result.documents)
+        headers["Content-Type"] = content_type
+        return web.Response(body=body, headers=headers)
+
+    return handler

@@ -1,0 +1,24 @@
+"""Offline tools over the index and the secret key: the ingest dry run (`deid`), pseudonym
+`lookup` and the `refusals` report. They read the index and never write to it."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ricord_archive.index.reads import site_by_name
+from ricord_archive.index.store import Site
+
+
+class ToolError(Exception):
+    """A tool cannot run as asked; the message says why and names no DICOM value."""
+
+
+async def indexed_site(pool: asyncpg.Pool, name: str) -> Site:
+    """The index row of a configured site; the archive creates it when it first starts."""
+    site = await site_by_name(pool, name)
+    if site is None:
+        raise ToolError(
+            f"site {name!r} has no SITEID in the index yet: start the archive once with this "
+            "site configured (ricord-archive serve)"
+        )
+    return site
