@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO
 
 import pydicom
 import pydicom.config
@@ -53,6 +55,29 @@ def parse(data: bytes, max_bytes: int) -> Dataset:
     except Exception as exc:  # pydicom raises many kinds; none of them may escape raw
         raise InvalidObject(f"unreadable DICOM object ({type(exc).__name__})") from exc
     return dataset
+
+
+@dataclass(frozen=True)
+class PixelDataLocation:
+    offset: int  # first byte of the Pixel Data value in the Part 10 bytes
+    length: int | None  # None: encapsulated, undefined length
+
+
+def pixel_data_location(data: bytes | BinaryIO) -> PixelDataLocation | None:
+    """Where the top-level Pixel Data value starts, found by parsing the header only."""
+    stream = BytesIO(data) if isinstance(data, bytes) else data
+    dataset = pydicom.dcmread(stream, stop_before_pixels=True)
+    start = stream.tell()
+    header = stream.read(12)
+    syntax = UID(dataset.file_meta.TransferSyntaxUID)
+    order = "little" if syntax.is_little_endian else "big"
+    if len(header) < 8 or header[:4] != (0x7FE0).to_bytes(2, order) + (0x0010).to_bytes(2, order):
+        return None
+    if syntax.is_implicit_VR:
+        length, value = int.from_bytes(header[4:8], order), start + 8
+    else:
+        length, value = int.from_bytes(header[8:12], order), start + 12
+    return PixelDataLocation(value, None if length == 0xFFFFFFFF else length)
 
 
 def serialize(dataset: Dataset, transfer_syntax: str) -> bytes:

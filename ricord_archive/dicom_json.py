@@ -84,6 +84,11 @@ class InstanceRecord:
     pps_start_date: dt.date | None
     pps_start_time: dt.time | None
     instance_number: int | None
+    number_of_frames: int
+    rows: int | None
+    columns: int | None
+    samples_per_pixel: int | None
+    bits_allocated: int | None
 
 
 def _as_date(value: Any) -> dt.date | None:
@@ -129,4 +134,9 @@ def index_record(dataset: Dataset) -> InstanceRecord:
         pps_start_date=_as_date(text("PerformedProcedureStepStartDate")),
         pps_start_time=_as_time(text("PerformedProcedureStepStartTime")),
         instance_number=_as_int(text("InstanceNumber")),
+        number_of_frames=_as_int(text("NumberOfFrames")) or 1,
+        rows=_as_int(text("Rows")),
+        columns=_as_int(text("Columns")),
+        samples_per_pixel=_as_int(text("SamplesPerPixel")),
+        bits_allocated=_as_int(text("BitsAllocated")),
     )

@@ -77,6 +77,7 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
     try:
         deidentify(dataset, context)
         data = dicom_io.serialize(dataset, transfer_syntax)
+        pixels = dicom_io.pixel_data_location(data) if "PixelData" in dataset else None
         record = index_record(dataset)
         document = to_json(
             dataset, instance_path(record.study_uid, record.series_uid, record.sop_uid)
@@ -92,6 +93,7 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
         blob_key="",
         size_bytes=len(data),
         sha256=hashlib.sha256(data).digest(),
+        pixel_data=pixels,
         study_json=orjson.dumps(subset(document, STUDY_TAGS)),
         series_json=orjson.dumps(subset(document, SERIES_TAGS)),
         instance_json=orjson.dumps(document),

@@ -1,18 +1,33 @@
-"""The retrieve service: stored bytes and stored metadata, never a re-parse."""
+"""The retrieve service: stored bytes and stored metadata; frames read at their offsets;
+decoding and re-encoding only when the client asks for what is not stored."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pydicom
+from pydicom.uid import UID
 
+from ricord_archive import pixels
 from ricord_archive.blobstore import BlobStore
-from ricord_archive.errors import NotFound
+from ricord_archive.dicom_io import pixel_data_location
+from ricord_archive.errors import BadRequest, NotFound
 from ricord_archive.index.reads import StoredInstance, instance_metadata, stored_instances
+from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Frames of one instance: as stored (`media_type` of the stored syntax) or decoded."""
+
+    data: list[bytes]
+    media_type: str
+    transfer_syntax_uid: str | None  # None: uncompressed native pixel bytes
 
 
 class RetrieveService:
@@ -27,9 +42,51 @@ class RetrieveService:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return [(item, self.blobs.path(item.blob_key)) for item in found]
 
+    async def instance(self, *uids: str) -> tuple[StoredInstance, Path]:
+        [found] = await self.instances(*uids)
+        return found
+
+    async def transcoded(self, path: Path, transfer_syntax: str) -> bytes:
+        """The whole object re-encoded in `transfer_syntax` (406 when it cannot be)."""
+        return await asyncio.to_thread(pixels.transcode, str(path), transfer_syntax)
+
+    async def frames(self, uids: tuple[str, str, str], numbers: list[int], stored: bool) -> Frames:
+        """Frames by number (1-based): the stored bytes when `stored` (compressed frames stay
+        compressed), else decoded to native little-endian pixel values."""
+        item, path = await self.instance(*uids)
+        if item.rows is None:
+            raise BadRequest("the instance has no pixel data")
+        pixels.check_frame_numbers(numbers, item.number_of_frames)
+        syntax = UID(item.transfer_syntax_uid)
+        if stored and syntax.is_compressed:
+            data = await asyncio.to_thread(self._encapsulated, item, path, numbers)
+            return Frames(data, pixels.FRAME_MEDIA_TYPES.get(syntax, "application/octet-stream"),
+                          str(syntax))
+        if not syntax.is_compressed and syntax.is_little_endian:
+            data = await asyncio.to_thread(self._native, item, path, numbers)
+        else:
+            data = await asyncio.to_thread(_decode, path, numbers)
+        return Frames(data, "application/octet-stream", None)
+
+    async def rendered(self, uids: tuple[str, str, str], number: int,
+                       options: RenderOptions) -> bytes:
+        item, path = await self.instance(*uids)
+        if item.rows is None:
+            raise BadRequest("the instance has no pixel data to render")
+        pixels.check_frame_numbers([number], item.number_of_frames)
+        return await asyncio.to_thread(_render, path, number, options)
+
+    async def thumbnail(self, uids: tuple[str, ...], options: RenderOptions) -> bytes:
+        """The middle image of a study or series (its middle frame), or of one instance."""
+        found = [(i, p) for i, p in await self.instances(*uids) if i.rows is not None]
+        if not found:
+            raise NotFound("nothing with pixel data to show")
+        item, path = found[len(found) // 2]
+        return await asyncio.to_thread(_render, path, (item.number_of_frames + 1) // 2, options)
+
     async def bulk_data(self, study: str, series: str, instance: str, tag: int) -> bytes:
         """The value of one binary element of a stored instance, as handed out by BulkDataURI."""
-        [(_, path)] = await self.instances(study, series, instance)
+        _, path = await self.instance(study, series, instance)
         value = await asyncio.to_thread(_element_bytes, path, tag)
         if value is None:
             raise NotFound("no such bulk data element")
@@ -41,6 +98,42 @@ class RetrieveService:
         if not documents:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return b"[" + b",".join(documents) + b"]"
+
+    @staticmethod
+    def _offset(item: StoredInstance, path: Path) -> tuple[int, int | None]:
+        if item.pixel_data_offset is not None:
+            return item.pixel_data_offset, item.pixel_data_length
+        with path.open("rb") as stream:  # indexed before offsets were recorded
+            location = pixel_data_location(stream)
+        if location is None:
+            raise NotFound("the instance has no pixel data")
+        return location.offset, location.length
+
+    def _native(self, item: StoredInstance, path: Path, numbers: list[int]) -> list[bytes]:
+        offset, _ = self._offset(item, path)
+        size = pixels.frame_size(item.rows, item.columns, item.samples_per_pixel or 1,
+                                 item.bits_allocated or 8)
+        with path.open("rb") as stream:
+            return [pixels.native_frame(stream, offset, size, n) for n in numbers]
+
+    def _encapsulated(self, item: StoredInstance, path: Path, numbers: list[int]) -> list[bytes]:
+        offset, _ = self._offset(item, path)
+        big = not UID(item.transfer_syntax_uid).is_little_endian
+        with path.open("rb") as stream:
+            found = pixels.encapsulated_frames(stream, offset, item.number_of_frames, numbers, big)
+        missing = [n for n in numbers if n not in found]
+        if missing:
+            raise NotFound(f"frame {missing[0]} is not in the stored pixel data")
+        return [found[n] for n in numbers]
+
+
+def _decode(path: Path, numbers: list[int]) -> list[bytes]:
+    return [pixels.as_little_endian_bytes(pixels.decoded_frame(str(path), n)) for n in numbers]
+
+
+def _render(path: Path, number: int, options: RenderOptions) -> bytes:
+    attributes = pydicom.dcmread(path, stop_before_pixels=True)
+    return render(pixels.decoded_frame(str(path), number), attributes, options)
 
 
 def _element_bytes(path: Path, tag: int) -> bytes | None:

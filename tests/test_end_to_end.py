@@ -339,6 +339,8 @@ def test_compressed_and_real_world_files_over_dimse(make_archive, name, propose,
     assert "Received Store Response (Success)" in result.stderr, result.stderr
     assert not re.search(r"Converting transfer syntax: (.*) -> (?!\1$)", result.stderr, re.M)
     [study] = studies(archive)
-    [stored] = archive.client().retrieve_study(value(study, "0020000D"))
+    [stored] = archive.client().retrieve_study(
+        value(study, "0020000D"), media_types=(("application/dicom", "*"),)
+    )
     assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
     assert stored.PixelData == source.PixelData

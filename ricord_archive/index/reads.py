@@ -19,6 +19,13 @@ class StoredInstance:
     transfer_syntax_uid: str
     blob_key: str
     size_bytes: int
+    pixel_data_offset: int | None
+    pixel_data_length: int | None
+    number_of_frames: int
+    rows: int | None
+    columns: int | None
+    samples_per_pixel: int | None
+    bits_allocated: int | None
 
 
 _SCOPE = {
@@ -37,7 +44,9 @@ async def stored_instances(pool: asyncpg.Pool, *uids: str) -> list[StoredInstanc
     scope = _SCOPE[("study", "series", "instance")[len(uids) - 1]]
     rows = await pool.fetch(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, "
-        f"i.transfer_syntax_uid, i.blob_key, i.size_bytes {_FROM} WHERE {scope} {_ORDER}",
+        "i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.pixel_data_offset, "
+        "i.pixel_data_length, i.number_of_frames, i.rows, i.columns, i.samples_per_pixel, "
+        f"i.bits_allocated {_FROM} WHERE {scope} {_ORDER}",
         *uids,
     )
     return [StoredInstance(**dict(r)) for r in rows]

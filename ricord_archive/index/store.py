@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ricord_archive.config import SiteConfig
+from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
 
@@ -51,6 +52,7 @@ class NewInstance:
     blob_key: str
     size_bytes: int
     sha256: bytes
+    pixel_data: PixelDataLocation | None
     study_json: bytes
     series_json: bytes
     instance_json: bytes
@@ -180,14 +182,19 @@ async def store_instance(
             raise RefusedObject(
                 "Series Instance UID already stored under another study", "relational-mismatch"
             )
+        pixels = new.pixel_data
         inserted = await conn.fetchval(
             "INSERT INTO instance (series_pk, study_pk, sop_uid, sop_class_uid, instance_number, "
-            "transfer_syntax_uid, blob_key, size_bytes, sha256, dicom_json) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+            "transfer_syntax_uid, blob_key, size_bytes, sha256, dicom_json, pixel_data_offset, "
+            "pixel_data_length, number_of_frames, rows, columns, samples_per_pixel, "
+            "bits_allocated) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
             "ON CONFLICT (sop_uid) DO NOTHING RETURNING pk",
             series["pk"], study["pk"], rec.sop_uid, rec.sop_class_uid, rec.instance_number,
             new.transfer_syntax_uid, new.blob_key, new.size_bytes, new.sha256,
-            new.instance_json,
+            new.instance_json, pixels.offset if pixels else None,
+            pixels.length if pixels else None, rec.number_of_frames, rec.rows, rec.columns,
+            rec.samples_per_pixel, rec.bits_allocated,
         )
         if inserted is None:  # a concurrent writer stored it first
             row = await _existing(conn, rec.sop_uid)

@@ -132,12 +132,14 @@ def create_app(services: Services) -> web.Application:
         (f"{series}/instances", Level.INSTANCE),
     ):
         app.router.add_get(path, qido.search(level))
-    app.router.add_get(f"{ROOT}/studies/{{study}}", wado.retrieve)
-    app.router.add_get(f"{ROOT}/studies/{{study}}/metadata", wado.metadata)
-    app.router.add_get(f"{ROOT}/studies/{{study}}/series/{{series}}", wado.retrieve)
-    app.router.add_get(f"{ROOT}/studies/{{study}}/series/{{series}}/metadata", wado.metadata)
-    instance = f"{ROOT}/studies/{{study}}/series/{{series}}/instances/{{instance}}"
-    app.router.add_get(instance, wado.retrieve)
-    app.router.add_get(f"{instance}/metadata", wado.metadata)
+    instance = f"{series}/instances/{{instance}}"
+    for resource in (study, series, instance):
+        app.router.add_get(resource, wado.retrieve)
+        app.router.add_get(f"{resource}/metadata", wado.metadata)
+        app.router.add_get(f"{resource}/thumbnail", wado.thumbnail)
     app.router.add_get(f"{instance}/bulkdata/{{tag}}", wado.bulk_data)
+    app.router.add_get(f"{instance}/rendered", wado.rendered)
+    app.router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
+    app.router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
+    app.router.add_get("/wado", wado.wado_uri)
     return app
