@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import pydicom
 import pydicom.config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -80,8 +81,9 @@ def pixel_data_location(data: bytes | BinaryIO) -> PixelDataLocation | None:
     return PixelDataLocation(value, None if length == 0xFFFFFFFF else length)
 
 
-def serialize(dataset: Dataset, transfer_syntax: str) -> bytes:
-    """Write `dataset` as Part 10 with a fresh file meta and a zeroed preamble."""
+def serialize(dataset: Dataset, transfer_syntax: str) -> tuple[bytes, PixelDataLocation | None]:
+    """Write `dataset` as Part 10 with a fresh file meta and a zeroed preamble; also say where
+    its Pixel Data value starts. Pixel data is appended as is, not re-encoded by pydicom."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
@@ -90,9 +92,56 @@ def serialize(dataset: Dataset, transfer_syntax: str) -> bytes:
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     dataset.file_meta = meta
     dataset.preamble = _PREAMBLE
-    out = BytesIO()
+    pixels = dataset.get(_PIXEL_DATA)
+    last = max(dataset.keys(), default=None)
+    appendable = (
+        pixels is not None and last == _PIXEL_DATA and isinstance(pixels.value, bytes)
+        and not UID(transfer_syntax).is_deflated
+    )
     try:
-        dataset.save_as(out, enforce_file_format=True)
+        if appendable:
+            del dataset[_PIXEL_DATA]
+        out = BytesIO()
+        try:
+            dataset.save_as(out, enforce_file_format=True)
+        finally:
+            if appendable:
+                dataset[_PIXEL_DATA] = pixels
     except Exception as exc:
         raise InvalidObject(f"the object cannot be re-encoded ({type(exc).__name__})") from exc
-    return out.getvalue()
+    if pixels is None:
+        return out.getvalue(), None
+    if not appendable:  # pixel data is not last, or not raw bytes: find it in what was written
+        data = out.getvalue()
+        return data, pixel_data_location(data)
+    header, value, undefined = _pixel_data_header(dataset, pixels, UID(transfer_syntax))
+    out.write(header)
+    location = PixelDataLocation(out.tell(), None if undefined else len(value))
+    out.write(value)
+    if undefined:  # the encapsulated value ends with a sequence delimiter
+        order = "little" if UID(transfer_syntax).is_little_endian else "big"
+        out.write((0xFFFE).to_bytes(2, order) + (0xE0DD).to_bytes(2, order) + bytes(4))
+    return out.getvalue(), location
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def _pixel_data_header(
+    dataset: Dataset, pixels: DataElement, syntax: UID
+) -> tuple[bytes, bytes, bool]:
+    """The encoded tag, VR and length of Pixel Data, its (even-length) value, and whether the
+    length is undefined (encapsulated)."""
+    order = "little" if syntax.is_little_endian else "big"
+    value = pixels.value
+    undefined = syntax.is_compressed
+    if len(value) % 2 and not undefined:
+        value += b"\x00"
+    tag = (0x7FE0).to_bytes(2, order) + (0x0010).to_bytes(2, order)
+    length = (0xFFFFFFFF if undefined else len(value)).to_bytes(4, order)
+    if syntax.is_implicit_VR:
+        return tag + length, value, undefined
+    vr = pixels.VR if pixels.VR in ("OB", "OW") else (
+        "OB" if undefined or int(dataset.get("BitsAllocated", 16) or 16) <= 8 else "OW"
+    )
+    return tag + vr.encode("ascii") + bytes(2) + length, value, undefined

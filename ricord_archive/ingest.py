@@ -76,8 +76,7 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
     transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
     try:
         deidentify(dataset, context)
-        data = dicom_io.serialize(dataset, transfer_syntax)
-        pixels = dicom_io.pixel_data_location(data) if "PixelData" in dataset else None
+        data, pixels = dicom_io.serialize(dataset, transfer_syntax)
         record = index_record(dataset)
         document = to_json(
             dataset, instance_path(record.study_uid, record.series_uid, record.sop_uid)

@@ -282,7 +282,7 @@ def test_crash_recovery_and_clean_stop(make_archive, corpus):
     [study] = studies(archive)
     assert value(study, "00201208") == 2
     assert archive.stop() == 0
-    assert not (archive.data_dir / "pg" / "data" / "postmaster.pid").exists()
+    assert not (archive.data_dir / "pg" / "data" / "postmaster.pid").exists(), archive.log()
     # and after PostgreSQL itself was killed with the archive (stale postmaster.pid)
     archive.start()
     pid = int((archive.data_dir / "pg" / "data" / "postmaster.pid").read_text().split()[0])

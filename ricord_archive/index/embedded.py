@@ -216,7 +216,11 @@ class EmbeddedPostgres:
         result = self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", "fast", "-D",
                            str(self.pgdata), check=False)
         if result.returncode != 0:
-            log.warning("pg_ctl stop: %s", result.stderr.strip())
+            lines = self._lock_file()
+            if lines and not _is_live_postgres(lines[0]):
+                self._clear_stale_lock()
+            else:
+                log.warning("pg_ctl stop failed: %s", result.stderr.strip())
 
     def current_url(self) -> str | None:
         """The URL of the running server, or None when it is not running."""
