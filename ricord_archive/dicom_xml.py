@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from xml.etree import ElementTree as ET
 
 from pydicom.datadict import keyword_for_tag
 
 _NAME_PARTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+# Characters XML 1.0 cannot hold (controls other than tab, LF and CR; lone surrogates; U+FFFE/F):
+# a stored value may contain them, and one of them would make the whole document unparseable.
+_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(value: Any) -> str:
+    return _NOT_XML.sub("\ufffd", "" if value is None else str(value))
 
 
 def _person_name(parent: ET.Element, number: int, value: dict[str, str]) -> None:
@@ -17,7 +25,7 @@ def _person_name(parent: ET.Element, number: int, value: dict[str, str]) -> None
             element = ET.SubElement(name, group)
             for part, text in zip(_NAME_PARTS, value[group].split("^"), strict=False):
                 if text:
-                    ET.SubElement(element, part).text = text
+                    ET.SubElement(element, part).text = _xml_text(text)
 
 
 def _attribute(parent: ET.Element, tag: str, body: dict[str, Any]) -> None:
@@ -27,7 +35,7 @@ def _attribute(parent: ET.Element, tag: str, body: dict[str, Any]) -> None:
         attributes["keyword"] = keyword
     element = ET.SubElement(parent, "DicomAttribute", attributes)
     if "BulkDataURI" in body:
-        ET.SubElement(element, "BulkData", uri=body["BulkDataURI"])
+        ET.SubElement(element, "BulkData", uri=_xml_text(body["BulkDataURI"]))
     elif "InlineBinary" in body:
         ET.SubElement(element, "InlineBinary").text = body["InlineBinary"]
     for number, value in enumerate(body.get("Value", []), start=1):
@@ -36,9 +44,7 @@ def _attribute(parent: ET.Element, tag: str, body: dict[str, Any]) -> None:
         elif body.get("vr") == "PN" and isinstance(value, dict):
             _person_name(element, number, value)
         else:
-            ET.SubElement(element, "Value", number=str(number)).text = (
-                "" if value is None else str(value)
-            )
+            ET.SubElement(element, "Value", number=str(number)).text = _xml_text(value)
 
 
 def _dataset(parent: ET.Element, document: dict[str, Any]) -> None:

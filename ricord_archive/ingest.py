@@ -39,6 +39,7 @@ from ricord_archive.errors import (
 )
 from ricord_archive.index.store import (
     NewInstance,
+    Patient,
     Site,
     count_refusal,
     patient_for,
@@ -47,6 +48,7 @@ from ricord_archive.index.store import (
 
 log = logging.getLogger(__name__)
 
+_PATIENT_CACHE_SIZE = 100_000
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
 
@@ -109,6 +111,8 @@ class IngestService:
         self.keys = keys
         self.sites = sites
         self.config = config
+        # Patient rows never change once allocated, so a node may keep what it has looked up.
+        self._patients: dict[tuple[int, bytes], Patient] = {}
 
     async def store(self, data: bytes, site_name: str, study_uid: str | None = None) -> StoreResult:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
@@ -126,6 +130,15 @@ class IngestService:
                 await self._count_refusal(site, exc)
             raise
 
+    async def _patient(self, site: Site, patient_key: bytes) -> Patient:
+        cached = self._patients.get((site.id, patient_key))
+        if cached is None:
+            cached = await patient_for(self.pool, site, patient_key)
+            if len(self._patients) >= _PATIENT_CACHE_SIZE:
+                self._patients.clear()
+            self._patients[(site.id, patient_key)] = cached
+        return cached
+
     async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
         try:
@@ -142,9 +155,7 @@ class IngestService:
             if study_uid not in (original, self.keys.uid(site.siteid, original)):
                 raise StudyMismatch("the object belongs to another study than the request URL")
         try:
-            patient = await patient_for(
-                self.pool, site, self.keys.patient_key(site.siteid, patient_id)
-            )
+            patient = await self._patient(site, self.keys.patient_key(site.siteid, patient_id))
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
         context = DeidContext(

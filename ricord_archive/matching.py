@@ -64,8 +64,12 @@ def match_text(column: str, value: str, fold_case: bool = False) -> Condition:
 
 
 def match_fuzzy_name(column: str, value: str) -> Condition:
-    """`fuzzymatching=true` for PN: case-insensitive prefix of any name component or word."""
-    pattern = re.escape(value.replace("*", "").replace("?", "").upper())
+    """`fuzzymatching=true` for PN: case-insensitive prefix of any name component or word,
+    `*` and `?` still wildcards, so fuzzy matching finds whatever exact matching finds."""
+    pattern = "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char)
+        for char in value.upper()
+    )
     return Condition(f"upper({column}) ~ {{}}", (f"(^|[\\^ =-]){pattern}",))
 
 
@@ -137,22 +141,17 @@ def match_time(column: str, value: str, key: str) -> Condition:
 
 
 def match_date_time(
-    date_column: str, time_column: str, date_value: str, time_value: str, key: str
+    date_column: str, time_column: str, date_value: str, time_value: str,
+    date_key: str, time_key: str,
 ) -> Condition:
     """Combined date-time range matching (PS3.4 C.2.2.2.5.1): StudyDate=D1-D2 with
     StudyTime=T1-T2 means from D1 at T1 to D2 at T2."""
-    dates = _split_range(date_value, key) or (date_value, date_value)
-    times = _split_range(time_value, key) or (time_value, time_value)
-    low = high = None
-    if dates[0]:
-        low = dt.datetime.combine(
-            _parse_date(dates[0], key), _parse_time(times[0], key) if times[0] else dt.time.min
-        )
-    if dates[1]:
-        high = dt.datetime.combine(
-            _parse_date(dates[1], key),
-            _parse_time(times[1], key, end=True) if times[1] else dt.time.max,
-        )
+    dates = _split_range(date_value, date_key) or (date_value, date_value)
+    times = _split_range(time_value, time_key) or (time_value, time_value)
+    start = _parse_time(times[0], time_key) if times[0] else dt.time.min
+    end = _parse_time(times[1], time_key, end=True) if times[1] else dt.time.max
+    low = dt.datetime.combine(_parse_date(dates[0], date_key), start) if dates[0] else None
+    high = dt.datetime.combine(_parse_date(dates[1], date_key), end) if dates[1] else None
     return _range(f"({date_column} + coalesce({time_column}, '00:00'))", low, high)
 
 
@@ -196,8 +195,14 @@ def _text(column: str, value: str, key: str) -> Condition:
     return match_text(column, value)
 
 
+def trim_name(value: str) -> str:
+    """A PN value without trailing empty components or groups: `DOE^` is the name `DOE`."""
+    return "=".join(group.rstrip("^") for group in value.split("=")).rstrip("=")
+
+
 def _name(column: str, value: str, key: str) -> Condition:
-    return match_text(column, value, fold_case=True)
+    value = trim_name(value)
+    return match_text(column, value, fold_case=True) if value else TRUE
 
 
 def _modalities(column: str, value: str, key: str) -> Condition:
@@ -288,7 +293,7 @@ def _condition(key: Key, value: str, fuzzy: bool) -> Condition:
     if key.column is None:
         return NOTHING  # de-identification removed the attribute: only universal matching
     if key.path in _NAME_KEYS and fuzzy:
-        return match_fuzzy_name(key.column, value)
+        return match_fuzzy_name(key.column, trim_name(value))
     if ("*" in value or "?" in value) and _vr(key.path) not in _WILDCARD_VRS:
         raise BadRequest(f"{key.path}: wildcards are not allowed for this attribute")
     return key.build(key.column, value, key.path)
@@ -325,8 +330,9 @@ def parse_query(
     """A query from (key, value) pairs: QIDO-RS parameters or a C-FIND identifier.
 
     `scope` holds the UIDs of the resource path (e.g. the study of /studies/{uid}/series).
-    Empty values and `*` are universal matching. Keys the archive does not match on are
-    ignored and reported; malformed keys and values raise BadRequest.
+    Empty values and `*` are universal matching; leading and trailing spaces are insignificant.
+    Keys the archive does not match on are ignored and reported; malformed keys and values
+    raise BadRequest.
     """
     pairs = list(params)
     control = {k: v for k, v in pairs if k in CONTROL_PARAMETERS and k != "includefield"}
@@ -346,17 +352,18 @@ def parse_query(
             ignored.append(f"{path[0]} is not a matching key of this archive")
         elif key.level > level:
             ignored.append(f"{path[0]} is not a matching key at the {level.name.lower()} level")
-        elif value not in ("", "*"):
-            values[key.path] = value
-    values.update(scope or {})
-    conditions = []
+        elif value.strip(" ") not in ("", "*"):  # leading and trailing spaces: insignificant
+            values[key.path] = value.strip(" ")
+    # The resource path narrows the query: ANDed with any key of the same name, never replacing it.
+    conditions = [_condition(KEYS[path], value, False) for path, value in (scope or {}).items()]
     for date_key, time_key in _DATE_TIME_PAIRS:
         if date_key in values and time_key in values and "-" in values[date_key] + values[
             time_key
         ]:
             date_column, time_column = KEYS[date_key].column, KEYS[time_key].column
             conditions.append(match_date_time(
-                date_column, time_column, values.pop(date_key), values.pop(time_key), date_key
+                date_column, time_column, values.pop(date_key), values.pop(time_key),
+                date_key, time_key,
             ))
     conditions.extend(_condition(KEYS[path], value, fuzzy) for path, value in values.items())
     limit = _non_negative("limit", control.get("limit"), max_limit)

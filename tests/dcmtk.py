@@ -29,7 +29,8 @@ def run(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedP
     program = tool(name)
     assert program, f"DCMTK's {name} is required (apt-get install dcmtk)"
     return subprocess.run(
-        [program, *args], capture_output=True, text=True, env=DCMTK_ENV, timeout=TIMEOUT,
+        [program, *args], capture_output=True, text=True, errors="replace", env=DCMTK_ENV,
+        timeout=TIMEOUT,
         cwd=cwd,
     )
 

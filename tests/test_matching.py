@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ricord_archive.errors import BadRequest
-from ricord_archive.matching import Condition, Level, attribute_path, parse_query, where_clause
+from ricord_archive.matching import (
+    Condition,
+    Level,
+    attribute_path,
+    parse_query,
+    trim_name,
+    where_clause,
+)
 
 MAX_LIMIT = 100
 
@@ -126,6 +133,44 @@ def test_lone_star_is_universal():
     assert parse(PatientName="*").conditions == ()
 
 
+def test_leading_and_trailing_spaces_are_insignificant():
+    assert parse(PatientID=" A1  ", StudyDate=" 20200101 ") == parse(
+        PatientID="A1", StudyDate="20200101")
+    assert parse(PatientName="   ", AccessionNumber=" * ").conditions == ()
+
+
+@pytest.mark.parametrize("value", ["DOE^", "DOE^^^", "DOE=", "DOE^^=^="])
+def test_trailing_empty_name_components_are_insignificant(value):
+    assert only_condition(PatientName=value) == Condition("upper(p.pseudonym) = {}", ("DOE",))
+
+
+def test_a_name_of_empty_components_only_is_universal():
+    assert only_condition(PatientName="^^") == Condition("TRUE")
+
+
+def test_fuzzy_names_match_word_prefixes_and_keep_wildcards():
+    query = parse_query(Level.STUDY, [("PatientName", "d?e*^"), ("fuzzymatching", "true")],
+                        MAX_LIMIT)
+    [condition] = query.conditions
+    assert condition.sql == "upper(p.pseudonym) ~ {}"
+    pattern = re.compile(condition.values[0])
+    assert pattern.search("JOHN DOE") and pattern.search("SMITH^DAE-BOX")
+    assert not pattern.search("JOHNDOE") and not pattern.search("DE^X")
+    literal = parse_query(Level.STUDY, [("PatientName", "a.b(c"), ("fuzzymatching", "true")],
+                          MAX_LIMIT).conditions[0]
+    assert re.compile(literal.values[0]).search("X A.B(C") and not re.compile(
+        literal.values[0]).search("AXB(C")
+
+
+def test_scope_of_the_resource_path_is_anded_with_the_same_key():
+    query = parse_query(Level.SERIES, [("StudyInstanceUID", "1.2")], MAX_LIMIT,
+                        {"StudyInstanceUID": "1.3"})
+    assert query.conditions == (
+        Condition("st.study_uid = ANY({})", (["1.3"],)),
+        Condition("st.study_uid = ANY({})", (["1.2"],)),
+    )
+
+
 def test_modalities_in_study_overlap_upper_cased():
     condition = only_condition(ModalitiesInStudy="ct,mr\\SR")
     assert condition == Condition("st.modalities && {}", (["CT", "MR", "SR"],))
@@ -158,11 +203,39 @@ def test_open_date_ranges():
 @pytest.mark.parametrize(
     "value",
     ["2020", "2020-01-15", "20201315", "20200230", "-", "20200101-2020", "abcdefgh",
-     "20200101-20200102-20200103", "20200101\n", " 20200101",
+     "20200101-20200102-20200103", "20200101\n", "\t20200101",
      "\uff12\uff10\uff12\uff10\uff10\uff11\uff10\uff11"],  # full-width digits
 )
 def test_malformed_dates_are_bad_requests(value):
     rejected(StudyDate=value)
+
+
+def test_combined_date_and_time_ranges_are_one_date_time_range():
+    condition = only_condition(StudyDate="20200101-20200105", StudyTime="1000-0930")
+    assert condition == Condition(
+        "(st.study_date + coalesce(st.study_time, '00:00')) BETWEEN {} AND {}",
+        (dt.datetime(2020, 1, 1, 10), dt.datetime(2020, 1, 5, 9, 30, 59, 999999)),
+    )
+
+
+def test_combined_open_ranges_keep_their_open_end():
+    [low] = only_condition(StudyDate="20200101-", StudyTime="10-").values
+    assert low == dt.datetime(2020, 1, 1, 10)
+    [high] = only_condition(StudyDate="-20200105", StudyTime="1000-12").values
+    assert high == dt.datetime(2020, 1, 5, 12, 59, 59, 999999)
+
+
+def test_single_date_and_time_values_match_separately():
+    assert len(parse(StudyDate="20200101", StudyTime="1000").conditions) == 2
+
+
+@pytest.mark.parametrize(("date", "time", "named"), [
+    ("20200101-20200102", "25-", "StudyTime"), ("-20200102", "x-1000", "StudyTime"),
+    ("2020-20200102", "10-11", "StudyDate"),
+])
+def test_combined_ranges_name_the_malformed_key(date, time, named):
+    with pytest.raises(BadRequest, match=named):
+        parse(StudyDate=date, StudyTime=time)
 
 
 # --- UID lists ---------------------------------------------------------------------------------
@@ -262,21 +335,22 @@ def test_user_values_only_travel_as_bind_values(name, accession):
     except BadRequest:
         assert any(len(v) > 1024 or "\x00" in v for v in params.values())
         return
-    parts, all_values = [], []
+    all_values = []
     for keyword, column in (("PatientName", "upper(p.pseudonym)"),
                             ("AccessionNumber", "st.accession_number")):
-        value = params[keyword]
+        value = params[keyword].strip(" ")  # surrounding spaces are insignificant
         if value not in ("", "*"):
             single = parse_query(Level.STUDY, [(keyword, value)], MAX_LIMIT)
             sql, values = where_clause(single.conditions)
-            assert sql == expected_sql(column, value)
+            if keyword == "PatientName":
+                value = trim_name(value)  # "DOE^" is "DOE"; "^" alone matches everything
+            assert sql == (expected_sql(column, value) if value else "TRUE")
             assert value not in sql or value in expected_sql(column, "x")
-            parts.append(sql)
             all_values.extend(values)
     sql, values = where_clause(query.conditions)
     assert re.fullmatch(
-        r"TRUE|(upper\(p\.pseudonym\) (=|LIKE) \$1|st\.accession_number (=|LIKE) \$1)"
-        r"( AND st\.accession_number (=|LIKE) \$2)?",
+        r"TRUE|(TRUE|upper\(p\.pseudonym\) (=|LIKE) \$1|st\.accession_number (=|LIKE) \$1)"
+        r"( AND st\.accession_number (=|LIKE) \$\d)?",
         sql,
     ), sql
     assert len(re.findall(r"\$\d+", sql)) == len(values) == len(all_values)

@@ -18,7 +18,8 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -229,11 +230,50 @@ class _Cleaner:
             return True
         return False
 
+    def _settled(self, tag: int, vr: str) -> bool | None:
+        """Decide from tag and VR alone: True keep untouched, False remove, None rewrite.
+
+        Elements kept untouched are never decoded by pydicom, and written back byte for byte.
+        """
+        group = tag >> 16
+        if group % 2 == 1 or group == 0x0002 or group >> 8 in (0x50, 0x60):
+            return False
+        action = self.actions.get(tag)
+        if vr == "SQ":
+            return False if action == "X" else None
+        if action == "X":
+            return False
+        if action == "K":
+            return None if vr == "AS" else True
+        if action is not None:
+            return None
+        if vr == "UI":
+            return True if tag in _CLASS_UID_TAGS else None
+        if vr in ("DA", "DT", "AS"):
+            return None
+        if vr in _REMOVED_VRS:
+            return tag in _SAFE_TEXT_TAGS
+        return True
+
     def dataset(self, dataset: Dataset) -> None:
         for tag in list(dataset.keys()):
-            element = dataset[tag]
-            if not self.element(element):
+            settled = self._settled(int(tag), _vr_of(dataset.get_item(tag), tag))
+            if settled is True:
+                continue
+            if settled is False or not self.element(dataset[tag]):
                 del dataset[tag]
+
+
+def _vr_of(element: DataElement | RawDataElement, tag: int) -> str:
+    """The VR to decide by: as encoded, else (implicit VR, or UN for a known attribute, which
+    pydicom corrects on decoding) from the data dictionary; unknown attributes are UN."""
+    vr = element.VR
+    if vr and vr != "UN":
+        return vr
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 def _method_codes() -> Sequence:

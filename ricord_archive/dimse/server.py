@@ -123,7 +123,7 @@ class DimseServer:
             return
         try:
             result = self._call(
-                self.query.search(level, list(_identifier_keys(identifier)), None, _QUERY_LIMIT)
+                self.query.search(level, _find_parameters(identifier), None, _QUERY_LIMIT)
             )
         except ArchiveError as exc:
             log.info("C-FIND refused: %s", exc.message)
@@ -145,6 +145,14 @@ _LEVELS = {
     "IMAGE": Level.INSTANCE,
 }
 _NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
+
+
+def _find_parameters(identifier: Dataset) -> list[tuple[str, str]]:
+    """The query of a C-FIND identifier: its keys, and its return keys as includefields (an
+    IMAGE-level answer then holds every requested attribute the instance has)."""
+    returned = [e.keyword for e in identifier if e.keyword and e.keyword not in _NOT_KEYS]
+    include = [("includefield", ",".join(returned))] if returned else []
+    return [*_identifier_keys(identifier), *include]
 
 
 def _identifier_keys(identifier: Dataset, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -173,17 +181,27 @@ def _value_text(value: object) -> str:
 
 def _response(identifier: Dataset, found: Dataset) -> Dataset:
     """The requested keys only, filled from the match (empty where the archive has no value)."""
-    response = Dataset()
+    response = _requested(identifier, found)
     response.SpecificCharacterSet = "ISO_IR 192"
-    for element in identifier:
-        if element.keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
-            continue
-        if element.tag in found:
-            response.add(found[element.tag])
-        else:
-            response.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
     response.QueryRetrieveLevel = identifier.QueryRetrieveLevel
     return response
+
+
+def _requested(requested: Dataset, found: Dataset) -> Dataset:
+    """The attributes of `found` that `requested` names; a sequence key with an item returns
+    each found item reduced to the attributes that item names (PS3.4 C.2.2.1.3)."""
+    subset = Dataset()
+    for element in requested:
+        if element.keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
+            continue
+        if element.tag not in found:
+            subset.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
+        elif element.VR == "SQ" and element.value and len(element.value[0]):
+            items = [_requested(element.value[0], item) for item in found[element.tag].value]
+            subset.add_new(element.tag, "SQ", items)
+        else:
+            subset.add(found[element.tag])
+    return subset
 
 
 def _no_delay(event: evt.Event) -> None:

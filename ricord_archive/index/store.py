@@ -19,6 +19,9 @@ from ricord_archive.errors import RefusedObject
 DATE_OFFSET_MAX_DAYS = 3650
 
 
+_RELATIONAL_CONFLICT = "RI001"  # raised by the store_instance function
+
+
 class SiteConflict(RuntimeError):
     """A pinned SITEID contradicts what the index already holds."""
 
@@ -130,89 +133,30 @@ async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
     return [(r["name"], r["reason"], r["count"]) for r in rows]
 
 
-async def _existing(conn: asyncpg.Connection, sop_uid: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT i.sha256, se.series_uid, st.study_uid FROM instance i "
-        "JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = i.study_pk "
-        "WHERE i.sop_uid = $1",
-        sop_uid,
-    )
-
-
-def _duplicate(row: asyncpg.Record, record: InstanceRecord) -> StoredRow:
-    if row["study_uid"] != record.study_uid or row["series_uid"] != record.series_uid:
-        raise RefusedObject(
-            "SOP Instance UID already stored under another study or series", "relational-mismatch"
-        )
-    return StoredRow(inserted=False, sha256=row["sha256"])
-
-
 async def store_instance(
     pool: asyncpg.Pool, site: Site, patient: Patient, new: NewInstance
 ) -> StoredRow:
-    """Index one instance whose blob is already written, in one transaction."""
-    rec = new.record
-    async with pool.acquire() as conn, conn.transaction():
-        row = await _existing(conn, rec.sop_uid)
-        if row is not None:
-            return _duplicate(row, rec)
-        study = await conn.fetchrow(
-            "INSERT INTO study (patient_pk, site_id, study_uid, study_date, study_time, "
-            "accession_number, study_id, patient_sex, patient_age, dicom_json) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-            "ON CONFLICT (study_uid) DO UPDATE SET updated_at = now() "
-            "RETURNING pk, patient_pk, (xmax = 0) AS created",
-            patient.pk, site.id, rec.study_uid, rec.study_date, rec.study_time,
-            rec.accession_number, rec.study_id, rec.patient_sex, rec.patient_age,
-            new.study_json,
-        )
-        if study["patient_pk"] != patient.pk:
-            raise RefusedObject(
-                "Study Instance UID already stored under another patient", "relational-mismatch"
-            )
-        series = await conn.fetchrow(
-            "INSERT INTO series (study_pk, series_uid, modality, series_number, pps_start_date, "
-            "pps_start_time, dicom_json) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT (series_uid) DO UPDATE SET modality = series.modality "
-            "RETURNING pk, study_pk, (xmax = 0) AS created",
-            study["pk"], rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
+    """Index one instance whose blob is already written: one statement, one transaction
+    (the `store_instance` function of migrations/005)."""
+    rec, pixels = new.record, new.pixel_data
+    try:
+        row = await pool.fetchrow(
+            "SELECT outcome, stored_sha256 FROM store_instance("
+            + ", ".join(f"${n}" for n in range(1, 32)) + ")",
+            patient.pk, site.id,
+            rec.study_uid, rec.study_date, rec.study_time, rec.accession_number, rec.study_id,
+            rec.patient_sex, rec.patient_age, new.study_json,
+            rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
             rec.pps_start_time, new.series_json,
+            rec.sop_uid, rec.sop_class_uid, rec.instance_number, new.transfer_syntax_uid,
+            new.blob_key, new.size_bytes, new.sha256, new.instance_json,
+            pixels.offset if pixels else None, pixels.length if pixels else None,
+            rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
+            rec.bits_allocated,
         )
-        if series["study_pk"] != study["pk"]:
-            raise RefusedObject(
-                "Series Instance UID already stored under another study", "relational-mismatch"
-            )
-        pixels = new.pixel_data
-        inserted = await conn.fetchval(
-            "INSERT INTO instance (series_pk, study_pk, sop_uid, sop_class_uid, instance_number, "
-            "transfer_syntax_uid, blob_key, size_bytes, sha256, dicom_json, pixel_data_offset, "
-            "pixel_data_length, number_of_frames, rows, columns, samples_per_pixel, "
-            "bits_allocated) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
-            "ON CONFLICT (sop_uid) DO NOTHING RETURNING pk",
-            series["pk"], study["pk"], rec.sop_uid, rec.sop_class_uid, rec.instance_number,
-            new.transfer_syntax_uid, new.blob_key, new.size_bytes, new.sha256,
-            new.instance_json, pixels.offset if pixels else None,
-            pixels.length if pixels else None, rec.number_of_frames, rec.rows, rec.columns,
-            rec.samples_per_pixel, rec.bits_allocated,
-        )
-        if inserted is None:  # a concurrent writer stored it first
-            row = await _existing(conn, rec.sop_uid)
-            return _duplicate(row, rec)
-        await conn.execute(
-            "UPDATE series SET num_instances = num_instances + 1 WHERE pk = $1", series["pk"]
-        )
-        await conn.execute(
-            "UPDATE study SET num_instances = num_instances + 1, "
-            "num_series = num_series + $2::int, "
-            "modalities = CASE WHEN $3::text IS NULL OR $3 = ANY (modalities) THEN modalities "
-            "ELSE array_append(modalities, $3) END, updated_at = now() WHERE pk = $1",
-            study["pk"], 1 if series["created"] else 0, rec.modality,
-        )
-        await conn.execute(
-            "UPDATE patient SET num_instances = num_instances + 1, "
-            "num_series = num_series + $2::int, num_studies = num_studies + $3::int "
-            "WHERE pk = $1",
-            patient.pk, 1 if series["created"] else 0, 1 if study["created"] else 0,
-        )
-    return StoredRow(inserted=True, sha256=new.sha256)
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
+            raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
+                                "relational-mismatch") from None
+        raise
+    return StoredRow(inserted=row["outcome"] == "inserted", sha256=row["stored_sha256"])

@@ -95,7 +95,9 @@ async def cors_preflight(
     return web.Response(status=204, headers={
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Allow-Methods": _CORS_METHODS,
-        "Access-Control-Allow-Headers": _CORS_HEADERS,
+        "Access-Control-Allow-Headers": request.headers.get(
+            "Access-Control-Request-Headers", _CORS_HEADERS
+        ),
         "Access-Control-Max-Age": "600",
         "Vary": "Origin",
     })
