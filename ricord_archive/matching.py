@@ -189,10 +189,20 @@ class Key:
     level: Level
     column: str | None
     build: Builder
+    study_column: str | None = None  # the same value denormalised on study, for study and below
+
+    def column_at(self, level: Level) -> str | None:
+        return self.study_column if self.study_column and level >= Level.STUDY else self.column
 
 
 def _text(column: str, value: str, key: str) -> Condition:
     return match_text(column, value)
+
+
+def _site(column: str, value: str, key: str) -> Condition:
+    """ClinicalTrialSiteID: the SITEID, matched on the site table, joined by site id."""
+    site = match_text("siteid", value)
+    return Condition(f"{column} IN (SELECT id FROM site WHERE {site.sql})", site.values)
 
 
 def trim_name(value: str) -> str:
@@ -217,7 +227,7 @@ KEYS: dict[str, Key] = {
         Key("PatientID", _P, "p.pseudonym", _text),
         Key("PatientName", _P, "p.pseudonym", _name),
         Key("ClinicalTrialSubjectID", _P, "p.pseudonym", _text),
-        Key("ClinicalTrialSiteID", _P, "site.siteid", _text),
+        Key("ClinicalTrialSiteID", _P, "p.site_id", _site, "st.site_id"),
         Key("PatientBirthDate", _P, None, match_date),
         Key("IssuerOfPatientID", _P, None, _text),
         Key("OtherPatientIDsSequence.PatientID", _P, None, _text),
@@ -289,14 +299,15 @@ def _vr(path: str) -> str:
         return "UN"
 
 
-def _condition(key: Key, value: str, fuzzy: bool) -> Condition:
-    if key.column is None:
+def _condition(key: Key, value: str, fuzzy: bool, level: Level) -> Condition:
+    column = key.column_at(level)
+    if column is None:
         return NOTHING  # de-identification removed the attribute: only universal matching
     if key.path in _NAME_KEYS and fuzzy:
-        return match_fuzzy_name(key.column, trim_name(value))
+        return match_fuzzy_name(column, trim_name(value))
     if ("*" in value or "?" in value) and _vr(key.path) not in _WILDCARD_VRS:
         raise BadRequest(f"{key.path}: wildcards are not allowed for this attribute")
-    return key.build(key.column, value, key.path)
+    return key.build(column, value, key.path)
 
 
 def _include(values: Iterable[str]) -> frozenset[str] | None:
@@ -355,7 +366,9 @@ def parse_query(
         elif value.strip(" ") not in ("", "*"):  # leading and trailing spaces: insignificant
             values[key.path] = value.strip(" ")
     # The resource path narrows the query: ANDed with any key of the same name, never replacing it.
-    conditions = [_condition(KEYS[path], value, False) for path, value in (scope or {}).items()]
+    conditions = [
+        _condition(KEYS[path], value, False, level) for path, value in (scope or {}).items()
+    ]
     for date_key, time_key in _DATE_TIME_PAIRS:
         if date_key in values and time_key in values and "-" in values[date_key] + values[
             time_key
@@ -365,7 +378,9 @@ def parse_query(
                 date_column, time_column, values.pop(date_key), values.pop(time_key),
                 date_key, time_key,
             ))
-    conditions.extend(_condition(KEYS[path], value, fuzzy) for path, value in values.items())
+    conditions.extend(
+        _condition(KEYS[path], value, fuzzy, level) for path, value in values.items()
+    )
     limit = _non_negative("limit", control.get("limit"), max_limit)
     return Query(
         level=level,

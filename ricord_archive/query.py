@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from ricord_archive.dicom_json import INSTANCE_TAGS
-from ricord_archive.index.search import search
+from ricord_archive.index.search import COUNT_CAP, search
 from ricord_archive.matching import Level, Query, parse_query
 
 PATIENT_TAGS = frozenset({
@@ -23,6 +23,7 @@ PATIENT_TAGS = frozenset({
 class SearchResult:
     documents: list[dict[str, Any]]  # DICOM JSON per match, aggregates included
     more: int  # further matches past the page
+    more_at_least: bool  # `more` is a lower bound: counting stopped there
     ignored: tuple[str, ...]  # notes on query keys the archive did not match on
 
 
@@ -58,17 +59,24 @@ def _study(row: asyncpg.Record) -> dict[str, Any]:
     return document
 
 
-def _series(row: asyncpg.Record) -> dict[str, Any]:
-    document = orjson.loads(row["study_json"])
-    document.update(orjson.loads(row["series_json"]))
+def _parsed(cache: dict[bytes, dict], raw: bytes) -> dict[str, Any]:
+    """A stored document parsed once per answer (many rows share their study and series)."""
+    if raw not in cache:
+        cache[raw] = orjson.loads(raw)
+    return dict(cache[raw])
+
+
+def _series(row: asyncpg.Record, cache: dict[bytes, dict]) -> dict[str, Any]:
+    document = _parsed(cache, row["study_json"])
+    document.update(_parsed(cache, row["series_json"]))
     document["00201209"] = _value("IS", row["num_instances"])
     document["00080056"] = _value("CS", "ONLINE")
     return document
 
 
-def _instance(row: asyncpg.Record, query: Query) -> dict[str, Any]:
-    document = orjson.loads(row["study_json"])
-    document.update(orjson.loads(row["series_json"]))
+def _instance(row: asyncpg.Record, query: Query, cache: dict[bytes, dict]) -> dict[str, Any]:
+    document = _parsed(cache, row["study_json"])
+    document.update(_parsed(cache, row["series_json"]))
     document.update(_included(query, orjson.loads(row["instance_json"]), INSTANCE_TAGS))
     document["00080056"] = _value("CS", "ONLINE")
     return document
@@ -88,11 +96,15 @@ class QueryService:
     ) -> SearchResult:
         query = parse_query(level, params, max_limit or self.max_limit, scope)
         page = await search(self.pool, query)
+        cache: dict[bytes, dict] = {}
         if level is Level.INSTANCE:
-            documents = [_instance(row, query) for row in page.rows]
+            documents = [_instance(row, query, cache) for row in page.rows]
+        elif level is Level.SERIES:
+            documents = [_series(row, cache) for row in page.rows]
         else:
-            build = {Level.PATIENT: _patient, Level.STUDY: _study, Level.SERIES: _series}[level]
+            build = _patient if level is Level.PATIENT else _study
             documents = [build(row) for row in page.rows]
         return SearchResult(
-            [dict(sorted(d.items())) for d in documents], page.more, query.ignored
+            [dict(sorted(d.items())) for d in documents], page.more, page.more >= COUNT_CAP,
+            query.ignored,
         )

@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import asyncpg
 
 from ricord_archive.matching import Level, Query, where_clause
 
-_FROM = {
-    Level.PATIENT: "FROM patient p JOIN site ON site.id = p.site_id",
-    Level.STUDY: "FROM study st JOIN patient p ON p.pk = st.patient_pk "
-                 "JOIN site ON site.id = p.site_id",
-    Level.SERIES: "FROM series se JOIN study st ON st.pk = se.study_pk "
-                  "JOIN patient p ON p.pk = st.patient_pk JOIN site ON site.id = p.site_id",
-    Level.INSTANCE: "FROM instance i JOIN series se ON se.pk = i.series_pk "
-                    "JOIN study st ON st.pk = i.study_pk "
-                    "JOIN patient p ON p.pk = st.patient_pk JOIN site ON site.id = p.site_id",
+_BASE = {
+    Level.PATIENT: "patient p", Level.STUDY: "study st", Level.SERIES: "series se",
+    Level.INSTANCE: "instance i",
 }
+# Joins a level may need, as (alias, clause, alias it joins from), from the base upwards.
+_UP = ("p", "JOIN patient p ON p.pk = st.patient_pk", "st"), (
+    "site", "JOIN site ON site.id = p.site_id", "p")
+_JOINS = {
+    Level.PATIENT: (("site", "JOIN site ON site.id = p.site_id", "p"),),
+    Level.STUDY: _UP,
+    Level.SERIES: (("st", "JOIN study st ON st.pk = se.study_pk", "se"), *_UP),
+    Level.INSTANCE: (("se", "JOIN series se ON se.pk = i.series_pk", "i"),
+                     ("st", "JOIN study st ON st.pk = i.study_pk", "i"), *_UP),
+}
+_ALIAS = re.compile(r"\b(i|se|st|p|site)\.")
+
+
+def _from(level: Level, *sql: str) -> str:
+    """FROM the level's table with only the joins the given SQL fragments refer to."""
+    needed = set(_ALIAS.findall(" ".join(sql)))
+    for alias, _, parent in reversed(_JOINS[level]):
+        if alias in needed:
+            needed.add(parent)
+    joins = [clause for alias, clause, _ in _JOINS[level] if alias in needed]
+    return " ".join(["FROM", _BASE[level], *joins])
+
+
 _COLUMNS = {
-    Level.PATIENT: "p.pseudonym, site.siteid, p.num_studies, p.num_series, p.num_instances, "
-                   "(SELECT st.dicom_json FROM study st WHERE st.patient_pk = p.pk "
-                   "ORDER BY st.pk DESC LIMIT 1) AS study_json",
+    Level.PATIENT: "p.num_studies, p.num_series, p.num_instances, "
+                   "(SELECT s.dicom_json FROM study s WHERE s.patient_pk = p.pk "
+                   "ORDER BY s.pk DESC LIMIT 1) AS study_json",
     Level.STUDY: "st.dicom_json AS study_json, st.modalities, st.num_series, st.num_instances",
     Level.SERIES: "st.dicom_json AS study_json, se.dicom_json AS series_json, st.study_uid, "
                   "se.num_instances",
@@ -31,40 +49,44 @@ _COLUMNS = {
 _ORDER = {
     Level.PATIENT: "p.pk", Level.STUDY: "st.pk", Level.SERIES: "se.pk", Level.INSTANCE: "i.pk",
 }
-COUNT_CAP = 100_000
+COUNT_CAP = 10_000
 
 
 @dataclass(frozen=True)
 class Page:
     rows: list[asyncpg.Record]
-    more: int  # how many further matches exist past this page (at most COUNT_CAP)
+    more: int  # how many further matches exist past this page (COUNT_CAP: at least that many)
 
 
 def page_sql(query: Query) -> tuple[str, list]:
     """The SQL of one page (one row more than the limit, to see whether more exist)."""
     where, values = where_clause(query.conditions)
-    level = query.level
-    n = len(values)
+    level, n = query.level, len(values)
     sql = (
-        f"SELECT {_COLUMNS[level]} {_FROM[level]} WHERE {where} "
+        f"SELECT {_COLUMNS[level]} {_from(level, _COLUMNS[level], where)} WHERE {where} "
         f"ORDER BY {_ORDER[level]} LIMIT ${n + 1} OFFSET ${n + 2}"
     )
     return sql, [*values, query.limit + 1, query.offset]
 
 
+def rest_count_sql(query: Query) -> tuple[str, list]:
+    """The SQL counting the matches past the page, up to COUNT_CAP."""
+    where, values = where_clause(query.conditions)
+    level, n = query.level, len(values)
+    sql = (
+        f"SELECT count(*) FROM (SELECT 1 {_from(level, where)} WHERE {where} "
+        f"ORDER BY {_ORDER[level]} LIMIT ${n + 1} OFFSET ${n + 2}) AS rest"
+    )
+    return sql, [*values, COUNT_CAP, query.offset + query.limit]
+
+
 async def search(pool: asyncpg.Pool, query: Query) -> Page:
     sql, arguments = page_sql(query)
-    where, values = where_clause(query.conditions)
-    level = query.level
-    n = len(values)
     async with pool.acquire() as conn:
         rows = await conn.fetch(sql, *arguments)
         more = 0
         if len(rows) > query.limit:
             rows = rows[: query.limit]
-            more = await conn.fetchval(
-                f"SELECT count(*) FROM (SELECT 1 {_FROM[level]} WHERE {where} "
-                f"ORDER BY {_ORDER[level]} LIMIT ${n + 1} OFFSET ${n + 2}) AS rest",
-                *values, COUNT_CAP, query.offset + query.limit,
-            )
+            count_sql, count_arguments = rest_count_sql(query)
+            more = await conn.fetchval(count_sql, *count_arguments)
     return Page(rows, more)

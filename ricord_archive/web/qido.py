@@ -31,10 +31,11 @@ def _retrieve_url(base: str, level: Level, document: dict) -> str | None:
     return None
 
 
-def _warning(ignored: tuple[str, ...], more: int) -> str | None:
+def _warning(ignored: tuple[str, ...], more: int, at_least: bool) -> str | None:
     notes = [f'299 ricord-archive "ignored: {note}"' for note in ignored]
     if more:
-        notes.append(f'299 ricord-archive "{more} more matches: page with limit and offset"')
+        count = f"at least {more}" if at_least else str(more)
+        notes.append(f'299 ricord-archive "{count} more matches: page with limit and offset"')
     return ", ".join(notes) or None
 
 
@@ -70,7 +71,7 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
             if url:
                 document["00081190"] = {"vr": "UR", "Value": [url]}
         headers = {}
-        warning = _warning(result.ignored, result.more)
+        warning = _warning(result.ignored, result.more, result.more_at_least)
         if warning:
             headers["Warning"] = warning
         if want_json:
