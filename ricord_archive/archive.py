@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import asyncpg
@@ -15,6 +17,7 @@ from aiohttp import web
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
+from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.dimse.server import DimseServer
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -83,6 +86,20 @@ class _Readiness:
         return self.ready
 
 
+def ingest_executor(config: Config) -> ProcessPoolExecutor | None:
+    """Worker processes for de-identification when configured (`ingest_workers`), else None:
+    threads of the server process. Measured here (bench/RESULTS.md): processes help several
+    concurrent senders a little and slow one association down (two round trips per object).
+
+    forkserver: workers do not inherit the server's sockets, threads or database pool."""
+    if config.ingest_workers == 0:
+        return None
+    return ProcessPoolExecutor(
+        max_workers=config.ingest_workers, mp_context=multiprocessing.get_context("forkserver"),
+        initializer=configure_pydicom,
+    )
+
+
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop listeners, the pool and the embedded database."""
     prepare_data_dir(config)
@@ -98,7 +115,8 @@ async def serve(config: Config) -> None:
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
         blobs = BlobStore(config.data_dir / "blobs")
-        ingest = IngestService(pool, blobs, keys, sites, config)
+        executor = ingest_executor(config)
+        ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)
         services = Services(
             ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
@@ -124,3 +142,5 @@ async def serve(config: Config) -> None:
             readiness.ready = False
             await asyncio.to_thread(dimse.stop)
             await runner.cleanup()
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)

@@ -54,6 +54,7 @@ class Config:
     accept_any_calling_aet: bool = True
     project_name: str = "RICORD"
     cors_origins: tuple[str, ...] = ("*",)
+    ingest_workers: int = 0  # processes de-identifying; 0: threads of the server process
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -153,6 +154,14 @@ def _parse_limits(raw: Any) -> Limits:
     return Limits(**values)
 
 
+def _workers(value: Any) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
+        raise ConfigError("ingest_workers must be an integer from 0 (threads) to 256")
+    return value
+
+
 def _cors_origins(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError("cors_origins must be a list of origins (or [\"*\"] for any)")
@@ -201,6 +210,7 @@ def load_config(
         "accept_any_calling_aet": accept_any,
         "project_name": _project_name(raw.get("deidentification", {})),
         "cors_origins": _cors_origins(server.get("cors_origins", ["*"])),
+        "ingest_workers": _workers(server.get("ingest_workers")),
         "limits": _parse_limits(limits_raw),
     }
     for var, key in (

@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -47,6 +51,7 @@ from ricord_archive.index.store import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _PATIENT_CACHE_SIZE = 100_000
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
@@ -101,31 +106,71 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
     ), data
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What ingest learns of an object before it knows the patient (original identifiers
+    stay inside the ingest: they are never stored, logged or answered)."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    patient_id: str | None  # None when refused
+    refusal: RefusedObject | None
+
+
+def admission(data: bytes, limit: int, site: SiteConfig) -> Admission:
+    """Parse (bounded) and apply the acceptance policy. Runs in a worker process."""
+    dataset = dicom_io.parse(data, limit)
+    uids = (str(dataset.SOPClassUID), str(dataset.SOPInstanceUID).strip(),
+            str(dataset.StudyInstanceUID).strip())
+    try:
+        return Admission(*uids, admit(dataset, site), None)
+    except RefusedObject as exc:
+        return Admission(*uids, None, exc)
+
+
+def prepare_and_write(
+    data: bytes, limit: int, context: DeidContext, blob_root: Path
+) -> NewInstance:
+    """Parse, de-identify, serialize and write the blob durably. Runs in a worker process."""
+    new, blob = prepare(dicom_io.parse(data, limit), context)
+    try:
+        key = BlobStore(blob_root).put(blob)
+    except OSError as exc:
+        raise StorageUnavailable("the blob store is unavailable; send again later") from exc
+    return replace(new, blob_key=key)
+
+
 class IngestService:
+    """Runs the pipeline. CPU and disk work goes to `executor` (a process pool, so
+    de-identification uses every core and never holds the event loop's GIL), else threads."""
+
     def __init__(
         self, pool: asyncpg.Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
-        config: Config,
+        config: Config, executor: Executor | None = None,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.keys = keys
         self.sites = sites
         self.config = config
+        self.executor = executor
         # Patient rows never change once allocated, so a node may keep what it has looked up.
         self._patients: dict[tuple[int, bytes], Patient] = {}
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def store(self, data: bytes, site_name: str, study_uid: str | None = None) -> StoreResult:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
-        dataset = await asyncio.to_thread(dicom_io.parse, data, limit)
-        sop_class_uid = str(dataset.SOPClassUID)
-        original_sop_uid = str(dataset.SOPInstanceUID).strip()
+        admitted = await self._run(admission, data, limit, self.config.site_named(site.name))
         try:
-            return await self._store_parsed(dataset, site, study_uid)
+            return await self._store_admitted(data, admitted, site, study_uid)
         except ArchiveError as exc:  # name the object by the UID it would have had here
-            exc.sop_class_uid = sop_class_uid
-            exc.sop_uid = self.keys.uid(site.siteid, original_sop_uid)
+            exc.sop_class_uid = admitted.sop_class_uid
+            exc.sop_uid = self.keys.uid(site.siteid, admitted.sop_uid)
             if isinstance(exc, RefusedObject):
                 await self._count_refusal(site, exc)
             raise
@@ -146,37 +191,38 @@ class IngestService:
         except _DATABASE_ERRORS as exc:
             log.warning("could not count a refusal: %s", type(exc).__name__)
 
-    async def _store_parsed(
-        self, dataset: Dataset, site: Site, study_uid: str | None
+    async def _store_admitted(
+        self, data: bytes, admitted: Admission, site: Site, study_uid: str | None
     ) -> StoreResult:
-        patient_id = admit(dataset, self.config.site_named(site.name))
-        if study_uid is not None:
-            original = str(dataset.StudyInstanceUID).strip()
-            if study_uid not in (original, self.keys.uid(site.siteid, original)):
-                raise StudyMismatch("the object belongs to another study than the request URL")
+        if admitted.refusal is not None:
+            raise admitted.refusal
+        if study_uid is not None and study_uid not in (
+            admitted.study_uid, self.keys.uid(site.siteid, admitted.study_uid)
+        ):
+            raise StudyMismatch("the object belongs to another study than the request URL")
         try:
-            patient = await self._patient(site, self.keys.patient_key(site.siteid, patient_id))
+            patient = await self._patient(
+                site, self.keys.patient_key(site.siteid, admitted.patient_id)
+            )
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
             self.config.project_name,
         )
-        new, blob = await asyncio.to_thread(prepare, dataset, context)
-        try:
-            key = await asyncio.to_thread(self.blobs.put, blob)
-        except OSError as exc:
-            raise StorageUnavailable("the blob store is unavailable; send again later") from exc
-        new = replace(new, blob_key=key)
+        new = await self._run(
+            prepare_and_write, data, self.config.limits.max_object_bytes, context,
+            self.blobs.root,
+        )
         try:
             row = await store_instance(self.pool, site, patient, new)
         except BaseException as exc:
-            await asyncio.to_thread(self.blobs.delete, key)
+            await asyncio.to_thread(self.blobs.delete, new.blob_key)
             if isinstance(exc, _DATABASE_ERRORS):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         if not row.inserted:
-            await asyncio.to_thread(self.blobs.delete, key)
+            await asyncio.to_thread(self.blobs.delete, new.blob_key)
             if row.sha256 != new.sha256:
                 log.warning("instance %s re-sent with different content; first kept",
                             new.record.sop_uid)

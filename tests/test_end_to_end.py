@@ -344,3 +344,22 @@ def test_compressed_and_real_world_files_over_dimse(make_archive, name, propose,
     )
     assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
     assert stored.PixelData == source.PixelData
+
+
+def test_ingest_in_worker_processes(make_archive, corpus, tmp_path):
+    """The same pipeline with de-identification in worker processes: results, refusals and
+    invalid objects cross the process boundary intact."""
+    archive = make_archive("workers", "[server]\ningest_workers = 2\n")
+    files = corpus.study(corpus.patient(), dt.date(2020, 5, 5), slices=3)
+    assert dcmtk.storescu(archive.dimse_port, files[:2]).stderr.count("(Success)") == 2
+    refused = pydicom.dcmread(files[2])
+    refused.BurnedInAnnotation = "YES"
+    answer = archive.client().store_instances([pydicom.dcmread(files[0]), refused])
+    assert [item.FailureReason for item in answer.FailedSOPSequence] == [0x0124]
+    assert len(answer.ReferencedSOPSequence) == 1
+    body, headers = _multipart([b"not dicom"])
+    garbage = requests.post(f"{archive.dicomweb_url}/studies", data=body, headers=headers)
+    assert garbage.status_code == 409
+    [study] = studies(archive)
+    assert value(study, "00201208") == 2
+    assert len(blob_files(archive)) == 2
