@@ -78,7 +78,8 @@ async def _part(response: web.StreamResponse, boundary: str, headers: str, body:
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """multipart/related; type="application/dicom", one part per instance: stored bytes
-    streamed from disk, or the object re-encoded when another transfer syntax is asked for."""
+    sent from disk with sendfile, or the object re-encoded when another transfer syntax is
+    asked for."""
     services = request.app[web_app.SERVICES]
     syntaxes = _dicom_syntaxes(request.headers.get("Accept"))
     found = await services.retrieve.instances(*_uids(request))
@@ -87,21 +88,35 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={
         "Content-Type": f'multipart/related; type="{DICOM}"; boundary={boundary}',
     })
+    closing = f"--{boundary}--\r\n".encode("ascii")
+    heads = [
+        f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={syntax}\r\n"
+        f"Content-Length: {item.size_bytes}\r\n\r\n".encode("ascii")
+        for (item, _), syntax in zip(found, chosen, strict=True)
+    ]
+    as_stored = all(syntax == item.transfer_syntax_uid
+                    for (item, _), syntax in zip(found, chosen, strict=True))
+    if as_stored:  # the length is known: no chunked encoding, so files go out by sendfile
+        response.content_length = sum(
+            len(head) + item.size_bytes + 2 for head, (item, _) in zip(heads, found, strict=True)
+        ) + len(closing)
     await response.prepare(request)
-    for (item, path), syntax in zip(found, chosen, strict=True):
+    loop = asyncio.get_running_loop()
+    for head, (item, path), syntax in zip(heads, found, chosen, strict=True):
         if syntax == item.transfer_syntax_uid:
-            head = (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={syntax}\r\n"
-                    f"Content-Length: {item.size_bytes}\r\n\r\n")
-            await response.write(head.encode("ascii"))
+            await response.write(head)
             with path.open("rb") as handle:
-                while chunk := await asyncio.to_thread(handle.read, _CHUNK):
-                    await response.write(chunk)
+                if as_stored and request.transport is not None:
+                    await loop.sendfile(request.transport, handle, 0, item.size_bytes)
+                else:
+                    while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+                        await response.write(chunk)
             await response.write(b"\r\n")
         else:
             body = await services.retrieve.transcoded(path, syntax)
             await _part(response, boundary, f"Content-Type: {DICOM}; transfer-syntax={syntax}\r\n"
                         f"Content-Length: {len(body)}", body)
-    await response.write(f"--{boundary}--\r\n".encode("ascii"))
+    await response.write(closing)
     await response.write_eof()
     return response
 
