@@ -19,6 +19,8 @@ from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.dimse.server import DimseServer
+from ricord_archive.fsck import report_at_start
+from ricord_archive.imports import ImportSessions
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
@@ -127,9 +129,12 @@ async def serve(config: Config) -> None:
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
-        dimse = DimseServer(config, ingest, query, loop)
+        dimse = DimseServer(
+            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
+        )
         await asyncio.to_thread(dimse.start)
         readiness.ready = True
+        fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
         log.info(
             "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",
             config.http_host, config.http_port, config.ae_title, config.dimse_host,
@@ -140,6 +145,7 @@ async def serve(config: Config) -> None:
         finally:
             log.info("stopping")
             readiness.ready = False
+            fsck_at_start.cancel()
             await asyncio.to_thread(dimse.stop)
             await runner.cleanup()
             if executor is not None:

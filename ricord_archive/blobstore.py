@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
@@ -17,8 +18,8 @@ _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._tmp = root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def new_key() -> str:
@@ -35,7 +36,7 @@ class BlobStore:
         """Write `data` durably under a new key and return the key."""
         key = self.new_key()
         final = self.root / key
-        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
@@ -58,6 +59,19 @@ class BlobStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def walk(self) -> Iterator[tuple[str, int, float]]:
+        """(key, size, modification time) of every blob on disk."""
+        for path in self.root.glob("??/??/*.dcm"):
+            key = path.relative_to(self.root).as_posix()
+            if _KEY.match(key):
+                stat = path.stat()
+                yield key, stat.st_size, stat.st_mtime
+
+    def temporary_files(self) -> Iterator[tuple[Path, float]]:
+        """Partial writes (a crash between write and rename leaves them) with their mtime."""
+        for path in self.tmp.glob("*.part"):
+            yield path, path.stat().st_mtime
 
 
 def _fsync_dir(directory: Path) -> None:

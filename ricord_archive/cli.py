@@ -1,5 +1,5 @@
-"""The `ricord-archive` command: serve, migrate, db-url, and the offline tools deid, lookup,
-refusals."""
+"""The `ricord-archive` command: serve, migrate, db-url, the offline tools deid, lookup,
+refusals, and the imports (files, and studies out of a PACS)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ricord_archive import __version__
@@ -64,7 +65,88 @@ def _parser() -> argparse.ArgumentParser:
     lookup.add_argument("patient_ids", metavar="PATIENT_ID", nargs="*")
 
     common(commands.add_parser("refusals", help="print refused objects per site and reason"))
+    fsck = commands.add_parser(
+        "fsck", help="check the blob store against the index (orphans, missing blobs)"
+    )
+    common(fsck)
+    fsck.add_argument("--repair", action="store_true",
+                      help="remove orphan blobs and partial writes older than an hour")
+    _import_parsers(commands, common)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _port_number(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError("must be a port number (1-65535)")
+    return value
+
+
+def _import_parsers(
+    commands: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    files = commands.add_parser(
+        "import", help="import DICOM files, folders, DICOMDIRs and zip files into a site",
+        description="Store DICOM files through the archive's ingest pipeline (de-identified as "
+        "over DIMSE or STOW-RS) for a site: files, folders (recursively), DICOMDIRs (the files "
+        "they reference) and zip files. Re-running stores nothing new; --resume skips the "
+        "files a previous report lists unchanged. Exit status 1 when some files failed "
+        "(the index or disk was unavailable: run again).",
+    )
+    common(files)
+    files.add_argument("--site", required=True, help="the configured site the files come from")
+    files.add_argument("--report", type=Path, metavar="FILE",
+                       help="write one JSON line per file (path, outcome, reason, SOP Instance "
+                       "UID)")
+    files.add_argument("--resume", type=Path, metavar="REPORT",
+                       help="skip the files a previous --report lists with the same path, size "
+                       "and modification time (except failed ones)")
+    files.add_argument("--jobs", type=_positive, default=4,
+                       help="objects in flight at once (default 4)")
+    files.add_argument("paths", metavar="PATH", type=Path, nargs="+")
+
+    pacs = commands.add_parser(
+        "import-pacs", help="import studies from a PACS by accession number or patient",
+        description="Find studies in a PACS (C-FIND, keeping exact matches only) and move them "
+        "into the archive for a site (C-MOVE to the archive's AE title, received by this "
+        "command's own listener, or by the running archive when the port is taken), or fetch "
+        "them (--method get). One tab-separated line per request on standard output. Exit "
+        "status 1 when some request failed or is incomplete.",
+    )
+    common(pacs)
+    pacs.add_argument("--site", required=True, help="the configured site the studies go to")
+    pacs.add_argument("--pacs", required=True, metavar="AET@HOST:PORT", help="the PACS")
+    pacs.add_argument("--accessions", type=Path, metavar="FILE",
+                      help="accession numbers: a text file, one a line, or a CSV file with an "
+                      "AccessionNumber column ('-': standard input)")
+    pacs.add_argument("--accession", action="append", default=[], metavar="ACCESSION",
+                      help="an accession number (repeatable)")
+    pacs.add_argument("--patient-id", metavar="ID", help="all studies of this patient")
+    pacs.add_argument("--date-range", metavar="A-B",
+                      help="with --patient-id: StudyDate YYYYMMDD-YYYYMMDD (either side open)")
+    pacs.add_argument("--method", choices=("move", "get"), default="move",
+                      help="C-MOVE to the archive (default) or C-GET, for a PACS that cannot "
+                      "reach the archive")
+    pacs.add_argument("--listen-port", type=_port_number, metavar="PORT",
+                      help="move: where the archive receives (default: the DIMSE port)")
+    pacs.add_argument("--move-destination", metavar="AET",
+                      help="move: the archive's AE title in the PACS (default: --ae-title)")
+    pacs.add_argument("--calling-aet", metavar="AET",
+                      help="our AE title towards the PACS (default: --ae-title)")
+    pacs.add_argument("--pacs-calling-aet", metavar="AET",
+                      help="move: the AE title the PACS sends from (default: the one in --pacs)")
+    pacs.add_argument("--ae-title", help="the archive's AE title (default RICORD)")
+    pacs.add_argument("--retries", type=int, choices=range(0, 11), default=2, metavar="N",
+                      help="tries again after transient failures, 0-10 (default 2)")
+    pacs.add_argument("--report", type=Path, metavar="FILE",
+                      help="write one JSON line per request")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -118,6 +200,70 @@ def _run_tool(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _fsck(config: Config, repair: bool) -> int:
+    """Exit 0 when the blob store and the index agree, 1 when something is reported."""
+    from ricord_archive.archive import open_index
+    from ricord_archive.blobstore import BlobStore
+    from ricord_archive.fsck import check
+    from ricord_archive.fsck import repair as remove_orphans
+
+    blobs = BlobStore(config.data_dir / "blobs")
+    async with open_index(config, create=False) as pool:
+        report = await check(pool, blobs)
+    print("\n".join(report.lines()))
+    if repair:
+        removed = await remove_orphans(blobs, report)
+        print(f"removed {removed} files")
+        report.orphan_blobs, report.partial_writes = [], []
+    return 0 if report.clean else 1
+
+
+def _import_files(config: Config, args: argparse.Namespace) -> int:
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools.import_files import import_files
+
+    try:
+        summary = asyncio.run(import_files(
+            config, args.site, args.paths, args.report, args.resume, args.jobs
+        ))
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 1 if summary.outcomes["failed"] else 0
+
+
+def _import_pacs(config: Config, args: argparse.Namespace) -> int:
+    from ricord_archive.dimse.client import PacsAddress
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools.import_pacs import (
+        PacsImportRequest,
+        import_from_pacs,
+        read_accessions,
+        wanted_list,
+    )
+
+    try:
+        pacs = PacsAddress.parse(args.pacs)
+    except ValueError as exc:
+        log.error("--pacs: %s", exc)
+        return 2
+    try:
+        accessions = [*(read_accessions(args.accessions) if args.accessions else []),
+                      *args.accession]
+        request = PacsImportRequest(
+            site=args.site, pacs=pacs,
+            wanted=wanted_list(accessions, args.patient_id, args.date_range),
+            method=args.method, listen_port=args.listen_port, calling_aet=args.calling_aet,
+            move_destination=args.move_destination, pacs_calling_aet=args.pacs_calling_aet,
+            retries=args.retries,
+        )
+        reports = asyncio.run(import_from_pacs(config, request, sys.stdout, args.report))
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 1 if any(r.outcome in ("failed", "incomplete") for r in reports) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -135,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(config))
             return 0
+        if args.command == "import":
+            return _import_files(config, args)
+        if args.command == "import-pacs":
+            return _import_pacs(config, args)
+        if args.command == "fsck":
+            return asyncio.run(_fsck(config, args.repair))
         if args.command in ("deid", "lookup", "refusals"):
             return _run_tool(config, args)
         from ricord_archive.archive import serve

@@ -25,12 +25,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class MoveDestination:
+    """A C-MOVE destination: where objects go when a C-MOVE names this AE title."""
+
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     aets: tuple[str, ...] = ()
     siteid: str | None = None
     default: bool = False
     sop_classes: frozenset[str] = DEFAULT_SOP_CLASSES  # SOP Class UIDs the site may send
+    move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from this site's AEs
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,9 @@ class Config:
     project_name: str = "RICORD"
     cors_origins: tuple[str, ...] = ("*",)
     ingest_workers: int = 0  # processes de-identifying; 0: threads of the server process
+    duplicates: str = "keep-first"  # a re-sent SOP Instance UID with other content
     limits: Limits = field(default_factory=Limits)
+    move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from any calling AE
 
     @property
     def default_site(self) -> SiteConfig:
@@ -67,6 +79,13 @@ class Config:
             if calling_aet in site.aets:
                 return site
         return self.default_site if self.accept_any_calling_aet else None
+
+    def move_destination(self, aet: str, calling_aet: str) -> MoveDestination | None:
+        """Where a C-MOVE from `calling_aet` to `aet` goes: the calling site's own destinations
+        first, then the global ones; None when the destination is unknown."""
+        site = self.site_for_aet(calling_aet)
+        own = site.move_destinations if site is not None else ()
+        return next((d for d in (*own, *self.move_destinations) if d.aet == aet), None)
 
     def site_named(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -107,7 +126,8 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
             except ValueError as exc:
                 raise ConfigError(f"site {name!r}: {exc}") from exc
         sites.append(SiteConfig(
-            name, tuple(aets), siteid, bool(entry.get("default", False)), sop_classes
+            name, tuple(aets), siteid, bool(entry.get("default", False)), sop_classes,
+            _parse_move_destinations(entry.get("move_destinations", []), f"site {name!r}"),
         ))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
@@ -124,6 +144,34 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
     if not defaults:
         sites[0] = replace(sites[0], default=True)
     return tuple(sites), False
+
+
+_HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}\Z")  # a host name, IPv4 or IPv6 address
+_MOVE_DESTINATION_KEYS = frozenset({"aet", "host", "port"})
+
+
+def _parse_move_destinations(raw: Any, where: str) -> tuple[MoveDestination, ...]:
+    """`[[move_destinations]]` tables (aet, host, port), each AE title once."""
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        raise ConfigError(f"{where}: move_destinations must be an array of tables")
+    destinations = []
+    for entry in raw:
+        unknown = sorted(set(entry) - _MOVE_DESTINATION_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown move destination setting(s) {', '.join(unknown)}")
+        aet, host, port = entry.get("aet"), entry.get("host"), entry.get("port")
+        if not isinstance(aet, str) or not _AE_TITLE.match(aet) or aet != aet.strip():
+            raise ConfigError(f"{where}: a move destination's aet must be an AE title of 1-16 "
+                              "printable characters without surrounding spaces")
+        if not isinstance(host, str) or not _HOST.match(host):
+            raise ConfigError(f"{where}: move destination {aet!r} needs a host name or address")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"{where}: move destination {aet!r} needs a port (1-65535)")
+        destinations.append(MoveDestination(aet, host, port))
+    aets = [d.aet for d in destinations]
+    if len(set(aets)) != len(aets):
+        raise ConfigError(f"{where}: a move destination AE title is listed twice")
+    return tuple(destinations)
 
 
 def _port(server: Mapping[str, Any], key: str, default: int) -> int:
@@ -152,6 +200,18 @@ def _parse_limits(raw: Any) -> Limits:
             raise ConfigError(f"[limits] {key} must be a positive integer")
         values[key] = value
     return Limits(**values)
+
+
+DUPLICATE_POLICIES = ("keep-first", "reject", "overwrite")
+
+
+def _duplicates(section: Any) -> str:
+    if not isinstance(section, dict):
+        raise ConfigError("[ingest] must be a table")
+    policy = section.get("duplicates", "keep-first")
+    if policy not in DUPLICATE_POLICIES:
+        raise ConfigError(f"[ingest] duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
+    return policy
 
 
 def _workers(value: Any) -> int:
@@ -211,7 +271,11 @@ def load_config(
         "project_name": _project_name(raw.get("deidentification", {})),
         "cors_origins": _cors_origins(server.get("cors_origins", ["*"])),
         "ingest_workers": _workers(server.get("ingest_workers")),
+        "duplicates": _duplicates(raw.get("ingest", {})),
         "limits": _parse_limits(limits_raw),
+        "move_destinations": _parse_move_destinations(
+            raw.get("move_destinations", []), "[[move_destinations]]"
+        ),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

@@ -55,6 +55,14 @@ class NotAuthorized(RefusedObject):
     failure_reason = 0x0124
 
 
+class DuplicateRefused(ArchiveError):
+    """The SOP Instance UID is stored with other content and the policy is to refuse."""
+
+    dimse_status = 0x0111  # Refused: duplicate SOP instance
+    http_status = 409
+    failure_reason = 0x0111
+
+
 class StudyMismatch(ArchiveError):
     """A STOW-RS object whose study does not match the study in the request URL."""
 

@@ -36,11 +36,13 @@ from ricord_archive.dicom_json import (
 )
 from ricord_archive.errors import (
     ArchiveError,
+    DuplicateRefused,
     InvalidObject,
     RefusedObject,
     StorageUnavailable,
     StudyMismatch,
 )
+from ricord_archive.index.database import DATABASE_UNAVAILABLE
 from ricord_archive.index.store import (
     NewInstance,
     Patient,
@@ -54,7 +56,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PATIENT_CACHE_SIZE = 100_000
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# Warning "elements discarded": the re-sent object differs and was not stored (first kept).
+DUPLICATE_KEPT_WARNING = 0xB006
+_DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class StoreResult:
     sop_uid: str
     sop_class_uid: str
     duplicate: bool
+    warning: int | None = None  # a warning status: the object was not stored as sent
 
 
 def admit(dataset: Dataset, site: SiteConfig) -> str:
@@ -215,18 +220,27 @@ class IngestService:
             self.blobs.root,
         )
         try:
-            row = await store_instance(self.pool, site, patient, new)
+            row = await store_instance(self.pool, site, patient, new, self.config.duplicates)
         except BaseException as exc:
             await asyncio.to_thread(self.blobs.delete, new.blob_key)
             if isinstance(exc, _DATABASE_ERRORS):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
-        if not row.inserted:
+        rec = new.record
+        result = StoreResult(rec.study_uid, rec.series_uid, rec.sop_uid, rec.sop_class_uid,
+                             duplicate=row.outcome != "inserted")
+        if row.outcome == "replaced":
+            log.info("instance %s overwritten by a re-send with other content", rec.sop_uid)
+            await asyncio.to_thread(self.blobs.delete, row.replaced_blob_key)
+            return result
+        if row.outcome == "duplicate":
             await asyncio.to_thread(self.blobs.delete, new.blob_key)
             if row.sha256 != new.sha256:
-                log.warning("instance %s re-sent with different content; first kept",
-                            new.record.sop_uid)
-        rec = new.record
-        return StoreResult(
-            rec.study_uid, rec.series_uid, rec.sop_uid, rec.sop_class_uid, not row.inserted
-        )
+                log.warning("instance %s re-sent with other content: %s", rec.sop_uid,
+                            "refused" if self.config.duplicates == "reject" else "first kept")
+                if self.config.duplicates == "reject":
+                    raise DuplicateRefused(
+                        "this SOP Instance UID is already stored with other content"
+                    )
+                return replace(result, warning=DUPLICATE_KEPT_WARNING)
+        return result

@@ -92,7 +92,7 @@ def transcode(source: str | BinaryIO, target: str) -> bytes:
     dataset = pydicom.dcmread(source)
     if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
         try:
-            dataset.decompress()
+            dataset.decompress(generate_instance_uid=False)  # the same instance, decoded
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             raise NotAcceptable("the stored pixel data cannot be decompressed here") from exc
     dataset.file_meta.TransferSyntaxUID = UID(target)

@@ -10,6 +10,7 @@ import asyncpg
 import orjson
 
 from ricord_archive.dicom_json import INSTANCE_TAGS
+from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.search import COUNT_CAP, search
 from ricord_archive.matching import Level, Query, parse_query
 
@@ -95,7 +96,8 @@ class QueryService:
         max_limit: int | None = None,
     ) -> SearchResult:
         query = parse_query(level, params, max_limit or self.max_limit, scope)
-        page = await search(self.pool, query)
+        async with reporting_outages():
+            page = await search(self.pool, query)
         cache: dict[bytes, dict] = {}
         if level is Level.INSTANCE:
             documents = [_instance(row, query, cache) for row in page.rows]

@@ -4,17 +4,21 @@ decoding and re-encoding only when the client asks for what is not stored."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import asyncpg
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from ricord_archive import pixels
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.dicom_io import pixel_data_location
-from ricord_archive.errors import BadRequest, NotFound
+from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
+from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance, instance_metadata, stored_instances
 from ricord_archive.rendering import RenderOptions, render
 
@@ -37,7 +41,8 @@ class RetrieveService:
 
     async def instances(self, *uids: str) -> list[tuple[StoredInstance, Path]]:
         """The stored instances in scope with their files; NotFound when there are none."""
-        found = await stored_instances(self.pool, *uids)
+        async with reporting_outages():
+            found = await stored_instances(self.pool, *uids)
         if not found:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return [(item, self.blobs.path(item.blob_key)) for item in found]
@@ -45,6 +50,41 @@ class RetrieveService:
     async def instance(self, *uids: str) -> tuple[StoredInstance, Path]:
         [found] = await self.instances(*uids)
         return found
+
+    async def in_scopes(
+        self, scopes: Sequence[tuple[str, ...]]
+    ) -> list[tuple[StoredInstance, Path]]:
+        """The stored instances of several studies, series or instances (each scope 1 to 3 UIDs,
+        as for `instances`), each once, in retrieval order; unknown scopes add nothing.
+        Instances of one series are read together."""
+        found: dict[str, StoredInstance] = {}
+        members: dict[tuple[str, ...], set[str]] = {}
+        for scope in scopes:
+            if len(scope) == 3:
+                members.setdefault(scope[:2], set()).add(scope[2])
+            else:
+                for item in await stored_instances(self.pool, *scope):
+                    found.setdefault(item.sop_uid, item)
+        for series, sop_uids in members.items():
+            for item in await stored_instances(self.pool, *series):
+                if item.sop_uid in sop_uids:
+                    found.setdefault(item.sop_uid, item)
+        return [(item, self.blobs.path(item.blob_key)) for item in found.values()]
+
+    async def for_sending(
+        self, item: StoredInstance, path: Path, accepted: Collection[str]
+    ) -> Dataset:
+        """The instance as a dataset to send (DIMSE) in one of the `accepted` transfer syntaxes:
+        read as stored when its stored syntax is accepted (its encoded elements are sent as
+        they are), else re-encoded in an accepted uncompressed syntax; NotAcceptable when
+        neither is possible."""
+        if item.transfer_syntax_uid in accepted:
+            return await asyncio.to_thread(pydicom.dcmread, path)
+        target = next((s for s in pixels.UNCOMPRESSED if s in accepted), None)
+        if target is None:
+            raise NotAcceptable("no accepted transfer syntax can be produced from this object")
+        data = await self.transcoded(path, target)
+        return await asyncio.to_thread(pydicom.dcmread, BytesIO(data))
 
     async def transcoded(self, path: Path, transfer_syntax: str) -> bytes:
         """The whole object re-encoded in `transfer_syntax` (406 when it cannot be)."""
@@ -94,7 +134,8 @@ class RetrieveService:
 
     async def metadata(self, *uids: str) -> bytes:
         """A DICOM JSON array of the instances in scope, assembled from stored documents."""
-        documents = await instance_metadata(self.pool, *uids)
+        async with reporting_outages():
+            documents = await instance_metadata(self.pool, *uids)
         if not documents:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return b"[" + b",".join(documents) + b"]"

@@ -61,3 +61,12 @@ def findscu(port: int, out_dir: Path, keys: dict[str, str], calling: str = "FIND
     result = run(*args, "127.0.0.1", str(port))
     assert result.returncode == 0, result.stderr
     return [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+
+
+def start(name: str, *args: str, log: Path) -> subprocess.Popen:
+    """Start a DCMTK server program in the background, its output to `log`."""
+    program = tool(name)
+    assert program, f"DCMTK's {name} is required (apt-get install dcmtk)"
+    with log.open("ab") as out:
+        return subprocess.Popen([program, *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=DCMTK_ENV)

@@ -9,6 +9,7 @@ import subprocess
 import asyncpg
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -142,3 +143,53 @@ def test_refusals_over_both_protocols_are_counted_per_site(make_archive, corpus,
         ("ct-only", "sop-class-not-accepted"): 1,
     }
     assert len(list((archive.data_dir / "blobs").rglob("*.dcm"))) == 1
+
+
+def _changed_copy(path, tmp_path):
+    """The same object (same SOP Instance UID) with other pixel values."""
+    changed = pydicom.dcmread(path)
+    changed.PixelData = bytes(len(changed.PixelData))
+    out = tmp_path / "changed.dcm"
+    changed.save_as(out)
+    return out
+
+
+def _stored_pixels(archive) -> bytes:
+    [study] = archive.client().search_for_studies()
+    [stored] = archive.client().retrieve_study(
+        study["0020000D"]["Value"][0], media_types=(("application/dicom", "*"),)
+    )
+    return stored.PixelData
+
+
+@pytest.mark.parametrize("policy", ["keep-first", "reject", "overwrite"])
+def test_duplicate_policy_for_other_content(make_archive, corpus, tmp_path, policy):
+    archive = make_archive("dup", f'[ingest]\nduplicates = "{policy}"\n')
+    [original] = corpus.study(corpus.patient(), dt.date(2021, 2, 3), slices=1)
+    changed = _changed_copy(original, tmp_path)
+    assert "(Success)" in dcmtk.storescu(archive.dimse_port, [original]).stderr
+    first_pixels = _stored_pixels(archive)
+    identical = dcmtk.storescu(archive.dimse_port, [original]).stderr
+    assert "Received Store Response (Success)" in identical  # identical re-send: no change
+    status = dcmtk.storescu(archive.dimse_port, [changed]).stderr.split(
+        "Received Store Response (")[1].split(")")[0]
+    try:
+        answer = archive.client().store_instances([pydicom.dcmread(changed)])
+    except requests.HTTPError as exc:  # 409: every object failed
+        assert exc.response.status_code == 409
+        answer = Dataset.from_json(exc.response.json())
+    if policy == "keep-first":
+        assert status == "Warning: ElementsDiscarded"
+        assert answer.ReferencedSOPSequence[0].WarningReason == 0xB006
+        assert _stored_pixels(archive) == first_pixels
+    elif policy == "reject":
+        assert status.endswith("0x111")
+        assert answer.FailedSOPSequence[0].FailureReason == 0x0111
+        assert _stored_pixels(archive) == first_pixels
+    else:
+        assert status == "Success"
+        assert "FailedSOPSequence" not in answer
+        assert _stored_pixels(archive) == bytes(len(first_pixels))
+    assert len(list((archive.data_dir / "blobs").rglob("*.dcm"))) == 1
+    [study] = archive.client().search_for_studies()
+    assert study["00201208"]["Value"] == [1]

@@ -1,21 +1,27 @@
-"""The DIMSE adapter: C-ECHO, C-STORE and C-FIND SCP over pynetdicom. Thin.
+"""The DIMSE adapter: C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE SCP over pynetdicom. Thin.
 
 pynetdicom runs each association in its own thread; handlers hand the work to the services on
 the archive's event loop and wait for the answer, so a C-STORE is acknowledged only after the
 index transaction has committed.
+
+Objects arrive for the site of their calling AE title, except during a PACS import: an
+association from a calling AE title that an import session expects (in the index, shared by
+every node) files the objects of the session's studies under the importing site.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from collections.abc import Coroutine, Iterator
+import threading
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -23,11 +29,15 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ricord_archive.config import Config
-from ricord_archive.errors import ArchiveError
+from ricord_archive.config import Config, SiteConfig
+from ricord_archive.dimse.network import no_delay
+from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
+from ricord_archive.errors import ArchiveError, StorageUnavailable
+from ricord_archive.imports import ImportSessions, SessionStudy
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
+from ricord_archive.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +46,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 _SERVICE_TIMEOUT = 300
@@ -59,36 +70,60 @@ TRANSFER_SYNTAXES = [
 _QUERY_LIMIT = 100_000
 
 
+class _ArchiveAE(AE):
+    """An AE whose accepted calling AE titles are read at each association request: the
+    configured sites' and those of active import sessions."""
+
+    def __init__(self, ae_title: str, calling_aets: Callable[[], list[str]]) -> None:
+        super().__init__(ae_title=ae_title)
+        self._calling_aets = calling_aets
+
+    @property
+    def require_calling_aet(self) -> list[str]:
+        return self._calling_aets()
+
+
 class DimseServer:
     def __init__(
         self, config: Config, ingest: IngestService, query: QueryService,
-        loop: asyncio.AbstractEventLoop,
+        retrieve: RetrieveService, sessions: ImportSessions, loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.config = config
         self.ingest = ingest
         self.query = query
+        self.sessions = sessions
         self.loop = loop
+        self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call)
         self._server: ThreadedAssociationServer | None = None
+        # associations from a calling AE title an import session expected when they opened
+        self._importing: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._lock = threading.Lock()
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(_SERVICE_TIMEOUT)
 
     def start(self) -> None:
-        ae = AE(ae_title=self.config.ae_title)
+        ae = _ArchiveAE(self.config.ae_title, self._calling_aets)
         ae.maximum_pdu_size = 0  # no limit on what we receive; the peer's limit still applies
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+            # both roles: a C-GET requestor takes the SCP role to receive what it asked for
+            ae.add_supported_context(
+                context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
         ae.add_supported_context(Verification)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
-        if not self.config.accept_any_calling_aet:
-            ae.require_calling_aet = [a for s in self.config.sites for a in s.aets]
+        for model in RETRIEVE_MODELS:
+            ae.add_supported_context(model)
         handlers = [
-            (evt.EVT_CONN_OPEN, _no_delay),
+            (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_REJECTED, _log_rejection),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self.retrieve_handlers.on_get),
+            (evt.EVT_C_MOVE, self.retrieve_handlers.on_move),
         ]
         self._server = ae.start_server(
             (self.config.dimse_host, self.config.dimse_port), block=False, evt_handlers=handlers
@@ -99,19 +134,75 @@ class DimseServer:
             self._server.shutdown()
             self._server = None
 
-    def _on_store(self, event: evt.Event) -> int:
-        site = self.config.site_for_aet(event.assoc.requestor.ae_title)
-        if site is None:  # not reachable with require_calling_aet; kept as a guard
-            return STATUS_OUT_OF_RESOURCES
+    def _calling_aets(self) -> list[str]:
+        """Calling AE titles accepted now ([]: any): the sites', and while sites are
+        configured, those that active import sessions expect objects from."""
+        if self.config.accept_any_calling_aet:
+            return []
+        configured = [a for s in self.config.sites for a in s.aets]
         try:
-            self._call(self.ingest.store(event.encoded_dataset(include_meta=True), site.name))
+            return configured + self._call(self.sessions.calling_aets())
+        except Exception as exc:
+            log.warning("import sessions unavailable: %s", type(exc).__name__)
+            return configured
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        try:
+            importing = event.assoc.requestor.ae_title in self._call(self.sessions.calling_aets())
+        except Exception as exc:
+            log.warning("import sessions unavailable: %s", type(exc).__name__)
+            return
+        if importing:
+            with self._lock:
+                self._importing.add(event.assoc)
+
+    def _session_study(self, event: evt.Event) -> SessionStudy | None:
+        """The import session expecting this object's study from its calling AE title."""
+        with self._lock:
+            if event.assoc not in self._importing:
+                return None
+        try:
+            study_uid = str(event.dataset.get("StudyInstanceUID", "") or "").strip()
+            study = self._call(self.sessions.study(event.assoc.requestor.ae_title, study_uid))
+        except Exception as exc:
+            log.warning("import session lookup failed: %s", type(exc).__name__)
+            return None
+        if study is not None and study.site_name not in self.ingest.sites:
+            log.warning("an import session names site %s, unknown here", study.site_name)
+            return None
+        return study
+
+    def _count(self, study: SessionStudy | None, outcome: str) -> None:
+        if study is None:
+            return
+        try:
+            self._call(self.sessions.count(study, outcome))
+        except Exception as exc:
+            log.warning("could not count an import outcome: %s", type(exc).__name__)
+
+    def _on_store(self, event: evt.Event) -> int:
+        study = self._session_study(event)
+        site: SiteConfig | None = (
+            self.config.site_for_aet(event.assoc.requestor.ae_title) if study is None
+            else self.config.site_named(study.site_name)
+        )
+        if site is None:
+            log.info("C-STORE refused: the calling AE title belongs to no site")
+            return STATUS_NOT_AUTHORIZED
+        try:
+            result = self._call(
+                self.ingest.store(event.encoded_dataset(include_meta=True), site.name)
+            )
         except ArchiveError as exc:
             log.info("C-STORE refused: %s", exc.message)
+            self._count(study, "failed" if isinstance(exc, StorageUnavailable) else "refused")
             return exc.dimse_status
         except Exception as exc:
             log.error("C-STORE failed: %s", type(exc).__name__)
+            self._count(study, "failed")
             return STATUS_OUT_OF_RESOURCES
-        return STATUS_SUCCESS
+        self._count(study, "duplicates" if result.duplicate else "stored")
+        return result.warning or STATUS_SUCCESS
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         identifier = event.identifier
@@ -202,11 +293,6 @@ def _requested(requested: Dataset, found: Dataset) -> Dataset:
         else:
             subset.add(found[element.tag])
     return subset
-
-
-def _no_delay(event: evt.Event) -> None:
-    """Nagle off: pynetdicom never sets TCP_NODELAY, and every response would wait for an ACK."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _log_rejection(event: evt.Event) -> None:

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from ricord_archive.errors import StorageUnavailable
+
 log = logging.getLogger(__name__)
+
+
+# What a lost or unreachable database raises: connection errors, not query errors.
+DATABASE_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+    OSError, asyncio.TimeoutError,
+)
+
+
+@contextlib.asynccontextmanager
+async def reporting_outages() -> AsyncIterator[None]:
+    """Turn a lost database into StorageUnavailable (503, C-STORE 0xA700) for the caller."""
+    try:
+        yield
+    except DATABASE_UNAVAILABLE as exc:
+        raise StorageUnavailable("the index is unavailable; try again later") from exc
 
 
 async def ensure_database(url: str) -> None:

@@ -42,10 +42,12 @@ class Patient:
 
 @dataclass(frozen=True)
 class StoredRow:
-    """The outcome of the instance transaction."""
+    """The outcome of the instance transaction: 'inserted', 'duplicate' (the SOP Instance UID
+    was already stored; nothing changed) or 'replaced' (overwritten by policy)."""
 
-    inserted: bool  # False: the SOP Instance UID was already stored (nothing changed)
-    sha256: bytes  # of the stored object (the earlier one for a duplicate)
+    outcome: str
+    sha256: bytes  # of the object stored before (for a duplicate or a replacement)
+    replaced_blob_key: str | None = None  # the old blob to delete, now that the row moved on
 
 
 @dataclass(frozen=True)
@@ -134,15 +136,16 @@ async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
 
 
 async def store_instance(
-    pool: asyncpg.Pool, site: Site, patient: Patient, new: NewInstance
+    pool: asyncpg.Pool, site: Site, patient: Patient, new: NewInstance, on_conflict: str
 ) -> StoredRow:
     """Index one instance whose blob is already written: one statement, one transaction
-    (the `store_instance` function of migrations/005)."""
+    (the `store_instance` function of migrations/007). `on_conflict` is the duplicate policy
+    for a re-sent SOP Instance UID with other content: 'keep-first', 'reject' or 'overwrite'."""
     rec, pixels = new.record, new.pixel_data
     try:
         row = await pool.fetchrow(
-            "SELECT outcome, stored_sha256 FROM store_instance("
-            + ", ".join(f"${n}" for n in range(1, 32)) + ")",
+            "SELECT outcome, stored_sha256, replaced_blob_key FROM store_instance("
+            + ", ".join(f"${n}" for n in range(1, 33)) + ")",
             patient.pk, site.id,
             rec.study_uid, rec.study_date, rec.study_time, rec.accession_number, rec.study_id,
             rec.patient_sex, rec.patient_age, new.study_json,
@@ -152,11 +155,11 @@ async def store_instance(
             new.blob_key, new.size_bytes, new.sha256, new.instance_json,
             pixels.offset if pixels else None, pixels.length if pixels else None,
             rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
-            rec.bits_allocated,
+            rec.bits_allocated, on_conflict,
         )
     except asyncpg.PostgresError as exc:
         if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
             raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
                                 "relational-mismatch") from None
         raise
-    return StoredRow(inserted=row["outcome"] == "inserted", sha256=row["stored_sha256"])
+    return StoredRow(row["outcome"], row["stored_sha256"], row["replaced_blob_key"])

@@ -1,5 +1,6 @@
-"""Offline tools over the index and the secret key: the ingest dry run (`deid`), pseudonym
-`lookup` and the `refusals` report. They read the index and never write to it."""
+"""Command-line tools over the index and the secret key: the ingest dry run (`deid`), pseudonym
+`lookup` and the `refusals` report, which read the index and never write to it; and the
+imports (`import`, `import-pacs`), which store through the archive's own ingest pipeline."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from ricord_archive.errors import (
     ArchiveError,
     BadRequest,
     ObjectTooLarge,
+    StorageUnavailable,
     UnsupportedMediaType,
 )
 from ricord_archive.web import app as web_app
@@ -50,6 +51,7 @@ async def store(request: web.Request) -> web.Response:
     base = web_app.base_url(request)
     target_study = request.match_info.get("study")
     stored, failed = [], []
+    warned = False
     budget = services.max_stow_bytes
     try:
         while (part := await reader.next()) is not None:
@@ -66,6 +68,8 @@ async def store(request: web.Request) -> web.Response:
                 continue
             try:
                 result = await services.ingest.store(data, services.default_site, target_study)
+            except StorageUnavailable:
+                raise  # the whole request: 503, send again later (re-sends are idempotent)
             except ArchiveError as exc:
                 log.info("STOW-RS object refused: %s", exc.message)
                 failed.append({
@@ -76,11 +80,15 @@ async def store(request: web.Request) -> web.Response:
                 continue
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}" \
                   f"/instances/{result.sop_uid}"
-            stored.append({
+            item = {
                 "00081150": _uid(result.sop_class_uid),
                 "00081155": _uid(result.sop_uid),
                 "00081190": {"vr": "UR", "Value": [url]},
-            })
+            }
+            if result.warning:
+                item["00081196"] = {"vr": "US", "Value": [result.warning]}  # WarningReason
+                warned = True
+            stored.append(item)
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
         raise BadRequest("malformed multipart body") from exc
     if not stored and not failed:
@@ -93,5 +101,5 @@ async def store(request: web.Request) -> web.Response:
         body[_REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
     if failed:
         body[_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
-    status = 200 if not failed else 409 if not stored else 202
+    status = 409 if failed and not stored else 202 if failed or warned else 200
     return web.Response(body=orjson.dumps(body), status=status, content_type=DICOM_JSON)

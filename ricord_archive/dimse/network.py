@@ -1,0 +1,13 @@
+"""What every association of the archive needs, accepted or requested."""
+
+from __future__ import annotations
+
+import socket
+
+from pynetdicom import evt
+
+
+def no_delay(event: evt.Event) -> None:
+    """Nagle off: pynetdicom never sets TCP_NODELAY, and every response would wait for an ACK.
+    Bound to EVT_CONN_OPEN."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

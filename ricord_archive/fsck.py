@@ -1,0 +1,102 @@
+"""Consistency of the blob store and the index: orphan blobs (written, never committed: a
+crash between the blob and the index transaction leaves them), rows whose blob is missing or
+of the wrong size (which must never happen), and partial writes.
+
+Blobs younger than a grace period are not orphans yet: a running archive may be about to
+commit them. So `--repair` is safe while archives are running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from ricord_archive.blobstore import BlobStore
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class FsckReport:
+    orphan_blobs: list[str] = field(default_factory=list)  # blob keys no row names
+    missing_blobs: list[str] = field(default_factory=list)  # SOP Instance UIDs (de-identified)
+    wrong_size: list[str] = field(default_factory=list)  # SOP Instance UIDs (de-identified)
+    partial_writes: list[str] = field(default_factory=list)  # temporary file names
+    indexed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphan_blobs or self.missing_blobs or self.wrong_size
+                    or self.partial_writes)
+
+    def lines(self) -> list[str]:
+        return [
+            f"indexed instances: {self.indexed}",
+            f"orphan blobs (no index row): {len(self.orphan_blobs)}",
+            f"index rows whose blob is missing: {len(self.missing_blobs)}",
+            f"index rows whose blob has the wrong size: {len(self.wrong_size)}",
+            f"partial writes: {len(self.partial_writes)}",
+        ] + [f"missing: {uid}" for uid in self.missing_blobs] + [
+            f"wrong size: {uid}" for uid in self.wrong_size
+        ]
+
+
+def _scan(blobs: BlobStore, now: float, grace: float) -> tuple[dict[str, int], list[str], list]:
+    on_disk, young = {}, []
+    for key, size, mtime in blobs.walk():
+        on_disk[key] = size
+        if now - mtime < grace:
+            young.append(key)
+    partial = [path for path, mtime in blobs.temporary_files() if now - mtime >= grace]
+    return on_disk, young, partial
+
+
+async def check(pool: asyncpg.Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
+    """Compare every index row with the blob store (one pass over each)."""
+    on_disk, young, partial = await asyncio.to_thread(_scan, blobs, time.time(), grace)
+    report = FsckReport(partial_writes=[path.name for path in partial])
+    async with pool.acquire() as conn, conn.transaction():
+        async for row in conn.cursor("SELECT sop_uid, blob_key, size_bytes FROM instance"):
+            report.indexed += 1
+            size = on_disk.pop(row["blob_key"], None)
+            if size is None:
+                report.missing_blobs.append(row["sop_uid"])
+            elif size != row["size_bytes"]:
+                report.wrong_size.append(row["sop_uid"])
+    recent = set(young)
+    report.orphan_blobs = sorted(key for key in on_disk if key not in recent)
+    return report
+
+
+async def repair(blobs: BlobStore, report: FsckReport) -> int:
+    """Delete orphan blobs and partial writes; rows with missing blobs are only reported
+    (their objects must be sent again). Returns how many files were removed."""
+
+    def remove() -> int:
+        for key in report.orphan_blobs:
+            blobs.delete(key)
+        for name in report.partial_writes:
+            (blobs.tmp / name).unlink(missing_ok=True)
+        return len(report.orphan_blobs) + len(report.partial_writes)
+
+    return await asyncio.to_thread(remove)
+
+
+async def report_at_start(pool: asyncpg.Pool, blobs: BlobStore) -> None:
+    """The start-up check, in report mode: counts in the log, nothing changed."""
+    try:
+        report = await check(pool, blobs)
+    except (asyncpg.PostgresError, OSError) as exc:
+        log.warning("fsck at start-up could not run: %s", type(exc).__name__)
+        return
+    if report.clean:
+        log.info("fsck: %d instances, blob store and index agree", report.indexed)
+    else:
+        log.warning("fsck: %s (run 'ricord-archive fsck --repair' to remove orphans)",
+                    "; ".join(report.lines()[1:5]))

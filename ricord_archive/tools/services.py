@@ -1,0 +1,57 @@
+"""The archive's services in-process, for the commands that write (the imports): the index (a
+running archive's adopted, else started for the command), the configured sites, ingest (with
+the configured workers), query, retrieve and import sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from ricord_archive.archive import ingest_executor, open_index
+from ricord_archive.blobstore import BlobStore
+from ricord_archive.config import Config
+from ricord_archive.deid import Keyring
+from ricord_archive.imports import ImportSessions
+from ricord_archive.index.store import Site, SiteConflict, ensure_site
+from ricord_archive.ingest import IngestService
+from ricord_archive.query import QueryService
+from ricord_archive.retrieve import RetrieveService
+from ricord_archive.secret import load_secret
+from ricord_archive.tools import ToolError
+
+
+@dataclass(frozen=True)
+class ArchiveServices:
+    pool: asyncpg.Pool
+    keys: Keyring
+    sites: dict[str, Site]
+    ingest: IngestService
+    query: QueryService
+    retrieve: RetrieveService
+    sessions: ImportSessions
+
+
+@contextlib.asynccontextmanager
+async def archive_services(config: Config) -> AsyncIterator[ArchiveServices]:
+    async with open_index(config) as pool:
+        keys = Keyring(load_secret(config))
+        try:
+            async with pool.acquire() as conn:
+                sites = {s.name: await ensure_site(conn, s) for s in config.sites}
+        except SiteConflict as exc:
+            raise ToolError(str(exc)) from exc
+        blobs = BlobStore(config.data_dir / "blobs")
+        executor = ingest_executor(config)
+        try:
+            yield ArchiveServices(
+                pool, keys, sites, IngestService(pool, blobs, keys, sites, config, executor),
+                QueryService(pool, config.limits.qido_max_limit), RetrieveService(pool, blobs),
+                ImportSessions(pool, keys),
+            )
+        finally:
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
