@@ -48,6 +48,12 @@ class Limits:
     max_object_bytes: int = 2 * 1024**3
     max_stow_bytes: int = 8 * 1024**3
     qido_max_limit: int = 1000
+    max_pdu_bytes: int = 1024**2  # the largest P-DATA PDU the archive announces it accepts
+    max_associations: int = 32  # more concurrent associations are rejected (local limit)
+    network_timeout: int = 60  # seconds a DIMSE peer may stay silent
+    acse_timeout: int = 30  # seconds for association negotiation and release
+    dimse_timeout: int = 60  # seconds to wait for a DIMSE message
+    shutdown_grace: int = 30  # seconds SIGTERM waits for associations in progress
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -104,7 +105,12 @@ class DimseServer:
 
     def start(self) -> None:
         ae = _ArchiveAE(self.config.ae_title, self._calling_aets)
-        ae.maximum_pdu_size = 0  # no limit on what we receive; the peer's limit still applies
+        limits = self.config.limits
+        ae.maximum_pdu_size = limits.max_pdu_bytes
+        ae.maximum_associations = limits.max_associations  # beyond: rejected, local limit
+        ae.network_timeout = limits.network_timeout
+        ae.acse_timeout = limits.acse_timeout
+        ae.dimse_timeout = limits.dimse_timeout
         for context in AllStoragePresentationContexts:
             # both roles: a C-GET requestor takes the SCP role to receive what it asked for
             ae.add_supported_context(
@@ -130,9 +136,17 @@ class DimseServer:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """Stop accepting associations, let those in progress finish (within the grace
+        period, the event loop still serving them), then abort what is left."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + self.config.limits.shutdown_grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the association threads while they finish
+        for association in server.active_associations:
+            association.abort()
 
     def _calling_aets(self) -> list[str]:
         """Calling AE titles accepted now ([]: any): the sites', and while sites are
