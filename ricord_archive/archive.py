@@ -30,6 +30,7 @@ from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.web.app import Services, create_app
+from ricord_archive.web.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ async def serve(config: Config) -> None:
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
+            authenticator=Authenticator(
+                config.auth.tokens, {name: site.id for name, site in sites.items()}
+            ) if config.auth.enabled else None,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
@@ -135,6 +139,12 @@ async def serve(config: Config) -> None:
         await asyncio.to_thread(dimse.start)
         readiness.ready = True
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
+        if config.auth.enabled:
+            log.warning(
+                "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s); "
+                "/health stays open", len(config.auth.tokens),
+                ", ".join(f"{t.name}={t.role}" for t in config.auth.tokens),
+            )
         log.info(
             "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",
             config.http_host, config.http_port, config.ae_title, config.dimse_host,

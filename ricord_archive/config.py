@@ -56,6 +56,25 @@ class Limits:
     shutdown_grace: int = 30  # seconds SIGTERM waits for associations in progress
 
 
+ROLES = ("uploader", "researcher", "admin")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A DICOMweb bearer token, known by its SHA-256 only; `site` for uploaders."""
+
+    name: str  # a label for logs
+    sha256: str  # lowercase hex
+    role: str
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    tokens: tuple[ApiToken, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
@@ -74,6 +93,7 @@ class Config:
     duplicates: str = "keep-first"  # a re-sent SOP Instance UID with other content
     limits: Limits = field(default_factory=Limits)
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from any calling AE
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def default_site(self) -> SiteConfig:
@@ -180,6 +200,55 @@ def _parse_move_destinations(raw: Any, where: str) -> tuple[MoveDestination, ...
     return tuple(destinations)
 
 
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}\Z")
+_TOKEN_KEYS = frozenset({"name", "sha256", "role", "site"})
+
+
+def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
+    """`[auth]`: enabled, and `[[auth.tokens]]` (name, sha256, role, site for uploaders)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[auth] must be a table")
+    unknown = sorted(set(raw) - {"enabled", "tokens"})
+    if unknown:
+        raise ConfigError(f"[auth]: unknown setting(s) {', '.join(unknown)}")
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError("[auth] enabled must be true or false")
+    entries = raw.get("tokens", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("[[auth.tokens]] must be an array of tables")
+    site_names = {s.name for s in sites}
+    tokens = []
+    for entry in entries:
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError("every [[auth.tokens]] entry needs a name")
+        unknown = sorted(set(entry) - _TOKEN_KEYS)
+        if unknown:
+            raise ConfigError(f"token {name!r}: unknown setting(s) {', '.join(unknown)}")
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ConfigError(f"token {name!r}: sha256 must be 64 hexadecimal digits (the "
+                              "SHA-256 of the token, never the token itself)")
+        role = entry.get("role")
+        if role not in ROLES:
+            raise ConfigError(f"token {name!r}: role must be one of {', '.join(ROLES)}")
+        site = entry.get("site")
+        if role == "uploader" and (not isinstance(site, str) or site not in site_names):
+            raise ConfigError(f"token {name!r}: an uploader needs site = the name of a "
+                              "configured site")
+        if role != "uploader" and site is not None:
+            raise ConfigError(f"token {name!r}: only an uploader is bound to a site")
+        tokens.append(ApiToken(name, digest.lower(), role, site))
+    if len({t.name for t in tokens}) != len(tokens):
+        raise ConfigError("[[auth.tokens]] names must be unique")
+    if len({t.sha256 for t in tokens}) != len(tokens):
+        raise ConfigError("[[auth.tokens]]: the same sha256 is listed twice")
+    if enabled and not tokens:
+        raise ConfigError("[auth] is enabled but no [[auth.tokens]] are configured")
+    return AuthConfig(enabled, tuple(tokens))
+
+
 def _port(server: Mapping[str, Any], key: str, default: int) -> int:
     value = server.get(key, default)
     try:
@@ -282,6 +351,7 @@ def load_config(
         "move_destinations": _parse_move_destinations(
             raw.get("move_destinations", []), "[[move_destinations]]"
         ),
+        "auth": _parse_auth(raw.get("auth", {}), sites),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -12,7 +12,7 @@ import orjson
 from ricord_archive.dicom_json import INSTANCE_TAGS
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.search import COUNT_CAP, search
-from ricord_archive.matching import Level, Query, parse_query
+from ricord_archive.matching import KEYS, Condition, Level, Query, parse_query
 
 PATIENT_TAGS = frozenset({
     "00080005", "00100010", "00100020", "00100030", "00100040", "00120030", "00120040",
@@ -83,6 +83,11 @@ def _instance(row: asyncpg.Record, query: Query, cache: dict[bytes, dict]) -> di
     return document
 
 
+def _site_condition(level: Level, site_id: int) -> Condition:
+    """Only the given site's patients or studies: the column ClinicalTrialSiteID matches on."""
+    return Condition(f"{KEYS['ClinicalTrialSiteID'].column_at(level)} = {{}}", (site_id,))
+
+
 class QueryService:
     def __init__(self, pool: asyncpg.Pool, max_limit: int) -> None:
         self.pool = pool
@@ -94,8 +99,12 @@ class QueryService:
         params: Iterable[tuple[str, str]],
         scope: dict[str, str] | None = None,
         max_limit: int | None = None,
+        site_id: int | None = None,
     ) -> SearchResult:
+        """Matches of the query; only one site's when `site_id` (an index site id) is given."""
         query = parse_query(level, params, max_limit or self.max_limit, scope)
+        if site_id is not None:
+            query = replace(query, conditions=(*query.conditions, _site_condition(level, site_id)))
         async with reporting_outages():
             page = await search(self.pool, query)
         cache: dict[bytes, dict] = {}

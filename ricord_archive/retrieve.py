@@ -39,16 +39,21 @@ class RetrieveService:
         self.pool = pool
         self.blobs = blobs
 
-    async def instances(self, *uids: str) -> list[tuple[StoredInstance, Path]]:
-        """The stored instances in scope with their files; NotFound when there are none."""
+    async def instances(
+        self, *uids: str, site_id: int | None = None
+    ) -> list[tuple[StoredInstance, Path]]:
+        """The stored instances in scope with their files; NotFound when there are none.
+        With `site_id`, another site's objects are as if they did not exist."""
         async with reporting_outages():
-            found = await stored_instances(self.pool, *uids)
+            found = await stored_instances(self.pool, *uids, site_id=site_id)
         if not found:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return [(item, self.blobs.path(item.blob_key)) for item in found]
 
-    async def instance(self, *uids: str) -> tuple[StoredInstance, Path]:
-        [found] = await self.instances(*uids)
+    async def instance(
+        self, *uids: str, site_id: int | None = None
+    ) -> tuple[StoredInstance, Path]:
+        [found] = await self.instances(*uids, site_id=site_id)
         return found
 
     async def in_scopes(
@@ -90,10 +95,11 @@ class RetrieveService:
         """The whole object re-encoded in `transfer_syntax` (406 when it cannot be)."""
         return await asyncio.to_thread(pixels.transcode, str(path), transfer_syntax)
 
-    async def frames(self, uids: tuple[str, str, str], numbers: list[int], stored: bool) -> Frames:
+    async def frames(self, uids: tuple[str, str, str], numbers: list[int], stored: bool,
+                     site_id: int | None = None) -> Frames:
         """Frames by number (1-based): the stored bytes when `stored` (compressed frames stay
         compressed), else decoded to native little-endian pixel values."""
-        item, path = await self.instance(*uids)
+        item, path = await self.instance(*uids, site_id=site_id)
         if item.rows is None:
             raise BadRequest("the instance has no pixel data")
         pixels.check_frame_numbers(numbers, item.number_of_frames)
@@ -109,33 +115,36 @@ class RetrieveService:
         return Frames(data, "application/octet-stream", None)
 
     async def rendered(self, uids: tuple[str, str, str], number: int,
-                       options: RenderOptions) -> bytes:
-        item, path = await self.instance(*uids)
+                       options: RenderOptions, site_id: int | None = None) -> bytes:
+        item, path = await self.instance(*uids, site_id=site_id)
         if item.rows is None:
             raise BadRequest("the instance has no pixel data to render")
         pixels.check_frame_numbers([number], item.number_of_frames)
         return await asyncio.to_thread(_render, path, number, options)
 
-    async def thumbnail(self, uids: tuple[str, ...], options: RenderOptions) -> bytes:
+    async def thumbnail(self, uids: tuple[str, ...], options: RenderOptions,
+                        site_id: int | None = None) -> bytes:
         """The middle image of a study or series (its middle frame), or of one instance."""
-        found = [(i, p) for i, p in await self.instances(*uids) if i.rows is not None]
+        found = [(i, p) for i, p in await self.instances(*uids, site_id=site_id)
+                 if i.rows is not None]
         if not found:
             raise NotFound("nothing with pixel data to show")
         item, path = found[len(found) // 2]
         return await asyncio.to_thread(_render, path, (item.number_of_frames + 1) // 2, options)
 
-    async def bulk_data(self, study: str, series: str, instance: str, tag: int) -> bytes:
+    async def bulk_data(self, study: str, series: str, instance: str, tag: int,
+                        site_id: int | None = None) -> bytes:
         """The value of one binary element of a stored instance, as handed out by BulkDataURI."""
-        _, path = await self.instance(study, series, instance)
+        _, path = await self.instance(study, series, instance, site_id=site_id)
         value = await asyncio.to_thread(_element_bytes, path, tag)
         if value is None:
             raise NotFound("no such bulk data element")
         return value
 
-    async def metadata(self, *uids: str) -> bytes:
+    async def metadata(self, *uids: str, site_id: int | None = None) -> bytes:
         """A DICOM JSON array of the instances in scope, assembled from stored documents."""
         async with reporting_outages():
-            documents = await instance_metadata(self.pool, *uids)
+            documents = await instance_metadata(self.pool, *uids, site_id=site_id)
         if not documents:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return b"[" + b",".join(documents) + b"]"

@@ -39,23 +39,38 @@ _FROM = (
 _ORDER = "ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk"
 
 
-async def stored_instances(pool: asyncpg.Pool, *uids: str) -> list[StoredInstance]:
-    """The instances of a study, a series or one instance (by how many UIDs are given)."""
+def _where(uids: tuple[str, ...], site_id: int | None) -> tuple[str, list]:
+    """The WHERE clause of a study, series or instance (by how many UIDs are given), narrowed
+    to one site's studies when `site_id` is given."""
     scope = _SCOPE[("study", "series", "instance")[len(uids) - 1]]
+    if site_id is None:
+        return scope, list(uids)
+    return f"{scope} AND st.site_id = ${len(uids) + 1}", [*uids, site_id]
+
+
+async def stored_instances(
+    pool: asyncpg.Pool, *uids: str, site_id: int | None = None
+) -> list[StoredInstance]:
+    """The instances of a study, a series or one instance (by how many UIDs are given), of
+    one site only when `site_id` is given."""
+    where, values = _where(uids, site_id)
     rows = await pool.fetch(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, "
         "i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.pixel_data_offset, "
         "i.pixel_data_length, i.number_of_frames, i.rows, i.columns, i.samples_per_pixel, "
-        f"i.bits_allocated {_FROM} WHERE {scope} {_ORDER}",
-        *uids,
+        f"i.bits_allocated {_FROM} WHERE {where} {_ORDER}",
+        *values,
     )
     return [StoredInstance(**dict(r)) for r in rows]
 
 
-async def instance_metadata(pool: asyncpg.Pool, *uids: str) -> list[bytes]:
-    """The stored DICOM JSON of each instance in scope, in retrieval order."""
-    scope = _SCOPE[("study", "series", "instance")[len(uids) - 1]]
-    rows = await pool.fetch(f"SELECT i.dicom_json {_FROM} WHERE {scope} {_ORDER}", *uids)
+async def instance_metadata(
+    pool: asyncpg.Pool, *uids: str, site_id: int | None = None
+) -> list[bytes]:
+    """The stored DICOM JSON of each instance in scope (of one site when `site_id` is given),
+    in retrieval order."""
+    where, values = _where(uids, site_id)
+    rows = await pool.fetch(f"SELECT i.dicom_json {_FROM} WHERE {where} {_ORDER}", *values)
     return [r["dicom_json"] for r in rows]
 
 

@@ -14,7 +14,7 @@ from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import qido, stow, wado
+from ricord_archive.web import auth, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Services:
     max_stow_bytes: int
     ready: Callable[[], bool]
     cors_origins: tuple[str, ...] = ("*",)
+    authenticator: auth.Authenticator | None = None  # None: DICOMweb is open to anyone
 
 
 SERVICES = web.AppKey("services", Services)
@@ -118,7 +119,10 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[cors_preflight, errors], client_max_size=1024**2)
+    middlewares = [cors_preflight, errors]
+    if services.authenticator is not None:  # after preflights, which carry no credentials
+        middlewares.insert(1, auth.middleware(services.authenticator))
+    app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
     app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/health", health)

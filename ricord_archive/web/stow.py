@@ -15,6 +15,7 @@ from ricord_archive.errors import (
     UnsupportedMediaType,
 )
 from ricord_archive.web import app as web_app
+from ricord_archive.web import auth
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ async def store(request: web.Request) -> web.Response:
     stored, failed = [], []
     warned = False
     budget = services.max_stow_bytes
+    site = auth.upload_site(request, services.default_site)
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
@@ -67,7 +69,7 @@ async def store(request: web.Request) -> web.Response:
                 })
                 continue
             try:
-                result = await services.ingest.store(data, services.default_site, target_study)
+                result = await services.ingest.store(data, site, target_study)
             except StorageUnavailable:
                 raise  # the whole request: 503, send again later (re-sends are idempotent)
             except ArchiveError as exc:

@@ -16,6 +16,7 @@ from ricord_archive.index.reads import StoredInstance
 from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
 from ricord_archive.web import app as web_app
+from ricord_archive.web import auth
 from ricord_archive.web.media import (
     DICOM,
     DICOM_JSON,
@@ -82,7 +83,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     asked for."""
     services = request.app[web_app.SERVICES]
     syntaxes = _dicom_syntaxes(request.headers.get("Accept"))
-    found = await services.retrieve.instances(*_uids(request))
+    found = await services.retrieve.instances(*_uids(request), site_id=auth.site_id(request))
     chosen = [_choose(item, syntaxes) for item, _ in found]  # 406 before anything is sent
     boundary = uuid.uuid4().hex
     response = web.StreamResponse(headers={
@@ -143,13 +144,14 @@ async def frames(request: web.Request) -> web.Response:
         raise NotAcceptable("frames are served as multipart/related")
     types = {m.params.get("type", "*/*") for m in ranges}
     any_stored = "*/*" in types or any(m.params.get("transfer-syntax") == STORED for m in ranges)
-    result = await services.retrieve.frames(uids, numbers, stored=True)
+    site_id = auth.site_id(request)
+    result = await services.retrieve.frames(uids, numbers, stored=True, site_id=site_id)
     if not (any_stored or result.media_type in types or result.transfer_syntax_uid in {
         m.params.get("transfer-syntax") for m in ranges
     }):
         if OCTET_STREAM not in types:
             raise NotAcceptable("frames are available as stored or as application/octet-stream")
-        result = await services.retrieve.frames(uids, numbers, stored=False)
+        result = await services.retrieve.frames(uids, numbers, stored=False, site_id=site_id)
     part_type = result.media_type + (
         f"; transfer-syntax={result.transfer_syntax_uid}" if result.transfer_syntax_uid else ""
     )
@@ -174,7 +176,9 @@ async def rendered(request: web.Request) -> web.Response:
     numbers = parse_frame_list(request.match_info.get("frames", "1"))
     if len(numbers) != 1:
         raise BadRequest("one frame is rendered at a time")
-    body = await services.retrieve.rendered(_uids(request), numbers[0], options)
+    body = await services.retrieve.rendered(
+        _uids(request), numbers[0], options, site_id=auth.site_id(request)
+    )
     return web.Response(body=body, content_type=options.media_type)
 
 
@@ -182,7 +186,7 @@ async def thumbnail(request: web.Request) -> web.Response:
     services = request.app[web_app.SERVICES]
     params = {"viewport": "128,128", **dict(request.query)}
     options = parse_options(params, _render_type(request))
-    body = await services.retrieve.thumbnail(_uids(request), options)
+    body = await services.retrieve.thumbnail(_uids(request), options, site_id=auth.site_id(request))
     return web.Response(body=body, content_type=options.media_type)
 
 
@@ -191,7 +195,7 @@ async def metadata(request: web.Request) -> web.Response:
     services = request.app[web_app.SERVICES]
     if not accepts(request.headers.get("Accept"), DICOM_JSON, "application/json"):
         raise NotAcceptable("metadata is served as application/dicom+json")
-    body = await services.retrieve.metadata(*_uids(request))
+    body = await services.retrieve.metadata(*_uids(request), site_id=auth.site_id(request))
     etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
     if etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
         return web.Response(status=304, headers={"ETag": etag})
@@ -211,7 +215,9 @@ async def bulk_data(request: web.Request) -> web.Response:
     tag_text = request.match_info["tag"]
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
         raise BadRequest("bulk data is addressed by an 8-digit hexadecimal tag")
-    value = await services.retrieve.bulk_data(*_uids(request), int(tag_text, 16))
+    value = await services.retrieve.bulk_data(
+        *_uids(request), int(tag_text, 16), site_id=auth.site_id(request)
+    )
     status, extra = 200, {}
     wanted = request.headers.get("Range")
     if wanted:
@@ -249,8 +255,9 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
         if len(uid) > 64 or not _UID.fullmatch(uid):
             raise BadRequest("a UID is digits and dots, at most 64 characters")
     content_type = query.get("contentType", "image/jpeg").split(",")[0].strip()
+    site_id = auth.site_id(request)
     if content_type == DICOM:
-        item, path = await services.retrieve.instance(*uids)
+        item, path = await services.retrieve.instance(*uids, site_id=site_id)
         syntax = query.get("transferSyntax")
         if syntax is None or syntax == item.transfer_syntax_uid:
             return web.FileResponse(path, headers={"Content-Type": DICOM})
@@ -265,5 +272,5 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
         params["viewport"] = f"{query.get('columns') or 8192},{query.get('rows') or 8192}"
     options = parse_options(params, content_type)
     number = parse_frame_list(query.get("frameNumber", "1"))[0]
-    body = await services.retrieve.rendered(uids, number, options)
+    body = await services.retrieve.rendered(uids, number, options, site_id=site_id)
     return web.Response(body=body, content_type=content_type)
