@@ -457,11 +457,15 @@ class Bench:
         return figures
 
 
-def versions(targets: dict, pg: PostgresCluster | None) -> dict[str, str]:
-    found = {"python": platform.python_version(), "kernel": platform.release()}
-    for name, target in targets.items():
-        if name.startswith("orthanc") and target.process:
+def peer_versions(target, found: dict[str, str]) -> None:
+    """Add a running Orthanc's and its plugins' versions to `found`."""
+    if isinstance(target, Orthanc) and target.process:
+        with _quietly():
             found.update({f"orthanc {k}": v for k, v in target.versions().items()})
+
+
+def versions(peers: dict[str, str], pg: PostgresCluster | None) -> dict[str, str]:
+    found = {"python": platform.python_version(), "kernel": platform.release(), **peers}
     if pg:
         found["postgresql (Orthanc)"] = pg.version()
     sys.path.insert(0, str(REPO))
@@ -524,6 +528,9 @@ def main() -> int:
     parser.add_argument("--rendered", type=int, default=100, help="rendered JPEG requests")
     parser.add_argument("--series-repeat", type=int, default=5,
                         help="timed series retrievals after one warm-up")
+    parser.add_argument("--ours-config", type=Path,
+                        help="a TOML configuration for our archive (e.g. ingest_workers); its "
+                             "data directory and ports are the bench's; keep the site 'default'")
     parser.add_argument("--no-ingest", action="store_true", help="query and retrieve only")
     parser.add_argument("--no-query", action="store_true", help="ingest only")
     args = parser.parse_args()
@@ -546,6 +553,7 @@ def main() -> int:
     work.chmod(0o755)
     pg = None
     targets: dict = {}
+    peers: dict[str, str] = {}
     result: dict = {"date": dt.date.today().isoformat(), "command": command,
                     "machine": machine_facts(), "source_at_start": source_digest(), "runs": []}
     try:
@@ -555,7 +563,7 @@ def main() -> int:
             pg = PostgresCluster(work / "pg")
             pg.start()
         for name in names:
-            targets[name] = (Ours(work) if name == "ours" else
+            targets[name] = (Ours(work, args.ours_config) if name == "ours" else
                              Orthanc(work, name.split("-")[1], shim,
                                      pg if name == "orthanc-pg" else None))
         bench = Bench(args, corpus, work, targets)
@@ -563,6 +571,7 @@ def main() -> int:
             order = names[run % len(names):] + names[:run % len(names)]
             log(f"run {run + 1}/{args.runs}, order {', '.join(order)}")
             figures: dict = {"order": list(order), "loadavg_before": os.getloadavg(),
+                             "source": source_digest(),
                              "machine": bench.machine()}
             log("  machine: " + ", ".join(f"{k} {v:.0f}" for k, v in figures["machine"].items()))
             for name in order:
@@ -570,6 +579,7 @@ def main() -> int:
             for name in order if not args.no_ingest else ():
                 log(f" ingest: {name}")
                 figures[name].update(bench.ingest(name))
+                peer_versions(targets[name], peers)
                 targets[name].stop()
             for name in order if not args.no_query else ():
                 log(f" query and retrieve: {name}")
@@ -578,13 +588,8 @@ def main() -> int:
                 except Exception as exc:  # one target's failure must not lose the others
                     traceback.print_exc()
                     bench.error(f"{name} query phase: {exc!r}")
-                if "versions" not in result and name.startswith("orthanc"):
-                    result["versions"] = versions(targets, pg)
+                peer_versions(targets[name], peers)
                 targets[name].stop()
-            if "versions" not in result and any(n.startswith("orthanc") for n in order):
-                targets[order[-1]].reset()
-                result["versions"] = versions(targets, pg)
-                targets[order[-1]].stop()
             result["runs"].append(figures)
             result["errors"] = bench.errors
             if args.json:   # written after every run: a long bench interrupted keeps its runs
@@ -606,8 +611,7 @@ def main() -> int:
             with _quietly():
                 pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    if "versions" not in result:
-        result["versions"] = versions({}, None)
+    result["versions"] = versions(peers, pg)
     result["source_at_end"] = source_digest()
     if result["source_at_end"] != result["source_at_start"]:
         result.setdefault("errors", []).append(

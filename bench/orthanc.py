@@ -304,6 +304,7 @@ class Orthanc:
             "DicomAlwaysAllowFind": True, "DicomThreadsCount": 4, "HttpThreadsCount": 50,
             "KeepAlive": True, "TcpNoDelay": True, "StableAge": 60, "SaveJobs": False,
             "OverwriteInstances": False, "StorageAccessOnFind": "Always",
+            "SyncStorageArea": True,   # fsync each stored file (the default since 1.7.4)
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                          "WadoRoot": "/wado", "Host": f"127.0.0.1:{self.http_port}",

@@ -24,8 +24,9 @@ class ArchiveError(RuntimeError):
 
 
 class Ours:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, config: Path | None = None) -> None:
         self.root = root
+        self.config = config.resolve() if config else None
         self.process: subprocess.Popen | None = None
         self.data_dir: Path | None = None
         self.http_port = self.dimse_port = 0
@@ -57,7 +58,7 @@ class Ours:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ricord_archive", "serve", "--data-dir",
                  str(self.data_dir), "--http-port", str(self.http_port), "--dimse-port",
-                 str(self.dimse_port)],
+                 str(self.dimse_port), *(["--config", str(self.config)] if self.config else [])],
                 cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -127,7 +128,8 @@ class Ours:
         running archive's index)."""
         result = subprocess.run(
             [sys.executable, "-m", "ricord_archive", "lookup", "--site", SITE, "--data-dir",
-             str(self.data_dir), *patient_ids], cwd=REPO, env=self.env, capture_output=True,
+             str(self.data_dir), *(["--config", str(self.config)] if self.config else []),
+             *patient_ids], cwd=REPO, env=self.env, capture_output=True,
             text=True, timeout=120, check=True,
         )
         found = dict(line.split("\t", 1) for line in result.stdout.splitlines() if "\t" in line)

@@ -2,7 +2,7 @@
 sends the 400 CT slices (512x512) of bench/corpus.py on one association.
 
     pip install py-spy
-    python bench/profile_ingest.py [--out /var/tmp/ricord-bench/profile-ingest.txt]
+    python bench/profile_ingest.py [--out /var/tmp/ricord-bench/profile-ingest.txt] [--gil] [--stow]
 
 Starts our archive on a fresh data directory, attaches `py-spy record --format raw` (collapsed
 stacks: every Python thread of the archive, idle threads left out) for exactly the duration of
@@ -15,6 +15,7 @@ The embedded PostgreSQL is a separate process and is not in the profile.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import linecache
 import re
@@ -109,6 +110,8 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp/ricord-bench"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--stow", action="store_true",
+                        help="send by STOW-RS (batches of 50, one client) instead of storescu")
     parser.add_argument("--gil", action="store_true",
                         help="sample only the thread holding the GIL (Python CPU time)")
     args = parser.parse_args()
@@ -126,13 +129,17 @@ def main() -> int:
                                 *(["--gil"] if args.gil else [])],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)   # py-spy attached
-        seconds = w.storescu(archive, files, 1)
+        if args.stow:
+            seconds = asyncio.run(w.stow(archive, w.multipart_batches(files), 1))
+        else:
+            seconds = w.storescu(archive, files, 1)
         spy.send_signal(signal.SIGINT)
         _, errors = spy.communicate(timeout=60)
         if spy.returncode not in (0, -signal.SIGINT) or not args.out.exists():
             raise RuntimeError(f"py-spy failed ({spy.returncode}): {errors[-1000:]}")
         spy = None
-        print(f"400 CT 512x512 over one association under py-spy ({args.rate} Hz): "
+        how = "STOW-RS, 50 per request, 1 client" if args.stow else "C-STORE, one association"
+        print(f"400 CT 512x512 by {how}, under py-spy ({args.rate} Hz): "
               f"{len(files) / seconds:.1f} inst/s ({seconds:.2f} s)\n")
         print(summarise(args.out, args.rate, seconds))
         print(f"\nraw stacks: {args.out} (e.g. speedscope.app or flamegraph.pl)")
