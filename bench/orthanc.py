@@ -74,6 +74,27 @@ class PeerError(RuntimeError):
     """Orthanc or its PostgreSQL could not be installed, started or checked."""
 
 
+def wait_until_ready(
+    process: subprocess.Popen, url: str, timeout: float, log_path: Path
+) -> None:
+    """Poll `url` until it answers 200; PeerError (with the log's tail) if the process exits
+    or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise PeerError(f"{process.args[0]} exited at start:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise PeerError(f"{url} did not answer in {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def log(message: str) -> None:
     print(f"[orthanc] {message}", file=sys.stderr, flush=True)
 
@@ -333,22 +354,12 @@ class Orthanc:
                 [str(ORTHANC), f"--logdir={self.root / 'logs'}", str(config)], cwd=self.root,
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                tail = (self.root / "stdout.log").read_text(errors="replace")[-2000:]
-                self.process = None
-                raise PeerError(f"Orthanc exited at start:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/system", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PeerError(f"Orthanc did not answer on {self.url} in {timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            wait_until_ready(self.process, f"{self.url}/system", timeout,
+                             self.root / "stdout.log")
+        except PeerError:
+            self.stop()
+            raise
         self._check_loopback()
 
     def _check_loopback(self) -> None:

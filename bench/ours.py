@@ -9,10 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from orthanc import descendants, free_port
+from orthanc import PeerError, descendants, free_port, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 AET = "RICORD"
@@ -62,22 +61,11 @@ class Ours:
                 cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                self.process = None
-                raise ArchiveError(f"the archive exited at start:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ArchiveError(f"the archive was not ready in {timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            wait_until_ready(self.process, f"{self.url}/health", timeout, self.log_path)
+        except PeerError as exc:
+            self.stop()
+            raise ArchiveError(str(exc)) from None
 
     def postgres_pids(self) -> list[int]:
         """The embedded PostgreSQL's postmaster and its children."""
