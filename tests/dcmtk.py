@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -17,12 +15,15 @@ TIMEOUT = 120
 
 
 def tool(name: str) -> str | None:
-    """DCMTK's program, not pynetdicom's console script of the same name in this venv."""
-    own_bin = str(Path(sys.prefix) / "bin")
-    path = os.pathsep.join(
-        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != own_bin
-    )
-    return shutil.which(name, path=path)
+    """DCMTK's program on PATH, not a Python console script of the same name (pynetdicom
+    installs `storescu`, `findscu`, ... into virtual environments): DCMTK's are binaries."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            with candidate.open("rb") as handle:
+                if handle.read(4) == b"\x7fELF":
+                    return str(candidate)
+    return None
 
 
 def run(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
