@@ -26,6 +26,12 @@ from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresErro
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.store import Site, ensure_site
 from ricord_archive.ingest import IngestService
+from ricord_archive.processes import (
+    Workers,
+    become_worker_of,
+    process_count,
+    tell_primary_ready,
+)
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
@@ -33,6 +39,7 @@ from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
 
 log = logging.getLogger(__name__)
+_WORKERS_START_TIMEOUT = 120  # seconds the primary waits for its workers to listen
 
 
 def prepare_data_dir(config: Config) -> None:
@@ -103,8 +110,18 @@ def ingest_executor(config: Config) -> ProcessPoolExecutor | None:
     )
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then stop listeners, the pool and the embedded database."""
+async def serve(
+    config: Config, worker_of: int | None = None, ready_fd: int | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, then stop listeners, the pool and the embedded database.
+
+    The primary process also runs the other server processes (`processes`), which share its
+    listening ports; a worker (`worker_of`: the primary's PID) serves on the primary's database,
+    says on `ready_fd` when it listens, and leaves start-up checks to the primary."""
+    if worker_of is not None:
+        become_worker_of(worker_of)
+    processes = 1 if worker_of is not None else process_count(config.processes)
+    shared_ports = worker_of is not None or processes > 1
     prepare_data_dir(config)
     keys = Keyring(load_secret(config))
     loop = asyncio.get_running_loop()
@@ -132,11 +149,24 @@ async def serve(config: Config) -> None:
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, config.http_host, config.http_port).start()
+        await web.TCPSite(
+            runner, config.http_host, config.http_port, reuse_port=shared_ports or None
+        ).start()
         dimse = DimseServer(
             config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
         )
-        await asyncio.to_thread(dimse.start)
+        await asyncio.to_thread(dimse.start, shared_ports)
+        if worker_of is not None:
+            readiness.ready = True
+            if ready_fd is not None:
+                tell_primary_ready(ready_fd)
+            await _serve_until(stop, readiness, dimse, runner, executor)
+            return
+        workers = None
+        if processes > 1:
+            workers = Workers(processes - 1, await _database_url(config),
+                              config.limits.shutdown_grace)
+            await workers.start(timeout=_WORKERS_START_TIMEOUT)
         readiness.ready = True
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
         if config.auth.enabled:
@@ -146,17 +176,40 @@ async def serve(config: Config) -> None:
                 ", ".join(f"{t.name}={t.role}" for t in config.auth.tokens),
             )
         log.info(
-            "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",
+            "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d, %d process%s",
             config.http_host, config.http_port, config.ae_title, config.dimse_host,
-            config.dimse_port,
+            config.dimse_port, processes, "es" if processes > 1 else "",
         )
         try:
-            await stop.wait()
+            await _serve_until(stop, readiness, dimse, runner, executor, workers)
         finally:
-            log.info("stopping")
-            readiness.ready = False
             fsck_at_start.cancel()
-            await asyncio.to_thread(dimse.stop)
-            await runner.cleanup()
-            if executor is not None:
-                await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+
+
+async def _serve_until(
+    stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, runner: web.AppRunner,
+    executor: ProcessPoolExecutor | None, workers: Workers | None = None,
+) -> None:
+    """Serve until `stop`; then stop accepting, finish what is in progress (here and in the
+    workers, at the same time) and shut down."""
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        readiness.ready = False
+        await asyncio.gather(
+            asyncio.to_thread(dimse.stop), runner.cleanup(),
+            *([workers.stop()] if workers is not None else []),
+        )
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+
+
+async def _database_url(config: Config) -> str:
+    """The URL of the index this process uses, for its workers."""
+    if config.database_url:
+        return config.database_url
+    url = await asyncio.to_thread(EmbeddedPostgres(config.data_dir / "pg").current_url)
+    if url is None:
+        raise EmbeddedPostgresError("the embedded PostgreSQL stopped unexpectedly")
+    return url

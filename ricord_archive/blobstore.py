@@ -32,10 +32,9 @@ class BlobStore:
             raise ValueError("not a blob key of this store")
         return self.root / key
 
-    def put(self, data: bytes) -> str:
-        """Write `data` durably under a new key and return the key."""
-        key = self.new_key()
-        final = self.root / key
+    def write(self, key: str, data: bytes) -> None:
+        """Write `data` durably under `key`, a new key from `new_key`."""
+        final = self.path(key)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -52,7 +51,6 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
-        return key
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()

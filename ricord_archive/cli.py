@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dimse-host", help="DIMSE listen address (default 127.0.0.1)")
     serve.add_argument("--dimse-port", type=int, help="DIMSE port (default 11112)")
     serve.add_argument("--ae-title", help="the archive's AE title (default RICORD)")
+    serve.add_argument("--processes", type=int, choices=range(0, 65), metavar="N",
+                       help="server processes sharing the ports (default: one per CPU)")
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the primary
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by the primary
     common(commands.add_parser("migrate", help="apply database migrations and exit"))
     common(commands.add_parser("db-url", help="print the URL of the archive's database"))
 
@@ -158,6 +162,7 @@ def _config(args: argparse.Namespace) -> Config:
         "dimse_host": getattr(args, "dimse_host", None),
         "dimse_port": getattr(args, "dimse_port", None),
         "ae_title": getattr(args, "ae_title", None),
+        "processes": getattr(args, "processes", None),
     }
     return load_config(args.config, overrides=overrides)
 
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_tool(config, args)
         from ricord_archive.archive import serve
 
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.worker_of, args.ready_fd))
         return 0
     except (ConfigError, MigrationError, EmbeddedPostgresError) as exc:
         log.error("%s", exc)

@@ -89,6 +89,7 @@ class Config:
     accept_any_calling_aet: bool = True
     project_name: str = "RICORD"
     cors_origins: tuple[str, ...] = ("*",)
+    processes: int = 0  # server processes sharing the ports; 0: one per CPU (at most 8)
     ingest_workers: int = 0  # processes de-identifying; 0: threads of the server process
     duplicates: str = "keep-first"  # a re-sent SOP Instance UID with other content
     limits: Limits = field(default_factory=Limits)
@@ -297,6 +298,12 @@ def _workers(value: Any) -> int:
     return value
 
 
+def _processes(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
+        raise ConfigError("processes must be an integer from 1 to 64 (0: one per CPU)")
+    return value
+
+
 def _cors_origins(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError("cors_origins must be a list of origins (or [\"*\"] for any)")
@@ -345,6 +352,7 @@ def load_config(
         "accept_any_calling_aet": accept_any,
         "project_name": _project_name(raw.get("deidentification", {})),
         "cors_origins": _cors_origins(server.get("cors_origins", ["*"])),
+        "processes": _processes(server.get("processes", 0)),
         "ingest_workers": _workers(server.get("ingest_workers")),
         "duplicates": _duplicates(raw.get("ingest", {})),
         "limits": _parse_limits(limits_raw),
@@ -360,6 +368,11 @@ def load_config(
     ):
         if env.get(var):
             values[key] = env[var]
+    if env.get("RICORD_PROCESSES"):
+        try:
+            values["processes"] = _processes(int(env["RICORD_PROCESSES"]))
+        except ValueError:
+            raise ConfigError("RICORD_PROCESSES must be an integer") from None
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value

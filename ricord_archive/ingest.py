@@ -1,19 +1,20 @@
 """The one ingest pipeline, for C-STORE and STOW-RS alike.
 
-parse (bounded) -> de-identify -> serialize -> write blob -> one index transaction -> result.
-Success is returned only after the commit; if the transaction fails the new blob is deleted.
+parse (bounded) -> de-identify -> serialize -> write the blob, and meanwhile one index
+transaction that commits only after the blob is durable -> result. Success is returned only
+after the commit; if the transaction fails the new blob is deleted.
 A crash can leave an orphan blob, never an index row without its blob.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -121,29 +122,29 @@ class Admission:
     study_uid: str
     patient_id: str | None  # None when refused
     refusal: RefusedObject | None
+    dataset: Dataset | None  # the parsed object, kept when the next step runs in-process
 
 
-def admission(data: bytes, limit: int, site: SiteConfig) -> Admission:
-    """Parse (bounded) and apply the acceptance policy. Runs in a worker process."""
+def admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> Admission:
+    """Parse (bounded) and apply the acceptance policy; the parsed dataset is kept if `keep`
+    (not across a process boundary: it would be pickled)."""
     dataset = dicom_io.parse(data, limit)
     uids = (str(dataset.SOPClassUID), str(dataset.SOPInstanceUID).strip(),
             str(dataset.StudyInstanceUID).strip())
+    kept = dataset if keep else None
     try:
-        return Admission(*uids, admit(dataset, site), None)
+        return Admission(*uids, admit(dataset, site), None, kept)
     except RefusedObject as exc:
-        return Admission(*uids, None, exc)
+        return Admission(*uids, None, exc, None)
 
 
-def prepare_and_write(
-    data: bytes, limit: int, context: DeidContext, blob_root: Path
-) -> NewInstance:
-    """Parse, de-identify, serialize and write the blob durably. Runs in a worker process."""
-    new, blob = prepare(dicom_io.parse(data, limit), context)
-    try:
-        key = BlobStore(blob_root).put(blob)
-    except OSError as exc:
-        raise StorageUnavailable("the blob store is unavailable; send again later") from exc
-    return replace(new, blob_key=key)
+def prepare_object(
+    source: bytes | Dataset, limit: int, context: DeidContext
+) -> tuple[NewInstance, bytes]:
+    """`prepare` of the object's bytes (parsed here, e.g. in a worker process) or of the
+    dataset already parsed by `admission`."""
+    return prepare(dicom_io.parse(source, limit) if isinstance(source, bytes) else source,
+                   context)
 
 
 class IngestService:
@@ -170,7 +171,9 @@ class IngestService:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
-        admitted = await self._run(admission, data, limit, self.config.site_named(site.name))
+        admitted = await self._run(
+            admission, data, limit, self.config.site_named(site.name), self.executor is None
+        )
         try:
             return await self._store_admitted(data, admitted, site, study_uid)
         except ArchiveError as exc:  # name the object by the UID it would have had here
@@ -188,6 +191,12 @@ class IngestService:
                 self._patients.clear()
             self._patients[(site.id, patient_key)] = cached
         return cached
+
+    async def _discard(self, written: asyncio.Future[None], key: str) -> None:
+        """Remove the blob of an instance that was not indexed, once its write has ended."""
+        with contextlib.suppress(Exception):
+            await written
+        await asyncio.to_thread(self.blobs.delete, key)
 
     async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
@@ -215,14 +224,21 @@ class IngestService:
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
             self.config.project_name,
         )
-        new = await self._run(
-            prepare_and_write, data, self.config.limits.max_object_bytes, context,
-            self.blobs.root,
+        new, blob = await self._run(
+            prepare_object, admitted.dataset or data, self.config.limits.max_object_bytes,
+            context,
         )
+        new = replace(new, blob_key=self.blobs.new_key())
+        written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, new.blob_key, blob))
         try:
-            row = await store_instance(self.pool, site, patient, new, self.config.duplicates)
+            row = await store_instance(
+                self.pool, site, patient, new, self.config.duplicates, written
+            )
         except BaseException as exc:
-            await asyncio.to_thread(self.blobs.delete, new.blob_key)
+            await self._discard(written, new.blob_key)
+            if isinstance(exc, OSError):
+                raise StorageUnavailable("the blob store is unavailable; send again later") \
+                    from exc
             if isinstance(exc, _DATABASE_ERRORS):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise

@@ -7,6 +7,7 @@ writers of one study queue instead of deadlocking.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import asyncpg
@@ -135,28 +136,39 @@ async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
     return [(r["name"], r["reason"], r["count"]) for r in rows]
 
 
+_STORE = (
+    "SELECT outcome, stored_sha256, replaced_blob_key FROM store_instance("
+    + ", ".join(f"${n}" for n in range(1, 33)) + ")"
+)
+
+
 async def store_instance(
-    pool: asyncpg.Pool, site: Site, patient: Patient, new: NewInstance, on_conflict: str
+    pool: asyncpg.Pool, site: Site, patient: Patient, new: NewInstance, on_conflict: str,
+    blob_written: Awaitable[object],
 ) -> StoredRow:
-    """Index one instance whose blob is already written: one statement, one transaction
-    (the `store_instance` function of migrations/007). `on_conflict` is the duplicate policy
-    for a re-sent SOP Instance UID with other content: 'keep-first', 'reject' or 'overwrite'."""
+    """Index one instance in one transaction (the `store_instance` function of
+    migrations/007) that commits only once `blob_written` (the durable write of the instance's
+    blob, running meanwhile) has completed: the two overlap, and no committed row ever names
+    a blob that is not on disk. If the write fails, the transaction rolls back and its error
+    is raised. `on_conflict` is the duplicate policy for a re-sent SOP Instance UID with other
+    content: 'keep-first', 'reject' or 'overwrite'."""
     rec, pixels = new.record, new.pixel_data
     try:
-        row = await pool.fetchrow(
-            "SELECT outcome, stored_sha256, replaced_blob_key FROM store_instance("
-            + ", ".join(f"${n}" for n in range(1, 33)) + ")",
-            patient.pk, site.id,
-            rec.study_uid, rec.study_date, rec.study_time, rec.accession_number, rec.study_id,
-            rec.patient_sex, rec.patient_age, new.study_json,
-            rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
-            rec.pps_start_time, new.series_json,
-            rec.sop_uid, rec.sop_class_uid, rec.instance_number, new.transfer_syntax_uid,
-            new.blob_key, new.size_bytes, new.sha256, new.instance_json,
-            pixels.offset if pixels else None, pixels.length if pixels else None,
-            rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
-            rec.bits_allocated, on_conflict,
-        )
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                _STORE,
+                patient.pk, site.id,
+                rec.study_uid, rec.study_date, rec.study_time, rec.accession_number, rec.study_id,
+                rec.patient_sex, rec.patient_age, new.study_json,
+                rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
+                rec.pps_start_time, new.series_json,
+                rec.sop_uid, rec.sop_class_uid, rec.instance_number, new.transfer_syntax_uid,
+                new.blob_key, new.size_bytes, new.sha256, new.instance_json,
+                pixels.offset if pixels else None, pixels.length if pixels else None,
+                rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
+                rec.bits_allocated, on_conflict,
+            )
+            await blob_written
     except asyncpg.PostgresError as exc:
         if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
             raise RefusedObject(exc.args[0] if exc.args else "relational conflict",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _REFERENCED_SOP_SEQUENCE = "00081199"
 _FAILED_SOP_SEQUENCE = "00081198"
+_IN_FLIGHT = 4  # parts of one request being ingested at once
 
 
 def _uid(value: str | None) -> dict:
@@ -38,6 +40,41 @@ async def _read_part(part: BodyPartReader, remaining: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _ingest_part(
+    services: web_app.Services, data: bytes, site: str, target_study: str | None, base: str
+) -> tuple[dict, bool]:
+    """One part through the ingest: (its ReferencedSOPSequence item, True) when stored, else
+    (its FailedSOPSequence item, False). StorageUnavailable escapes: it fails the request."""
+    try:
+        result = await services.ingest.store(data, site, target_study)
+    except StorageUnavailable:
+        raise
+    except ArchiveError as exc:
+        log.info("STOW-RS object refused: %s", exc.message)
+        return {
+            "00081150": _uid(exc.sop_class_uid),
+            "00081155": _uid(exc.sop_uid),
+            "00081197": {"vr": "US", "Value": [exc.failure_reason]},
+        }, False
+    url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}" \
+          f"/instances/{result.sop_uid}"
+    item = {
+        "00081150": _uid(result.sop_class_uid),
+        "00081155": _uid(result.sop_uid),
+        "00081190": {"vr": "UR", "Value": [url]},
+    }
+    if result.warning:
+        item["00081196"] = {"vr": "US", "Value": [result.warning]}  # WarningReason
+    return item, True
+
+
+_NOT_DICOM = ({
+    "00081150": _uid(None),
+    "00081155": _uid(None),
+    "00081197": {"vr": "US", "Value": [0xC000]},
+}, False)
+
+
 async def store(request: web.Request) -> web.Response:
     services = request.app[web_app.SERVICES]
     content_type = parse_media_type(request.headers.get("Content-Type", ""))
@@ -51,10 +88,13 @@ async def store(request: web.Request) -> web.Response:
         raise BadRequest("malformed multipart body") from exc
     base = web_app.base_url(request)
     target_study = request.match_info.get("study")
-    stored, failed = [], []
-    warned = False
     budget = services.max_stow_bytes
     site = auth.upload_site(request, services.default_site)
+    # Parts are ingested while the next ones are read, at most _IN_FLIGHT at once (so at most
+    # that many objects are in memory); the answer lists them in the order they came.
+    in_flight = asyncio.Semaphore(_IN_FLIGHT)
+    entries: list[tuple[dict, bool] | asyncio.Task[tuple[dict, bool]]] = []
+    tasks: list[asyncio.Task[tuple[dict, bool]]] = []
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
@@ -62,39 +102,24 @@ async def store(request: web.Request) -> web.Response:
             data = await _read_part(part, budget)
             budget -= len(data)
             if parse_media_type(part.headers.get("Content-Type", DICOM)).type != DICOM:
-                failed.append({
-                    "00081150": _uid(None),
-                    "00081155": _uid(None),
-                    "00081197": {"vr": "US", "Value": [0xC000]},
-                })
+                entries.append(_NOT_DICOM)
                 continue
-            try:
-                result = await services.ingest.store(data, site, target_study)
-            except StorageUnavailable:
-                raise  # the whole request: 503, send again later (re-sends are idempotent)
-            except ArchiveError as exc:
-                log.info("STOW-RS object refused: %s", exc.message)
-                failed.append({
-                    "00081150": _uid(exc.sop_class_uid),
-                    "00081155": _uid(exc.sop_uid),
-                    "00081197": {"vr": "US", "Value": [exc.failure_reason]},
-                })
-                continue
-            url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}" \
-                  f"/instances/{result.sop_uid}"
-            item = {
-                "00081150": _uid(result.sop_class_uid),
-                "00081155": _uid(result.sop_uid),
-                "00081190": {"vr": "UR", "Value": [url]},
-            }
-            if result.warning:
-                item["00081196"] = {"vr": "US", "Value": [result.warning]}  # WarningReason
-                warned = True
-            stored.append(item)
+            await in_flight.acquire()
+            task = asyncio.create_task(_ingest_part(services, data, site, target_study, base))
+            task.add_done_callback(lambda _: in_flight.release())
+            entries.append(task)
+            tasks.append(task)
+        outcomes = [entry if isinstance(entry, tuple) else await entry for entry in entries]
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
         raise BadRequest("malformed multipart body") from exc
-    if not stored and not failed:
+    finally:
+        if tasks:  # whatever happens to the request, no object is left half-stored
+            await asyncio.wait(tasks)
+    if not outcomes:
         raise BadRequest("the multipart body holds no part")
+    stored = [item for item, ok in outcomes if ok]
+    failed = [item for item, ok in outcomes if not ok]
+    warned = any("00081196" in item for item in stored)
     body: dict = {}
     if stored:
         study_uids = {item["00081190"]["Value"][0].split("/series/")[0] for item in stored}
