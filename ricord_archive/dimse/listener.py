@@ -80,7 +80,6 @@ def serve(
     return server
 
 
-
 def start_listeners(ae: AE, config: Config, handlers: list[Any]) -> list[GuardedAssociationServer]:
     """The DIMSE port, and the DICOM TLS port when `[tls]` is configured."""
     context = tls_context(config.tls) if config.tls is not None else None  # fail before listening
