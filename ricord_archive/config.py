@@ -5,6 +5,7 @@ Loaded once into frozen dataclasses and passed down; nothing reads the environme
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,6 +16,7 @@ from typing import Any
 
 from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, sop_class_uids
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_SITE_NAME = "default"
 _SITEID = re.compile(r"^[1-9][0-9]{5}\Z")  # \Z, not $: "$" also accepts a trailing newline
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}\Z")
@@ -41,6 +43,7 @@ class SiteConfig:
     default: bool = False
     sop_classes: frozenset[str] = DEFAULT_SOP_CLASSES  # SOP Class UIDs the site may send
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from this site's AEs
+    addresses: tuple[Network, ...] = ()  # where its AE titles may call from; (): anywhere
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,17 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS on a second DIMSE port (TLS 1.2 or later), same host and AE title."""
+
+    port: int
+    cert: Path  # PEM certificate (chain) of the archive
+    key: Path  # PEM private key of the archive
+    ca: Path | None = None  # PEM CA certificate(s) client certificates are verified against
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     http_host: str = "127.0.0.1"
@@ -95,6 +109,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from any calling AE
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig | None = None
 
     @property
     def default_site(self) -> SiteConfig:
@@ -155,6 +170,7 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
         sites.append(SiteConfig(
             name, tuple(aets), siteid, bool(entry.get("default", False)), sop_classes,
             _parse_move_destinations(entry.get("move_destinations", []), f"site {name!r}"),
+            _parse_addresses(entry.get("addresses", []), name),
         ))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
@@ -171,6 +187,16 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
     if not defaults:
         sites[0] = replace(sites[0], default=True)
     return tuple(sites), False
+
+
+def _parse_addresses(raw: Any, site: str) -> tuple[Network, ...]:
+    """A site's allowed source addresses: IP addresses and CIDR networks."""
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise ConfigError(f"site {site!r}: addresses must be a list of IP addresses or networks")
+    try:
+        return tuple(ipaddress.ip_network(a.strip(), strict=False) for a in raw)
+    except ValueError as exc:
+        raise ConfigError(f"site {site!r}: {exc}") from exc
 
 
 _HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}\Z")  # a host name, IPv4 or IPv6 address
@@ -250,14 +276,44 @@ def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
     return AuthConfig(enabled, tuple(tokens))
 
 
-def _port(server: Mapping[str, Any], key: str, default: int) -> int:
-    value = server.get(key, default)
+_TLS_KEYS = frozenset({"port", "cert", "key", "ca", "require_client_cert"})
+
+
+def _parse_tls(raw: Any) -> TlsConfig | None:
+    """`[tls]`: port, cert, key, ca, require_client_cert; absent: no TLS port."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("[tls] must be a table")
+    unknown = sorted(set(raw) - _TLS_KEYS)
+    if unknown:
+        raise ConfigError(f"[tls]: unknown setting(s) {', '.join(unknown)}")
+    paths = {}
+    for key in ("cert", "key", "ca"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"[tls] {key} must be the path of a PEM file")
+        paths[key] = Path(value).expanduser().resolve() if value else None
+    if paths["cert"] is None or paths["key"] is None:
+        raise ConfigError("[tls] needs cert and key (PEM files)")
+    require = raw.get("require_client_cert", False)
+    if not isinstance(require, bool):
+        raise ConfigError("[tls] require_client_cert must be true or false")
+    if require and paths["ca"] is None:
+        raise ConfigError("[tls] require_client_cert needs ca (the CA that signs client "
+                          "certificates)")
+    return TlsConfig(_port(raw, "port", 2762, "[tls]"), paths["cert"], paths["key"],
+                     paths["ca"], require)
+
+
+def _port(section: Mapping[str, Any], key: str, default: int, where: str = "[server]") -> int:
+    value = section.get(key, default)
     try:
         port = int(value)
     except (TypeError, ValueError):
         port = -1
     if isinstance(value, bool) or not 0 <= port <= 65535:
-        raise ConfigError(f"[server] {key} must be a port number (0-65535)")
+        raise ConfigError(f"{where} {key} must be a port number (0-65535)")
     return port
 
 
@@ -360,6 +416,7 @@ def load_config(
             raw.get("move_destinations", []), "[[move_destinations]]"
         ),
         "auth": _parse_auth(raw.get("auth", {}), sites),
+        "tls": _parse_tls(raw.get("tls")),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

@@ -240,3 +240,40 @@ def test_unreadable_or_invalid_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         load_config(tmp_path / "missing.toml", env={})
     rejected(tmp_path, "[server\n")
+
+
+# --- DIMSE security: allowed addresses, TLS -----------------------------------------------------
+
+
+def test_site_addresses_are_networks(tmp_path):
+    config = load(tmp_path, sites_toml('name = "a"\naets = ["A"]\naddresses = ["10.0.0.0/8", '
+                                       '"192.168.1.7", "2001:db8::/32"]', 'name = "b"'))
+    assert [str(n) for n in config.sites[0].addresses] == [
+        "10.0.0.0/8", "192.168.1.7/32", "2001:db8::/32"
+    ]
+    assert config.sites[1].addresses == ()
+
+
+@pytest.mark.parametrize("addresses", ['"10.0.0.0/8"', '["10.0.0.300"]', '["host.example"]', "[8]"])
+def test_bad_site_addresses_rejected(tmp_path, addresses):
+    rejected(tmp_path, sites_toml(f'name = "a"\naddresses = {addresses}'), match="site 'a'")
+
+
+def test_tls_is_off_unless_configured(tmp_path):
+    assert load(tmp_path, "").tls is None
+    config = load(tmp_path, '[tls]\nport = 2762\ncert = "s.crt"\nkey = "s.key"\n')
+    assert config.tls.port == 2762
+    assert config.tls.cert.is_absolute() and config.tls.cert.name == "s.crt"
+    assert config.tls.ca is None and not config.tls.require_client_cert
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('port = 2762\ncert = "s.crt"', "cert and key"),
+    ('cert = "s.crt"\nkey = "s.key"\nrequire_client_cert = true', "needs ca"),
+    ('cert = "s.crt"\nkey = "s.key"\nrequire_client_cert = "yes"', "true or false"),
+    ('cert = "s.crt"\nkey = "s.key"\nport = 70000', "port"),
+    ('cert = "s.crt"\nkey = "s.key"\nciphers = "ALL"', "unknown"),
+    ('cert = 5\nkey = "s.key"', "PEM"),
+])
+def test_bad_tls_settings_rejected(tmp_path, text, match):
+    rejected(tmp_path, f"[tls]\n{text}\n", match=match)

@@ -29,11 +29,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from ricord_archive.config import Config, SiteConfig
+from ricord_archive.dimse.listener import GuardedAssociationServer, start_listeners
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
+from ricord_archive.dimse.security import AllowedAddresses
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.imports import ImportSessions, SessionStudy
 from ricord_archive.ingest import IngestService
@@ -112,7 +113,7 @@ class DimseServer:
         self.sessions = sessions
         self.loop = loop
         self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call)
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: list[GuardedAssociationServer] = []
         # associations from a calling AE title an import session expected when they opened
         self._importing: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -141,6 +142,7 @@ class DimseServer:
             ae.add_supported_context(model)
         handlers = [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_REQUESTED, AllowedAddresses(self.config.sites).on_requested),
             (evt.EVT_REJECTED, _log_rejection),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
@@ -149,21 +151,18 @@ class DimseServer:
             (evt.EVT_C_GET, self.retrieve_handlers.on_get),
             (evt.EVT_C_MOVE, self.retrieve_handlers.on_move),
         ]
-        self._server = ae.start_server(
-            (self.config.dimse_host, self.config.dimse_port), block=False, evt_handlers=handlers
-        )
+        self._servers = start_listeners(ae, self.config, handlers)  # DIMSE port, TLS port
 
     def stop(self) -> None:
         """Stop accepting associations, let those in progress finish (within the grace
         period, the event loop still serving them), then abort what is left."""
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        server.shutdown()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.shutdown()
         deadline = time.monotonic() + self.config.limits.shutdown_grace
-        while server.active_associations and time.monotonic() < deadline:
+        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the association threads while they finish
-        for association in server.active_associations:
+        for association in (a for s in servers for a in s.active_associations):
             association.abort()
 
     def _calling_aets(self) -> list[str]:
