@@ -16,7 +16,8 @@ from tests.conftest import DCMTK_ENV
 
 
 def test_associations_beyond_the_limit_are_rejected(make_archive):
-    archive = make_archive("limits", "[limits]\nmax_associations = 1\n")
+    # one process: the limit is per server process (README, Configuration)
+    archive = make_archive("limits", "[server]\nprocesses = 1\n[limits]\nmax_associations = 1\n")
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
     held = ae.associate("127.0.0.1", archive.dimse_port, ae_title="RICORD")

@@ -31,12 +31,19 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(
         self, *args: Any, pdu_limits: PduLimits, socket_timeout: float,
-        tls: ssl.SSLContext | None = None, **kwargs: Any,
+        tls: ssl.SSLContext | None = None, shared_port: bool = False, **kwargs: Any,
     ) -> None:
         self.pdu_limits = pdu_limits
         self.socket_timeout = socket_timeout
         self.tls = tls
+        self.shared_port = shared_port
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """With `shared_port`, the archive's other server processes listen on it too."""
+        if self.shared_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: the TLS handshake happens in the connection's thread."""
@@ -63,14 +70,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def serve(
     ae: AE, address: tuple[str, int], handlers: list[Any], pdu_limits: PduLimits,
-    socket_timeout: float, tls: ssl.SSLContext | None = None,
+    socket_timeout: float, tls: ssl.SSLContext | None = None, shared_port: bool = False,
 ) -> GuardedAssociationServer:
     """Start a listener in a daemon thread, as `AE.start_server(block=False)` does."""
     if tls is not None:
         tls.sslsocket_class = GuardedSSLSocket  # wrap_socket() then returns guarded sockets
     server = ae.make_server(
         address, evt_handlers=handlers, server_class=GuardedAssociationServer,
-        pdu_limits=pdu_limits, socket_timeout=socket_timeout, tls=tls,
+        pdu_limits=pdu_limits, socket_timeout=socket_timeout, tls=tls, shared_port=shared_port,
     )
     threading.Thread(
         target=server.serve_forever, name=f"DimseListener@{address[1]}", daemon=True
@@ -80,16 +87,19 @@ def serve(
     return server
 
 
-def start_listeners(ae: AE, config: Config, handlers: list[Any]) -> list[GuardedAssociationServer]:
-    """The DIMSE port, and the DICOM TLS port when `[tls]` is configured."""
+def start_listeners(
+    ae: AE, config: Config, handlers: list[Any], shared_port: bool = False
+) -> list[GuardedAssociationServer]:
+    """The DIMSE port, and the DICOM TLS port when `[tls]` is configured; with `shared_port`
+    both are shared with the archive's other server processes."""
     context = tls_context(config.tls) if config.tls is not None else None  # fail before listening
     limits = PduLimits(config.limits.max_pdu_bytes)
     timeout = config.limits.network_timeout
-    servers = [serve(ae, (config.dimse_host, config.dimse_port), handlers, limits, timeout)]
+    servers = [serve(ae, (config.dimse_host, config.dimse_port), handlers, limits, timeout,
+                     shared_port=shared_port)]
     if config.tls is not None:
-        servers.append(
-            serve(ae, (config.dimse_host, config.tls.port), handlers, limits, timeout, context)
-        )
+        servers.append(serve(ae, (config.dimse_host, config.tls.port), handlers, limits,
+                             timeout, context, shared_port))
         log.info("DICOM TLS on %s:%d (client certificates %s)", config.dimse_host,
                  config.tls.port, "required" if config.tls.require_client_cert else "optional")
     return servers

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 import weakref
@@ -73,33 +72,17 @@ TRANSFER_SYNTAXES = [
 _QUERY_LIMIT = 100_000
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """A listener that shares its port with the archive's other server processes."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class _ArchiveAE(AE):
     """An AE whose accepted calling AE titles are read at each association request: the
     configured sites' and those of active import sessions."""
 
-    def __init__(
-        self, ae_title: str, calling_aets: Callable[[], list[str]], shared_port: bool
-    ) -> None:
+    def __init__(self, ae_title: str, calling_aets: Callable[[], list[str]]) -> None:
         super().__init__(ae_title=ae_title)
         self._calling_aets = calling_aets
-        self._shared_port = shared_port
 
     @property
     def require_calling_aet(self) -> list[str]:
         return self._calling_aets()
-
-    def make_server(self, *args: Any, **kwargs: Any) -> ThreadedAssociationServer:
-        if self._shared_port:
-            kwargs["server_class"] = _SharedPortServer
-        return super().make_server(*args, **kwargs)
 
 
 class DimseServer:
@@ -123,7 +106,7 @@ class DimseServer:
 
     def start(self, shared_port: bool = False) -> None:
         """Listen; with `shared_port`, alongside the archive's other server processes."""
-        ae = _ArchiveAE(self.config.ae_title, self._calling_aets, shared_port)
+        ae = _ArchiveAE(self.config.ae_title, self._calling_aets)
         limits = self.config.limits
         ae.maximum_pdu_size = limits.max_pdu_bytes
         ae.maximum_associations = limits.max_associations  # beyond: rejected, local limit
@@ -151,7 +134,8 @@ class DimseServer:
             (evt.EVT_C_GET, self.retrieve_handlers.on_get),
             (evt.EVT_C_MOVE, self.retrieve_handlers.on_move),
         ]
-        self._servers = start_listeners(ae, self.config, handlers)  # DIMSE port, TLS port
+        # the DIMSE port, and the TLS port when configured
+        self._servers = start_listeners(ae, self.config, handlers, shared_port)
 
     def stop(self) -> None:
         """Stop accepting associations, let those in progress finish (within the grace
