@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from ricord_archive.blobstore import BlobStore
+from ricord_archive.blobstore import open_blob_store
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
@@ -134,7 +134,7 @@ async def serve(
             sites: dict[str, Site] = {s.name: await ensure_site(conn, s) for s in config.sites}
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
-        blobs = BlobStore(config.data_dir / "blobs")
+        blobs = open_blob_store(config)
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)

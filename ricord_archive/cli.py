@@ -208,11 +208,11 @@ def _run_tool(config: Config, args: argparse.Namespace) -> int:
 async def _fsck(config: Config, repair: bool) -> int:
     """Exit 0 when the blob store and the index agree, 1 when something is reported."""
     from ricord_archive.archive import open_index
-    from ricord_archive.blobstore import BlobStore
+    from ricord_archive.blobstore import open_blob_store
     from ricord_archive.fsck import check
     from ricord_archive.fsck import repair as remove_orphans
 
-    blobs = BlobStore(config.data_dir / "blobs")
+    blobs = open_blob_store(config)
     async with open_index(config, create=False) as pool:
         report = await check(pool, blobs)
     print("\n".join(report.lines()))

@@ -90,6 +90,19 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """Blobs in an S3-compatible object store instead of `<data-dir>/blobs`."""
+
+    bucket: str
+    endpoint: str = ""  # e.g. http://127.0.0.1:8333 for an on-premises store; empty: AWS
+    prefix: str = ""  # keys go under this prefix in the bucket
+    region: str = "us-east-1"
+    path_style: bool = True  # http://endpoint/bucket/key (on-premises stores want this)
+    access_key_id: str | None = None  # prefer RICORD_S3_ACCESS_KEY_ID
+    secret_access_key: str | None = field(default=None, repr=False)  # RICORD_S3_SECRET_ACCESS_KEY
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     http_host: str = "127.0.0.1"
@@ -110,6 +123,7 @@ class Config:
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from any calling AE
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    s3: S3Config | None = None  # None: blobs under <data_dir>/blobs
 
     @property
     def default_site(self) -> SiteConfig:
@@ -317,6 +331,37 @@ def _port(section: Mapping[str, Any], key: str, default: int, where: str = "[ser
     return port
 
 
+def _parse_s3(raw: Any, env: Mapping[str, str]) -> S3Config | None:
+    """`[s3]`: bucket, endpoint, prefix, region, path_style, access_key_id,
+    secret_access_key (the keys preferably from RICORD_S3_ACCESS_KEY_ID and
+    RICORD_S3_SECRET_ACCESS_KEY); absent: blobs on the local filesystem."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("[s3] must be a table")
+    known = {f.name for f in fields(S3Config)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"[s3]: unknown setting(s) {', '.join(unknown)}")
+    if not isinstance(raw.get("bucket"), str) or not raw["bucket"]:
+        raise ConfigError("[s3] needs a bucket")
+    for key in ("endpoint", "prefix", "region", "access_key_id", "secret_access_key"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"[s3] {key} must be a string")
+    if "path_style" in raw and not isinstance(raw["path_style"], bool):
+        raise ConfigError("[s3] path_style must be true or false")
+    endpoint = raw.get("endpoint", "")
+    if endpoint and not re.match(r"^https?://[^/\s]+/?$", endpoint):
+        raise ConfigError("[s3] endpoint must be http(s)://host[:port]")
+    values = dict(raw)
+    for var, key in (("RICORD_S3_ACCESS_KEY_ID", "access_key_id"),
+                     ("RICORD_S3_SECRET_ACCESS_KEY", "secret_access_key")):
+        if env.get(var):
+            values[key] = env[var]
+    values["prefix"] = values.get("prefix", "").strip("/")
+    return S3Config(**values)
+
+
 def _parse_limits(raw: Any) -> Limits:
     if not isinstance(raw, dict):
         raise ConfigError("[limits] must be a table")
@@ -417,6 +462,7 @@ def load_config(
         ),
         "auth": _parse_auth(raw.get("auth", {}), sites),
         "tls": _parse_tls(raw.get("tls")),
+        "s3": _parse_s3(raw.get("s3"), env),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

@@ -53,14 +53,14 @@ def _scan(blobs: BlobStore, now: float, grace: float) -> tuple[dict[str, int], l
         on_disk[key] = size
         if now - mtime < grace:
             young.append(key)
-    partial = [path for path, mtime in blobs.temporary_files() if now - mtime >= grace]
+    partial = [name for name, mtime in blobs.temporary_files() if now - mtime >= grace]
     return on_disk, young, partial
 
 
 async def check(pool: asyncpg.Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
     """Compare every index row with the blob store (one pass over each)."""
     on_disk, young, partial = await asyncio.to_thread(_scan, blobs, time.time(), grace)
-    report = FsckReport(partial_writes=[path.name for path in partial])
+    report = FsckReport(partial_writes=partial)
     async with pool.acquire() as conn, conn.transaction():
         async for row in conn.cursor("SELECT sop_uid, blob_key, size_bytes FROM instance"):
             report.indexed += 1
@@ -82,7 +82,7 @@ async def repair(blobs: BlobStore, report: FsckReport) -> int:
         for key in report.orphan_blobs:
             blobs.delete(key)
         for name in report.partial_writes:
-            (blobs.tmp / name).unlink(missing_ok=True)
+            blobs.remove_temporary(name)
         return len(report.orphan_blobs) + len(report.partial_writes)
 
     return await asyncio.to_thread(remove)

@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 
 import asyncpg
 import pydicom
@@ -15,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from ricord_archive import pixels
-from ricord_archive.blobstore import BlobStore
+from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.dicom_io import pixel_data_location
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
 from ricord_archive.index.database import reporting_outages
@@ -23,6 +22,7 @@ from ricord_archive.index.reads import StoredInstance, instance_metadata, stored
 from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
+__all__ = ["Blob", "Frames", "RetrieveService"]
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,24 @@ class RetrieveService:
 
     async def instances(
         self, *uids: str, site_id: int | None = None
-    ) -> list[tuple[StoredInstance, Path]]:
-        """The stored instances in scope with their files; NotFound when there are none.
+    ) -> list[tuple[StoredInstance, Blob]]:
+        """The stored instances in scope with their blobs; NotFound when there are none.
         With `site_id`, another site's objects are as if they did not exist."""
         async with reporting_outages():
             found = await stored_instances(self.pool, *uids, site_id=site_id)
         if not found:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
-        return [(item, self.blobs.path(item.blob_key)) for item in found]
+        return [(item, self._blob(item)) for item in found]
 
     async def instance(
         self, *uids: str, site_id: int | None = None
-    ) -> tuple[StoredInstance, Path]:
+    ) -> tuple[StoredInstance, Blob]:
         [found] = await self.instances(*uids, site_id=site_id)
         return found
 
     async def in_scopes(
         self, scopes: Sequence[tuple[str, ...]]
-    ) -> list[tuple[StoredInstance, Path]]:
+    ) -> list[tuple[StoredInstance, Blob]]:
         """The stored instances of several studies, series or instances (each scope 1 to 3 UIDs,
         as for `instances`), each once, in retrieval order; unknown scopes add nothing.
         Instances of one series are read together."""
@@ -74,53 +74,60 @@ class RetrieveService:
             for item in await stored_instances(self.pool, *series):
                 if item.sop_uid in sop_uids:
                     found.setdefault(item.sop_uid, item)
-        return [(item, self.blobs.path(item.blob_key)) for item in found.values()]
+        return [(item, self._blob(item)) for item in found.values()]
+
+    def _blob(self, item: StoredInstance) -> Blob:
+        return Blob(self.blobs, item.blob_key, item.size_bytes)
 
     async def for_sending(
-        self, item: StoredInstance, path: Path, accepted: Collection[str]
+        self, item: StoredInstance, blob: Blob, accepted: Collection[str]
     ) -> Dataset:
         """The instance as a dataset to send (DIMSE) in one of the `accepted` transfer syntaxes:
         read as stored when its stored syntax is accepted (its encoded elements are sent as
         they are), else re-encoded in an accepted uncompressed syntax; NotAcceptable when
         neither is possible."""
         if item.transfer_syntax_uid in accepted:
-            return await asyncio.to_thread(pydicom.dcmread, path)
+            return await asyncio.to_thread(_read, blob)
         target = next((s for s in pixels.UNCOMPRESSED if s in accepted), None)
         if target is None:
             raise NotAcceptable("no accepted transfer syntax can be produced from this object")
-        data = await self.transcoded(path, target)
+        data = await self.transcoded(blob, target)
         return await asyncio.to_thread(pydicom.dcmread, BytesIO(data))
 
-    async def transcoded(self, path: Path, transfer_syntax: str) -> bytes:
+    async def stored_bytes(self, blob: Blob) -> bytes:
+        """The object as stored."""
+        return await asyncio.to_thread(_read_all, blob)
+
+    async def transcoded(self, blob: Blob, transfer_syntax: str) -> bytes:
         """The whole object re-encoded in `transfer_syntax` (406 when it cannot be)."""
-        return await asyncio.to_thread(pixels.transcode, str(path), transfer_syntax)
+        return await asyncio.to_thread(_transcode, blob, transfer_syntax)
 
     async def frames(self, uids: tuple[str, str, str], numbers: list[int], stored: bool,
                      site_id: int | None = None) -> Frames:
         """Frames by number (1-based): the stored bytes when `stored` (compressed frames stay
         compressed), else decoded to native little-endian pixel values."""
-        item, path = await self.instance(*uids, site_id=site_id)
+        item, blob = await self.instance(*uids, site_id=site_id)
         if item.rows is None:
             raise BadRequest("the instance has no pixel data")
         pixels.check_frame_numbers(numbers, item.number_of_frames)
         syntax = UID(item.transfer_syntax_uid)
         if stored and syntax.is_compressed:
-            data = await asyncio.to_thread(self._encapsulated, item, path, numbers)
+            data = await asyncio.to_thread(self._encapsulated, item, blob, numbers)
             return Frames(data, pixels.FRAME_MEDIA_TYPES.get(syntax, "application/octet-stream"),
                           str(syntax))
         if not syntax.is_compressed and syntax.is_little_endian:
-            data = await asyncio.to_thread(self._native, item, path, numbers)
+            data = await asyncio.to_thread(self._native, item, blob, numbers)
         else:
-            data = await asyncio.to_thread(_decode, path, numbers)
+            data = await asyncio.to_thread(_decode, blob, numbers)
         return Frames(data, "application/octet-stream", None)
 
     async def rendered(self, uids: tuple[str, str, str], number: int,
                        options: RenderOptions, site_id: int | None = None) -> bytes:
-        item, path = await self.instance(*uids, site_id=site_id)
+        item, blob = await self.instance(*uids, site_id=site_id)
         if item.rows is None:
             raise BadRequest("the instance has no pixel data to render")
         pixels.check_frame_numbers([number], item.number_of_frames)
-        return await asyncio.to_thread(_render, path, number, options)
+        return await asyncio.to_thread(_render, blob, number, options)
 
     async def thumbnail(self, uids: tuple[str, ...], options: RenderOptions,
                         site_id: int | None = None) -> bytes:
@@ -129,14 +136,14 @@ class RetrieveService:
                  if i.rows is not None]
         if not found:
             raise NotFound("nothing with pixel data to show")
-        item, path = found[len(found) // 2]
-        return await asyncio.to_thread(_render, path, (item.number_of_frames + 1) // 2, options)
+        item, blob = found[len(found) // 2]
+        return await asyncio.to_thread(_render, blob, (item.number_of_frames + 1) // 2, options)
 
     async def bulk_data(self, study: str, series: str, instance: str, tag: int,
                         site_id: int | None = None) -> bytes:
         """The value of one binary element of a stored instance, as handed out by BulkDataURI."""
-        _, path = await self.instance(study, series, instance, site_id=site_id)
-        value = await asyncio.to_thread(_element_bytes, path, tag)
+        _, blob = await self.instance(study, series, instance, site_id=site_id)
+        value = await asyncio.to_thread(_element_bytes, blob, tag)
         if value is None:
             raise NotFound("no such bulk data element")
         return value
@@ -150,26 +157,26 @@ class RetrieveService:
         return b"[" + b",".join(documents) + b"]"
 
     @staticmethod
-    def _offset(item: StoredInstance, path: Path) -> tuple[int, int | None]:
+    def _offset(item: StoredInstance, blob: Blob) -> tuple[int, int | None]:
         if item.pixel_data_offset is not None:
             return item.pixel_data_offset, item.pixel_data_length
-        with path.open("rb") as stream:  # indexed before offsets were recorded
+        with blob.open() as stream:  # indexed before offsets were recorded
             location = pixel_data_location(stream)
         if location is None:
             raise NotFound("the instance has no pixel data")
         return location.offset, location.length
 
-    def _native(self, item: StoredInstance, path: Path, numbers: list[int]) -> list[bytes]:
-        offset, _ = self._offset(item, path)
+    def _native(self, item: StoredInstance, blob: Blob, numbers: list[int]) -> list[bytes]:
+        offset, _ = self._offset(item, blob)
         size = pixels.frame_size(item.rows, item.columns, item.samples_per_pixel or 1,
                                  item.bits_allocated or 8)
-        with path.open("rb") as stream:
+        with blob.open() as stream:
             return [pixels.native_frame(stream, offset, size, n) for n in numbers]
 
-    def _encapsulated(self, item: StoredInstance, path: Path, numbers: list[int]) -> list[bytes]:
-        offset, _ = self._offset(item, path)
+    def _encapsulated(self, item: StoredInstance, blob: Blob, numbers: list[int]) -> list[bytes]:
+        offset, _ = self._offset(item, blob)
         big = not UID(item.transfer_syntax_uid).is_little_endian
-        with path.open("rb") as stream:
+        with blob.open() as stream:
             found = pixels.encapsulated_frames(stream, offset, item.number_of_frames, numbers, big)
         missing = [n for n in numbers if n not in found]
         if missing:
@@ -177,17 +184,36 @@ class RetrieveService:
         return [found[n] for n in numbers]
 
 
-def _decode(path: Path, numbers: list[int]) -> list[bytes]:
-    return [pixels.as_little_endian_bytes(pixels.decoded_frame(str(path), n)) for n in numbers]
+def _read_all(blob: Blob) -> bytes:
+    with blob.open() as stream:
+        return stream.read()
 
 
-def _render(path: Path, number: int, options: RenderOptions) -> bytes:
-    attributes = pydicom.dcmread(path, stop_before_pixels=True)
-    return render(pixels.decoded_frame(str(path), number), attributes, options)
+def _read(blob: Blob) -> Dataset:
+    with blob.open() as stream:
+        return pydicom.dcmread(stream)
 
 
-def _element_bytes(path: Path, tag: int) -> bytes | None:
-    dataset = pydicom.dcmread(path, specific_tags=[tag])
+def _transcode(blob: Blob, transfer_syntax: str) -> bytes:
+    with blob.open() as stream:
+        return pixels.transcode(stream, transfer_syntax)
+
+
+def _decode(blob: Blob, numbers: list[int]) -> list[bytes]:
+    with blob.open() as stream:
+        return [pixels.as_little_endian_bytes(pixels.decoded_frame(stream, n)) for n in numbers]
+
+
+def _render(blob: Blob, number: int, options: RenderOptions) -> bytes:
+    with blob.open() as stream:
+        attributes = pydicom.dcmread(stream, stop_before_pixels=True)
+        stream.seek(0)
+        return render(pixels.decoded_frame(stream, number), attributes, options)
+
+
+def _element_bytes(blob: Blob, tag: int) -> bytes | None:
+    with blob.open() as stream:
+        dataset = pydicom.dcmread(stream, specific_tags=[tag])
     element = dataset.get(tag)
     if element is None or not isinstance(element.value, bytes):
         return None

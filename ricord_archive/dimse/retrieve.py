@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
@@ -35,7 +34,7 @@ from ricord_archive.index.reads import StoredInstance
 from ricord_archive.matching import Level
 from ricord_archive.pixels import UNCOMPRESSED
 from ricord_archive.query import QueryService
-from ricord_archive.retrieve import RetrieveService
+from ricord_archive.retrieve import Blob, RetrieveService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,7 +117,7 @@ class RetrieveHandlers:
         yield len(found)
         yield from self._sub_operations(event, found, lambda: opened[0])
 
-    def _matches(self, event: evt.Event, name: str) -> list[tuple[StoredInstance, Path]] | int:
+    def _matches(self, event: evt.Event, name: str) -> list[tuple[StoredInstance, Blob]] | int:
         """The stored instances the identifier names, or the failure status to answer."""
         try:
             return self._resolve(event.identifier, event.request.AffectedSOPClassUID)
@@ -131,7 +130,7 @@ class RetrieveHandlers:
 
     def _resolve(
         self, identifier: Dataset, sop_class_uid: str
-    ) -> list[tuple[StoredInstance, Path]]:
+    ) -> list[tuple[StoredInstance, Blob]]:
         """The stored instances the identifier's unique keys name, by the query engine."""
         level = _LEVELS.get(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
         patient_root = sop_class_uid in _PATIENT_ROOT
@@ -161,19 +160,19 @@ class RetrieveHandlers:
         return self._call(self.retrieve.in_scopes(scopes))
 
     def _sub_operations(
-        self, event: evt.Event, found: list[tuple[StoredInstance, Path]],
+        self, event: evt.Event, found: list[tuple[StoredInstance, Blob]],
         store_association: Callable[[], Association],
     ) -> Iterator[tuple[int, Dataset | None]]:
-        for item, path in found:
+        for item, blob in found:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
             accepted = accepted_syntaxes(store_association(), item.sop_class_uid)
-            yield STATUS_PENDING, self._dataset(item, path, accepted)
+            yield STATUS_PENDING, self._dataset(item, blob, accepted)
 
-    def _dataset(self, item: StoredInstance, path: Path, accepted: set[str]) -> Dataset:
+    def _dataset(self, item: StoredInstance, blob: Blob, accepted: set[str]) -> Dataset:
         try:
-            return self._call(self.retrieve.for_sending(item, path, accepted))
+            return self._call(self.retrieve.for_sending(item, blob, accepted))
         except ArchiveError as exc:
             log.info("instance %s not sent: %s", item.sop_uid, exc.message)
         except Exception as exc:
@@ -189,7 +188,7 @@ def accepted_syntaxes(association: Association, sop_class_uid: str) -> set[str]:
     }
 
 
-def store_contexts(found: list[tuple[StoredInstance, Path]]) -> list[PresentationContext]:
+def store_contexts(found: list[tuple[StoredInstance, Blob]]) -> list[PresentationContext]:
     """What a C-MOVE proposes to its destination: per SOP class the uncompressed syntaxes,
     and per stored transfer syntax of that class a context of its own, so the destination can
     take the stored bytes and still fall back to uncompressed (at most 128 contexts)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ricord_archive.archive import ingest_executor, open_index
-from ricord_archive.blobstore import BlobStore
+from ricord_archive.blobstore import open_blob_store
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.imports import ImportSessions
@@ -44,7 +44,7 @@ async def archive_services(config: Config) -> AsyncIterator[ArchiveServices]:
                 sites = {s.name: await ensure_site(conn, s) for s in config.sites}
         except SiteConflict as exc:
             raise ToolError(str(exc)) from exc
-        blobs = BlobStore(config.data_dir / "blobs")
+        blobs = open_blob_store(config)
         executor = ingest_executor(config)
         try:
             yield ArchiveServices(

@@ -79,8 +79,8 @@ async def _part(response: web.StreamResponse, boundary: str, headers: str, body:
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """multipart/related; type="application/dicom", one part per instance: stored bytes
-    sent from disk with sendfile, or the object re-encoded when another transfer syntax is
-    asked for."""
+    sent from disk with sendfile (from an object store in ranged reads), or the object
+    re-encoded when another transfer syntax is asked for."""
     services = request.app[web_app.SERVICES]
     syntaxes = _dicom_syntaxes(request.headers.get("Accept"))
     found = await services.retrieve.instances(*_uids(request), site_id=auth.site_id(request))
@@ -103,18 +103,19 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         ) + len(closing)
     await response.prepare(request)
     loop = asyncio.get_running_loop()
-    for head, (item, path), syntax in zip(heads, found, chosen, strict=True):
+    for head, (item, blob), syntax in zip(heads, found, chosen, strict=True):
         if syntax == item.transfer_syntax_uid:
             await response.write(head)
-            with path.open("rb") as handle:
-                if as_stored and request.transport is not None:
+            handle = await asyncio.to_thread(blob.open)
+            with handle:
+                if as_stored and blob.path is not None and request.transport is not None:
                     await loop.sendfile(request.transport, handle, 0, item.size_bytes)
                 else:
                     while chunk := await asyncio.to_thread(handle.read, _CHUNK):
                         await response.write(chunk)
             await response.write(b"\r\n")
         else:
-            body = await services.retrieve.transcoded(path, syntax)
+            body = await services.retrieve.transcoded(blob, syntax)
             await _part(response, boundary, f"Content-Type: {DICOM}; transfer-syntax={syntax}\r\n"
                         f"Content-Length: {len(body)}", body)
     await response.write(closing)
@@ -257,11 +258,14 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
     content_type = query.get("contentType", "image/jpeg").split(",")[0].strip()
     site_id = auth.site_id(request)
     if content_type == DICOM:
-        item, path = await services.retrieve.instance(*uids, site_id=site_id)
+        item, blob = await services.retrieve.instance(*uids, site_id=site_id)
         syntax = query.get("transferSyntax")
         if syntax is None or syntax == item.transfer_syntax_uid:
-            return web.FileResponse(path, headers={"Content-Type": DICOM})
-        return web.Response(body=await services.retrieve.transcoded(path, syntax),
+            if blob.path is not None:
+                return web.FileResponse(blob.path, headers={"Content-Type": DICOM})
+            return web.Response(body=await services.retrieve.stored_bytes(blob),
+                                content_type=DICOM)
+        return web.Response(body=await services.retrieve.transcoded(blob, syntax),
                             content_type=DICOM)
     if content_type not in MEDIA_TYPES:
         raise NotAcceptable("contentType is application/dicom, image/jpeg or image/png")

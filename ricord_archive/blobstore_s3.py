@@ -1,0 +1,123 @@
+"""Blobs in an S3-compatible object store (AWS S3, Ceph RGW, SeaweedFS, MinIO), through
+obstore (the Rust object_store crate's bindings).
+
+Writes use `If-None-Match: *` (obstore's create mode): an existing key is never overwritten;
+large objects go up in parts. Reads are ranged: a frame or a header is fetched, not the object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+import obstore
+from obstore.store import S3Store
+
+from ricord_archive.blobstore import check_key, new_key
+from ricord_archive.config import S3Config
+
+_MULTIPART_ABOVE = 64 * 1024**2  # bytes: larger objects are uploaded in parts
+_READ_BUFFER = 1024**2
+# An unreachable store fails a request within seconds (C-STORE 0xA700, STOW 503), not minutes.
+_CONNECT_TIMEOUT = timedelta(seconds=5)
+_REQUEST_TIMEOUT = timedelta(seconds=120)
+_RETRY_TIMEOUT = timedelta(seconds=15)
+
+
+class S3BlobStore:
+    def __init__(self, config: S3Config) -> None:
+        settings = {"region": config.region, "virtual_hosted_style_request": not config.path_style}
+        if config.endpoint:
+            settings["endpoint"] = config.endpoint
+        if config.access_key_id:
+            settings["access_key_id"] = config.access_key_id
+            settings["secret_access_key"] = config.secret_access_key or ""
+        self._store = S3Store(
+            config.bucket, prefix=config.prefix or None, config=settings,
+            client_options={"allow_http": config.endpoint.startswith("http://"),
+                            "connect_timeout": _CONNECT_TIMEOUT, "timeout": _REQUEST_TIMEOUT},
+            retry_config={"max_retries": 3, "retry_timeout": _RETRY_TIMEOUT},
+        )
+
+    new_key = staticmethod(new_key)
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def write(self, key: str, data: bytes) -> None:
+        with _as_os_errors():
+            obstore.put(self._store, check_key(key), data, mode="create",
+                        use_multipart=len(data) > _MULTIPART_ABOVE)
+
+    def open(self, key: str, size: int | None = None) -> BinaryIO:
+        if size is None:
+            with _as_os_errors():
+                size = obstore.head(self._store, check_key(key))["size"]
+        raw = _RangeReader(self._store, check_key(key), size)
+        return io.BufferedReader(raw, buffer_size=_READ_BUFFER)  # type: ignore[return-value]
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError), _as_os_errors():  # gone already: deleted
+            obstore.delete(self._store, check_key(key))
+
+    def walk(self) -> Iterator[tuple[str, int, float]]:
+        with _as_os_errors():
+            for batch in obstore.list(self._store, chunk_size=1000):
+                for meta in batch:
+                    yield meta["path"], meta["size"], meta["last_modified"].timestamp()
+
+    def temporary_files(self) -> Iterator[tuple[str, float]]:
+        return iter(())  # an interrupted upload leaves no object behind
+
+    def remove_temporary(self, name: str) -> None:
+        raise ValueError("an S3 blob store has no temporary files")
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable read-only file over one object: each read is a ranged GET."""
+
+    def __init__(self, store: S3Store, key: str, size: int) -> None:
+        self._store, self._key, self._size, self._position = store, key, size, 0
+        self.name = key  # pydicom names a dataset read from a file-like object after it
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        length = min(len(buffer), self._size - self._position)
+        if length <= 0:
+            return 0
+        with _as_os_errors():
+            data = obstore.get_range(self._store, self._key, start=self._position, length=length)
+        view = memoryview(data)
+        buffer[: len(view)] = view
+        self._position += len(view)
+        return len(view)
+
+
+@contextlib.contextmanager
+def _as_os_errors() -> Iterator[None]:
+    """The store's errors as the OSErrors a filesystem would raise (the archive answers
+    0xA700 / 503 for those); a missing object stays FileNotFoundError. The message names
+    the kind of failure only (keys are ours, but responses quote no store internals)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except obstore.exceptions.BaseError as exc:
+        raise OSError(f"object store error ({type(exc).__name__})") from exc

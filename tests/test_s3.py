@@ -1,0 +1,164 @@
+"""Blobs in a real S3 server (SeaweedFS): one archive on it, and two archive nodes on one
+PostgreSQL and one bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import asyncpg
+import obstore
+import pydicom
+import pytest
+import requests
+from obstore.store import S3Store
+
+from tests import dcmtk
+from tests.conftest import DCMTK_ENV, Archive
+from tests.seaweed import Seaweed
+
+SECRET = "two-nodes-share-this-secret-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    server = Seaweed(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(seaweed) -> str:
+    name = f"ricord-{uuid.uuid4().hex[:12]}"
+    seaweed.create_bucket(name)
+    return name
+
+
+def s3_config(seaweed: Seaweed, bucket: str, extra: str = "") -> str:
+    return (f'[server]\nsecret_key = "{SECRET}"\n{extra}\n'
+            f'[s3]\nbucket = "{bucket}"\nendpoint = "{seaweed.endpoint}"\nprefix = "archive"\n'
+            'access_key_id = "test"\nsecret_access_key = "test"\n')
+
+
+def objects(seaweed: Seaweed, bucket: str) -> dict[str, int]:
+    store = S3Store(bucket, config={"endpoint": seaweed.endpoint, "access_key_id": "test",
+                                    "secret_access_key": "test", "region": "us-east-1",
+                                    "virtual_hosted_style_request": False},
+                    client_options={"allow_http": True})
+    return {meta["path"]: meta["size"] for batch in obstore.list(store) for meta in batch}
+
+
+def index_rows(archive: Archive) -> dict[str, tuple[str, int, bytes]]:
+    """sop_uid -> (blob key, size, sha256) as the index holds them."""
+    url = subprocess.run(archive.command("db-url"), capture_output=True, text=True,
+                         check=True).stdout.strip()
+
+    async def fetch() -> list:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetch("SELECT sop_uid, blob_key, size_bytes, sha256 FROM instance")
+        finally:
+            await conn.close()
+
+    return {r["sop_uid"]: (r["blob_key"], r["size_bytes"], r["sha256"])
+            for r in asyncio.run(fetch())}
+
+
+def test_an_archive_on_s3_stores_and_serves_everything_from_the_bucket(
+    make_archive, corpus, seaweed, bucket
+):
+    archive = make_archive("s3", s3_config(seaweed, bucket))
+    files = corpus.study(corpus.patient(), dt.date(2021, 3, 4), slices=5)
+    assert dcmtk.storescu(archive.dimse_port, files[:3]).stderr.count("(Success)") == 3
+    archive.client().store_instances([pydicom.dcmread(f) for f in files[3:]])
+
+    assert not list((archive.data_dir / "blobs").rglob("*.dcm"))  # nothing on local disk
+    stored = objects(seaweed, bucket)
+    rows = index_rows(archive)
+    assert len(rows) == 5
+    assert {f"archive/{key}": size for key, size, _ in rows.values()} == stored
+
+    [study] = archive.client().search_for_studies()
+    study_uid = study["0020000D"]["Value"][0]
+    retrieved = requests.get(f"{archive.dicomweb_url}/studies/{study_uid}",
+                             headers={"Accept": 'multipart/related; type="application/dicom"'},
+                             timeout=60)
+    assert retrieved.status_code == 200
+    for instance in archive.client().retrieve_study(study_uid):
+        _, size, digest = rows[instance.SOPInstanceUID]
+        with_meta = requests.get(
+            f"{archive.root}/wado", timeout=60,
+            params={"requestType": "WADO", "studyUID": study_uid,
+                    "seriesUID": instance.SeriesInstanceUID,
+                    "objectUID": instance.SOPInstanceUID, "contentType": "application/dicom"},
+        ).content
+        assert len(with_meta) == size and hashlib.sha256(with_meta).digest() == digest
+        [frame] = archive.client().retrieve_instance_frames(
+            study_uid, instance.SeriesInstanceUID, instance.SOPInstanceUID, [1])
+        assert frame == instance.PixelData  # read at its offset with a ranged GET
+    rendered = requests.get(
+        f"{archive.dicomweb_url}/studies/{study_uid}/series/{instance.SeriesInstanceUID}"
+        f"/instances/{instance.SOPInstanceUID}/rendered", headers={"Accept": "image/png"},
+        timeout=60)
+    assert rendered.status_code == 200 and rendered.content[:4] == b"\x89PNG"
+
+    fsck = subprocess.run(archive.command("fsck"), capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert "indexed instances: 5" in fsck.stdout
+
+
+def test_two_nodes_on_one_database_and_one_bucket(make_archive, corpus, seaweed, bucket):
+    first = make_archive("node-a", s3_config(seaweed, bucket))
+    url = subprocess.run(first.command("db-url"), capture_output=True, text=True,
+                         check=True).stdout.strip()
+    second = make_archive("node-b", s3_config(seaweed, bucket, f'database_url = "{url}"'))
+    patient = corpus.patient()
+    by_dimse = corpus.study(patient, dt.date(2021, 5, 6), slices=8)
+    by_stow = corpus.study(patient, dt.date(2021, 6, 7), slices=8)
+
+    with ThreadPoolExecutor(2) as senders:  # DIMSE on one node, STOW on the other, at once
+        dimse = senders.submit(dcmtk.storescu, first.dimse_port, by_dimse)
+        stow = senders.submit(second.client().store_instances,
+                              [pydicom.dcmread(f) for f in by_stow])
+        assert dimse.result().stderr.count("(Success)") == 8
+        assert len(stow.result().ReferencedSOPSequence) == 8
+
+    for node in (first, second):  # each node sees everything, the same way
+        found = node.client().search_for_studies()
+        assert sorted(s["00201208"]["Value"][0] for s in found) == [8, 8]
+        assert len({s["00100020"]["Value"][0] for s in found}) == 1  # one pseudonym
+        for study in found:
+            uid = study["0020000D"]["Value"][0]
+            assert len(node.client().retrieve_study(uid)) == 8
+    assert len(objects(seaweed, bucket)) == 16 == len(index_rows(first))
+
+    # one node killed in the middle of an ingest: the other keeps serving
+    more = corpus.study(patient, dt.date(2021, 7, 8), slices=30)
+    log = first.log_path.parent / "killed-storescu.log"
+    with log.open("w") as out:
+        sender = subprocess.Popen(
+            [dcmtk.tool("storescu"), "-v", "-aec", "RICORD", "127.0.0.1",
+             str(second.dimse_port), *map(str, more)],
+            stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    deadline = time.monotonic() + 60
+    while "(Success)" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the first acknowledged object
+    second.kill()
+    sender.wait(timeout=60)
+    acknowledged = log.read_text().count("Received Store Response (Success)")
+    assert acknowledged >= 1
+    counts = [s["00201208"]["Value"][0] for s in first.client().search_for_studies()]
+    assert len(counts) == 3 and counts.count(8) >= 2
+    assert sum(counts) - 16 >= acknowledged  # every acknowledged object is indexed
+    assert dcmtk.storescu(first.dimse_port, more).stderr.count("(Success)") == 30
+    assert sorted(s["00201208"]["Value"][0] for s in first.client().search_for_studies()) \
+        == [8, 8, 30]
+    rows = index_rows(first)
+    stored = objects(seaweed, bucket)
+    assert len(rows) == 46
+    assert all(f"archive/{key}" in stored for key, _, _ in rows.values())  # no missing blob
