@@ -31,6 +31,7 @@ from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
+from ricord_archive.web.oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,15 @@ async def serve(config: Config) -> None:
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)
+        site_ids = {name: site.id for name, site in sites.items()}
+        oidc = config.auth.oidc
         services = Services(
             ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
             authenticator=Authenticator(
-                config.auth.tokens, {name: site.id for name, site in sites.items()}
+                config.auth.tokens, site_ids, OidcVerifier(oidc, site_ids) if oidc else None,
             ) if config.auth.enabled else None,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
@@ -141,9 +144,10 @@ async def serve(config: Config) -> None:
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
         if config.auth.enabled:
             log.warning(
-                "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s); "
+                "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s%s); "
                 "/health stays open", len(config.auth.tokens),
                 ", ".join(f"{t.name}={t.role}" for t in config.auth.tokens),
+                f"; OpenID Connect tokens of {oidc.issuer}" if oidc else "",
             )
         log.info(
             "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",

@@ -124,6 +124,13 @@ def create_app(services: Services) -> web.Application:
         middlewares.insert(1, auth.middleware(services.authenticator))
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
+    if services.authenticator is not None:
+        authenticator = services.authenticator
+
+        async def close_authenticator(_: web.Application) -> None:
+            await authenticator.close()
+
+        app.on_cleanup.append(close_authenticator)
     app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/health", health)
     app.router.add_post(f"{ROOT}/studies", stow.store)
