@@ -31,6 +31,7 @@ from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
+from ricord_archive.web.listener import Deadlines, listen, tls_context
 from ricord_archive.web.oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop listeners, the pool and the embedded database."""
     prepare_data_dir(config)
     keys = Keyring(load_secret(config))
+    tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -132,10 +134,15 @@ async def serve(config: Config) -> None:
             authenticator=Authenticator(
                 config.auth.tokens, site_ids, OidcVerifier(oidc, site_ids) if oidc else None,
             ) if config.auth.enabled else None,
+            trusted_proxies=config.trusted_proxies,
+            body_idle_timeout=config.limits.http_body_idle_timeout,
+            send_timeout=config.limits.http_send_timeout,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, config.http_host, config.http_port).start()
+        http = await listen(runner, config.http_host, config.http_port, Deadlines(
+            config.limits.http_header_timeout, config.limits.http_send_timeout,
+        ), tls)
         dimse = DimseServer(
             config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
         )
@@ -150,9 +157,9 @@ async def serve(config: Config) -> None:
                 f"; OpenID Connect tokens of {oidc.issuer}" if oidc else "",
             )
         log.info(
-            "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d",
-            config.http_host, config.http_port, config.ae_title, config.dimse_host,
-            config.dimse_port,
+            "ricord-archive ready: HTTP %s://%s:%d/dicom-web, DIMSE %s@%s:%d",
+            "https" if tls else "http", config.http_host, config.http_port, config.ae_title,
+            config.dimse_host, config.dimse_port,
         )
         try:
             await stop.wait()
@@ -161,6 +168,7 @@ async def serve(config: Config) -> None:
             readiness.ready = False
             fsck_at_start.cancel()
             await asyncio.to_thread(dimse.stop)
+            http.close()
             await runner.cleanup()
             if executor is not None:
                 await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)

@@ -5,6 +5,7 @@ Loaded once into frozen dataclasses and passed down; nothing reads the environme
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -104,6 +105,9 @@ class Config:
     data_dir: Path = Path("data")
     http_host: str = "127.0.0.1"
     http_port: int = 8042
+    tls_cert: Path | None = None  # with tls_key: the HTTP listener speaks HTTPS
+    tls_key: Path | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dimse_host: str = "127.0.0.1"
     dimse_port: int = 11112
     ae_title: str = "RICORD"
@@ -389,6 +393,30 @@ def _cors_origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _tls(server: Mapping[str, Any]) -> tuple[Path | None, Path | None]:
+    """`tls_cert` and `tls_key`: both (HTTPS) or neither (HTTP)."""
+    cert, key = server.get("tls_cert"), server.get("tls_key")
+    if (cert is None) != (key is None):
+        raise ConfigError("[server] tls_cert and tls_key go together (a PEM certificate chain "
+                          "and its private key)")
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"[server] {name} must be a file path")
+    if cert is None:
+        return None, None
+    return Path(cert).expanduser(), Path(key).expanduser()
+
+
+def _trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-*/Forwarded count."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("[server] trusted_proxies must be a list of addresses or CIDR networks")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=True) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"[server] trusted_proxies: {exc}") from exc
+
+
 def _project_name(section: Any) -> str:
     if not isinstance(section, dict):
         raise ConfigError("[deidentification] must be a table")
@@ -418,10 +446,14 @@ def load_config(
         raise ConfigError("[server] must be a table")
     sites, accept_any = _parse_sites(raw.get("sites"))
     limits_raw = raw.get("limits", {})
+    tls_cert, tls_key = _tls(server)
     values: dict[str, Any] = {
         "data_dir": Path(server.get("data_dir", "data")),
         "http_host": server.get("http_host", "127.0.0.1"),
         "http_port": _port(server, "http_port", 8042),
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "trusted_proxies": _trusted_proxies(server.get("trusted_proxies", [])),
         "dimse_host": server.get("dimse_host", "127.0.0.1"),
         "dimse_port": _port(server, "dimse_port", 11112),
         "ae_title": server.get("ae_title", "RICORD"),

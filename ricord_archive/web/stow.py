@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, web
@@ -24,13 +27,30 @@ _REFERENCED_SOP_SEQUENCE = "00081199"
 _FAILED_SOP_SEQUENCE = "00081198"
 
 
+T = TypeVar("T")
+
+
+class _Stalled(Exception):
+    """The client sent no byte of the body for the configured idle timeout."""
+
+
 def _uid(value: str | None) -> dict:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-async def _read_part(part: BodyPartReader, remaining: int) -> bytes:
+async def _unless_idle(read: Awaitable[T], seconds: float) -> T:
+    """One read of the body. Reads return as soon as some bytes arrived, so a read taking
+    `seconds` means the client sent nothing for that long."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await read
+    except TimeoutError:
+        raise _Stalled from None
+
+
+async def _read_part(part: BodyPartReader, remaining: int, idle: float) -> bytes:
     chunks, size = [], 0
-    while chunk := await part.read_chunk(1024 * 1024):
+    while chunk := await _unless_idle(part.read_chunk(1024 * 1024), idle):
         size += len(chunk)
         if size > remaining:
             raise ObjectTooLarge("the STOW-RS request exceeds the configured size limit")
@@ -55,11 +75,12 @@ async def store(request: web.Request) -> web.Response:
     warned = False
     budget = services.max_stow_bytes
     site = auth.upload_site(request, services.default_site)
+    idle = services.body_idle_timeout
     try:
-        while (part := await reader.next()) is not None:
+        while (part := await _unless_idle(reader.next(), idle)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not accepted")
-            data = await _read_part(part, budget)
+            data = await _read_part(part, budget, idle)
             budget -= len(data)
             if parse_media_type(part.headers.get("Content-Type", DICOM)).type != DICOM:
                 failed.append({
@@ -93,6 +114,12 @@ async def store(request: web.Request) -> web.Response:
             stored.append(item)
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
         raise BadRequest("malformed multipart body") from exc
+    except _Stalled:
+        log.warning("STOW-RS body stalled for %g s: request ended after %d stored",
+                    idle, len(stored))
+        response = web.Response(status=408, text="the request body stalled")
+        response.force_close()
+        return response
     if not stored and not failed:
         raise BadRequest("the multipart body holds no part")
     body: dict = {}
