@@ -59,11 +59,13 @@ async def errors(
         return json_response({"error": exc.message}, exc.http_status)
     except web.HTTPException:
         raise
-    except ConnectionError:  # the client went away, or was cut off: no one to answer
-        log.info("%s %s: the connection was lost", request.method, request.path)
-        return json_response({"error": "connection lost"}, 500)
     except Exception as exc:
-        log.error("internal error on %s %s: %s", request.method, request.path, type(exc).__name__)
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            log.info("%s %s: the client's connection was lost", request.method, request.path)
+        else:
+            log.error("internal error on %s %s: %s", request.method, request.path,
+                      type(exc).__name__)
         return json_response({"error": "internal error"}, 500)
 
 
