@@ -37,6 +37,8 @@ from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
+from ricord_archive.web.listener import Deadlines, listen, tls_context
+from ricord_archive.web.oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
 _WORKERS_START_TIMEOUT = 120  # seconds the primary waits for its workers to listen
@@ -124,6 +126,7 @@ async def serve(
     shared_ports = worker_of is not None or processes > 1
     prepare_data_dir(config)
     keys = Keyring(load_secret(config))
+    tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -138,20 +141,25 @@ async def serve(
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)
+        site_ids = {name: site.id for name, site in sites.items()}
+        oidc = config.auth.oidc
         services = Services(
             ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
             authenticator=Authenticator(
-                config.auth.tokens, {name: site.id for name, site in sites.items()}
+                config.auth.tokens, site_ids, OidcVerifier(oidc, site_ids) if oidc else None,
             ) if config.auth.enabled else None,
+            trusted_proxies=config.trusted_proxies,
+            body_idle_timeout=config.limits.http_body_idle_timeout,
+            send_timeout=config.limits.http_send_timeout,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
-        await web.TCPSite(
-            runner, config.http_host, config.http_port, reuse_port=shared_ports or None
-        ).start()
+        http = await listen(runner, config.http_host, config.http_port, Deadlines(
+            config.limits.http_header_timeout, config.limits.http_send_timeout,
+        ), tls, shared_ports)
         dimse = DimseServer(
             config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
         )
@@ -160,7 +168,7 @@ async def serve(
             readiness.ready = True
             if ready_fd is not None:
                 tell_primary_ready(ready_fd)
-            await _serve_until(stop, readiness, dimse, runner, executor)
+            await _serve_until(stop, readiness, dimse, http, runner, executor)
             return
         workers = None
         if processes > 1:
@@ -171,24 +179,25 @@ async def serve(
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
         if config.auth.enabled:
             log.warning(
-                "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s); "
+                "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s%s); "
                 "/health stays open", len(config.auth.tokens),
                 ", ".join(f"{t.name}={t.role}" for t in config.auth.tokens),
+                f"; OpenID Connect tokens of {oidc.issuer}" if oidc else "",
             )
         log.info(
-            "ricord-archive ready: HTTP http://%s:%d/dicom-web, DIMSE %s@%s:%d, %d process%s",
-            config.http_host, config.http_port, config.ae_title, config.dimse_host,
-            config.dimse_port, processes, "es" if processes > 1 else "",
+            "ricord-archive ready: HTTP %s://%s:%d/dicom-web, DIMSE %s@%s:%d, %d process%s",
+            "https" if tls else "http", config.http_host, config.http_port, config.ae_title,
+            config.dimse_host, config.dimse_port, processes, "es" if processes > 1 else "",
         )
         try:
-            await _serve_until(stop, readiness, dimse, runner, executor, workers)
+            await _serve_until(stop, readiness, dimse, http, runner, executor, workers)
         finally:
             fsck_at_start.cancel()
 
 
 async def _serve_until(
-    stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, runner: web.AppRunner,
-    executor: ProcessPoolExecutor | None, workers: Workers | None = None,
+    stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, http: asyncio.AbstractServer,
+    runner: web.AppRunner, executor: ProcessPoolExecutor | None, workers: Workers | None = None,
 ) -> None:
     """Serve until `stop`; then stop accepting, finish what is in progress (here and in the
     workers, at the same time) and shut down."""
@@ -197,6 +206,7 @@ async def _serve_until(
     finally:
         log.info("stopping")
         readiness.ready = False
+        http.close()  # no new connections; runner.cleanup() ends those open once idle
         await asyncio.gather(
             asyncio.to_thread(dimse.stop), runner.cleanup(),
             *([workers.stop()] if workers is not None else []),

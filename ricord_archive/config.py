@@ -57,6 +57,9 @@ class Limits:
     acse_timeout: int = 30  # seconds for association negotiation and release
     dimse_timeout: int = 60  # seconds to wait for a DIMSE message
     shutdown_grace: int = 30  # seconds SIGTERM waits for associations in progress
+    http_header_timeout: int = 10  # seconds a client has to send a request's headers
+    http_body_idle_timeout: int = 30  # seconds a STOW-RS body may stall
+    http_send_timeout: int = 60  # seconds a response may wait for a client that does not read
 
 
 ROLES = ("uploader", "researcher", "admin")
@@ -72,10 +75,31 @@ class ApiToken:
     site: str | None = None
 
 
+# Signature algorithms an OIDC issuer may use: asymmetric only (no "none", no HMAC, whose
+# "secret" would be the issuer's public key).
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    """OpenID Connect bearer tokens (JWTs) verified against an issuer's published keys."""
+
+    issuer: str
+    audience: tuple[str, ...]
+    jwks_url: str | None = None  # the issuer's JWKS, or
+    jwks_file: Path | None = None  # a local copy of it
+    algorithms: tuple[str, ...] = ("RS256",)
+    role_claim: str = "ricord_role"  # dotted path, e.g. "realm_access.roles"
+    site_claim: str = "ricord_site"
+    leeway: int = 30  # seconds of clock skew tolerated on exp and nbf
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     enabled: bool = False
     tokens: tuple[ApiToken, ...] = ()
+    oidc: OidcConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +131,9 @@ class Config:
     data_dir: Path = Path("data")
     http_host: str = "127.0.0.1"
     http_port: int = 8042
+    tls_cert: Path | None = None  # with tls_key: the HTTP listener speaks HTTPS
+    tls_key: Path | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dimse_host: str = "127.0.0.1"
     dimse_port: int = 11112
     ae_title: str = "RICORD"
@@ -246,10 +273,11 @@ _TOKEN_KEYS = frozenset({"name", "sha256", "role", "site"})
 
 
 def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
-    """`[auth]`: enabled, and `[[auth.tokens]]` (name, sha256, role, site for uploaders)."""
+    """`[auth]`: enabled, `[[auth.tokens]]` (name, sha256, role, site for uploaders) and
+    `[auth.oidc]`."""
     if not isinstance(raw, dict):
         raise ConfigError("[auth] must be a table")
-    unknown = sorted(set(raw) - {"enabled", "tokens"})
+    unknown = sorted(set(raw) - {"enabled", "tokens", "oidc"})
     if unknown:
         raise ConfigError(f"[auth]: unknown setting(s) {', '.join(unknown)}")
     enabled = raw.get("enabled", False)
@@ -285,9 +313,70 @@ def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
         raise ConfigError("[[auth.tokens]] names must be unique")
     if len({t.sha256 for t in tokens}) != len(tokens):
         raise ConfigError("[[auth.tokens]]: the same sha256 is listed twice")
-    if enabled and not tokens:
-        raise ConfigError("[auth] is enabled but no [[auth.tokens]] are configured")
-    return AuthConfig(enabled, tuple(tokens))
+    oidc = _parse_oidc(raw["oidc"]) if "oidc" in raw else None
+    if enabled and not tokens and oidc is None:
+        raise ConfigError("[auth] is enabled but neither [[auth.tokens]] nor [auth.oidc] "
+                          "are configured")
+    return AuthConfig(enabled, tuple(tokens), oidc)
+
+
+_OIDC_KEYS = frozenset({"issuer", "audience", "jwks_url", "jwks_file", "algorithms",
+                        "role_claim", "site_claim", "leeway"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def _jwks_url(value: Any) -> str:
+    """https, or http to this machine only (the keys decide who gets in)."""
+    if not isinstance(value, str) or not re.match(r"^https?://[^/?#\s]+", value):
+        raise ConfigError("[auth.oidc] jwks_url must be an https:// URL")
+    scheme, _, rest = value.partition("://")
+    host = re.sub(r":[0-9]+$", "", re.split(r"[/?#]", rest, maxsplit=1)[0])
+    if scheme != "https" and host not in _LOOPBACK:
+        raise ConfigError("[auth.oidc] jwks_url must be an https:// URL (http only on loopback)")
+    return value
+
+
+def _parse_oidc(raw: Any) -> OidcConfig:
+    """`[auth.oidc]`: issuer, audience, jwks_url or jwks_file, algorithms, claims, leeway."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[auth.oidc] must be a table")
+    unknown = sorted(set(raw) - _OIDC_KEYS)
+    if unknown:
+        raise ConfigError(f"[auth.oidc]: unknown setting(s) {', '.join(unknown)}")
+    issuer = raw.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        raise ConfigError("[auth.oidc] needs issuer (the iss of its tokens)")
+    audience = raw.get("audience")
+    audience = [audience] if isinstance(audience, str) else audience
+    if not isinstance(audience, list) or not audience or not all(
+        isinstance(a, str) and a for a in audience
+    ):
+        raise ConfigError("[auth.oidc] needs audience (a string or a list of strings)")
+    if ("jwks_url" in raw) == ("jwks_file" in raw):
+        raise ConfigError("[auth.oidc] needs one of jwks_url and jwks_file")
+    jwks_url = _jwks_url(raw["jwks_url"]) if "jwks_url" in raw else None
+    jwks_file = raw.get("jwks_file")
+    if jwks_file is not None and (not isinstance(jwks_file, str) or not jwks_file):
+        raise ConfigError("[auth.oidc] jwks_file must be a path")
+    algorithms = raw.get("algorithms", ["RS256"])
+    if not isinstance(algorithms, list) or not algorithms or not all(
+        a in OIDC_ALGORITHMS for a in algorithms
+    ):
+        raise ConfigError("[auth.oidc] algorithms must be a list of asymmetric JWS algorithms: "
+                          f"{', '.join(OIDC_ALGORITHMS)}")
+    claims = {}
+    for key, default in (("role_claim", "ricord_role"), ("site_claim", "ricord_site")):
+        claims[key] = raw.get(key, default)
+        if not isinstance(claims[key], str) or not claims[key]:
+            raise ConfigError(f"[auth.oidc] {key} must be a claim name")
+    leeway = raw.get("leeway", 30)
+    if isinstance(leeway, bool) or not isinstance(leeway, int) or not 0 <= leeway <= 300:
+        raise ConfigError("[auth.oidc] leeway must be 0 to 300 seconds")
+    return OidcConfig(
+        issuer, tuple(audience), jwks_url,
+        Path(jwks_file).expanduser() if jwks_file else None, tuple(algorithms),
+        claims["role_claim"], claims["site_claim"], leeway,
+    )
 
 
 _TLS_KEYS = frozenset({"port", "cert", "key", "ca", "require_client_cert"})
@@ -411,6 +500,30 @@ def _cors_origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _tls(server: Mapping[str, Any]) -> tuple[Path | None, Path | None]:
+    """`tls_cert` and `tls_key`: both (HTTPS) or neither (HTTP)."""
+    cert, key = server.get("tls_cert"), server.get("tls_key")
+    if (cert is None) != (key is None):
+        raise ConfigError("[server] tls_cert and tls_key go together (a PEM certificate chain "
+                          "and its private key)")
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"[server] {name} must be a file path")
+    if cert is None:
+        return None, None
+    return Path(cert).expanduser(), Path(key).expanduser()
+
+
+def _trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-*/Forwarded count."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("[server] trusted_proxies must be a list of addresses or CIDR networks")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=True) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"[server] trusted_proxies: {exc}") from exc
+
+
 def _project_name(section: Any) -> str:
     if not isinstance(section, dict):
         raise ConfigError("[deidentification] must be a table")
@@ -440,10 +553,14 @@ def load_config(
         raise ConfigError("[server] must be a table")
     sites, accept_any = _parse_sites(raw.get("sites"))
     limits_raw = raw.get("limits", {})
+    tls_cert, tls_key = _tls(server)
     values: dict[str, Any] = {
         "data_dir": Path(server.get("data_dir", "data")),
         "http_host": server.get("http_host", "127.0.0.1"),
         "http_port": _port(server, "http_port", 8042),
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "trusted_proxies": _trusted_proxies(server.get("trusted_proxies", [])),
         "dimse_host": server.get("dimse_host", "127.0.0.1"),
         "dimse_port": _port(server, "dimse_port", 11112),
         "ae_title": server.get("ae_title", "RICORD"),

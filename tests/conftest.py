@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,10 +40,11 @@ class Archive:
     http_port: int = field(default_factory=free_port)
     dimse_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    cafile: Path | None = None  # set when the archive serves HTTPS with a certificate it signs
 
     @property
     def root(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.cafile else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -70,11 +72,13 @@ class Archive:
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_DEADLINE
+        context = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"archive exited ({self.process.returncode}):\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.root}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.root}/health", timeout=2,
+                                            context=context) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

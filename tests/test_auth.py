@@ -102,7 +102,7 @@ def test_tokens_are_parsed_with_lowercase_hashes(tmp_path):
 
 @pytest.mark.parametrize(("auth", "message"), [
     ("[auth]\nenabled = \"yes\"\n", "enabled must be true or false"),
-    ("[auth]\nenabled = true\n", "no \\[\\[auth.tokens\\]\\]"),
+    ("[auth]\nenabled = true\n", "neither \\[\\[auth.tokens\\]\\] nor"),
     ("[auth]\nsecret = 1\n", "unknown setting"),
     (token_toml(sha256="ab" * 32, role="admin"), "needs a name"),
     (token_toml(name="t", sha256="secret-token", role="admin"), "64 hexadecimal"),

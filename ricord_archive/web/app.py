@@ -14,7 +14,7 @@ from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import auth, qido, stow, wado
+from ricord_archive.web import auth, forwarded, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,17 @@ class Services:
     ready: Callable[[], bool]
     cors_origins: tuple[str, ...] = ("*",)
     authenticator: auth.Authenticator | None = None  # None: DICOMweb is open to anyone
+    trusted_proxies: tuple[forwarded.Network, ...] = ()  # whose X-Forwarded-* count
+    body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
+    send_timeout: float = 60.0  # seconds a response may wait for a client not reading
 
 
 SERVICES = web.AppKey("services", Services)
 
 
 def base_url(request: web.Request) -> str:
-    """The DICOMweb root as the client reached it. A Host header without a port (as
-    dicomweb-client sends) gets the port the connection actually arrived on."""
-    url = request.url
-    if url.explicit_port is None and request.transport is not None:
-        local = request.transport.get_extra_info("sockname")
-        default = 443 if url.scheme == "https" else 80
-        if local and local[1] != default:
-            url = url.with_port(local[1])
-    return f"{url.origin()}{ROOT}"
+    """The DICOMweb root as the client reached it (through a trusted proxy, if any)."""
+    return f"{forwarded.origin(request, request.app[SERVICES].trusted_proxies)}{ROOT}"
 
 
 def json_response(body: object, status: int) -> web.Response:
@@ -64,7 +60,12 @@ async def errors(
     except web.HTTPException:
         raise
     except Exception as exc:
-        log.error("internal error on %s %s: %s", request.method, request.path, type(exc).__name__)
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            log.info("%s %s: the client's connection was lost", request.method, request.path)
+        else:
+            log.error("internal error on %s %s: %s", request.method, request.path,
+                      type(exc).__name__)
         return json_response({"error": "internal error"}, 500)
 
 
@@ -124,6 +125,13 @@ def create_app(services: Services) -> web.Application:
         middlewares.insert(1, auth.middleware(services.authenticator))
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
+    if services.authenticator is not None:
+        authenticator = services.authenticator
+
+        async def close_authenticator(_: web.Application) -> None:
+            await authenticator.close()
+
+        app.on_cleanup.append(close_authenticator)
     app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/health", health)
     app.router.add_post(f"{ROOT}/studies", stow.store)

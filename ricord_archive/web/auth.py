@@ -1,5 +1,6 @@
-"""DICOMweb authentication by static bearer tokens, and the one place a request becomes a
-principal: who calls (a configured token's name), in which role, bound to which site."""
+"""DICOMweb authentication by bearer tokens (static tokens known by their hash, and OpenID
+Connect JWTs through a TokenVerifier), and the one place a request becomes a principal: who
+calls (a configured token's name), in which role, bound to which site."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -37,15 +39,49 @@ class Principal:
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-class Authenticator:
-    """Bearer tokens known by their SHA-256, compared in constant time against every one."""
+class Unauthenticated(Exception):
+    """No valid credentials: 401. The message names the kind of failure, never the token."""
 
-    def __init__(self, tokens: Iterable[ApiToken], site_ids: Mapping[str, int]) -> None:
+
+class Forbidden(Exception):
+    """Valid credentials that grant nothing here: 403."""
+
+
+class TokenVerifier(Protocol):
+    async def principal(self, token: str) -> Principal:
+        """The token's principal, else Unauthenticated or Forbidden."""
+
+    async def close(self) -> None: ...
+
+
+class Authenticator:
+    """Bearer tokens known by their SHA-256, compared in constant time against every one; a
+    token none matches goes to the verifier (OpenID Connect) when there is one and it looks
+    like a JWT."""
+
+    def __init__(self, tokens: Iterable[ApiToken], site_ids: Mapping[str, int],
+                 verifier: TokenVerifier | None = None) -> None:
         self._known = [
             (bytes.fromhex(t.sha256),
              Principal(t.name, t.role, t.site, site_ids[t.site] if t.site else None))
             for t in tokens
         ]
+        self._verifier = verifier
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization` header, else Unauthenticated or Forbidden."""
+        principal = self.principal(authorization)
+        if principal is not None:
+            return principal
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if self._verifier is not None and scheme.lower() == "bearer" and token.count(".") == 2:
+            return await self._verifier.principal(token)
+        raise Unauthenticated("no known bearer token")
+
+    async def close(self) -> None:
+        if self._verifier is not None:
+            await self._verifier.close()
 
     def principal(self, authorization: str | None) -> Principal | None:
         """The principal of an `Authorization: Bearer <token>` header; None when unknown."""
@@ -73,10 +109,16 @@ def middleware(
     ) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        principal = authenticator.principal(request.headers.get("Authorization"))
-        if principal is None:
-            log.warning("refused %s %s: no known bearer token", request.method, request.path)
-            raise web.HTTPUnauthorized(headers=_CHALLENGE, text="a known bearer token is needed")
+        try:
+            principal = await authenticator.authenticate(request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            log.warning("refused %s %s: %s", request.method, request.path, exc)
+            raise web.HTTPUnauthorized(
+                headers=_CHALLENGE, text="a known bearer token is needed"
+            ) from None
+        except Forbidden as exc:
+            log.warning("refused %s %s: %s", request.method, request.path, exc)
+            raise web.HTTPForbidden(text=str(exc)) from None
         if request.method not in _METHODS[principal.role]:
             log.warning("refused %s %s to token %s: role %s may not", request.method,
                         request.path, principal.name, principal.role)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, web
@@ -26,13 +28,30 @@ _FAILED_SOP_SEQUENCE = "00081198"
 _IN_FLIGHT = 4  # parts of one request being ingested at once
 
 
+T = TypeVar("T")
+
+
+class _Stalled(Exception):
+    """The client sent no byte of the body for the configured idle timeout."""
+
+
 def _uid(value: str | None) -> dict:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-async def _read_part(part: BodyPartReader, remaining: int) -> bytes:
+async def _unless_idle(read: Awaitable[T], seconds: float) -> T:
+    """One read of the body. Reads return as soon as some bytes arrived, so a read taking
+    `seconds` means the client sent nothing for that long."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await read
+    except TimeoutError:
+        raise _Stalled from None
+
+
+async def _read_part(part: BodyPartReader, remaining: int, idle: float) -> bytes:
     chunks, size = [], 0
-    while chunk := await part.read_chunk(1024 * 1024):
+    while chunk := await _unless_idle(part.read_chunk(1024 * 1024), idle):
         size += len(chunk)
         if size > remaining:
             raise ObjectTooLarge("the STOW-RS request exceeds the configured size limit")
@@ -90,16 +109,17 @@ async def store(request: web.Request) -> web.Response:
     target_study = request.match_info.get("study")
     budget = services.max_stow_bytes
     site = auth.upload_site(request, services.default_site)
+    idle = services.body_idle_timeout
     # Parts are ingested while the next ones are read, at most _IN_FLIGHT at once (so at most
     # that many objects are in memory); the answer lists them in the order they came.
     in_flight = asyncio.Semaphore(_IN_FLIGHT)
     entries: list[tuple[dict, bool] | asyncio.Task[tuple[dict, bool]]] = []
     tasks: list[asyncio.Task[tuple[dict, bool]]] = []
     try:
-        while (part := await reader.next()) is not None:
+        while (part := await _unless_idle(reader.next(), idle)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not accepted")
-            data = await _read_part(part, budget)
+            data = await _read_part(part, budget, idle)
             budget -= len(data)
             if parse_media_type(part.headers.get("Content-Type", DICOM)).type != DICOM:
                 entries.append(_NOT_DICOM)
@@ -112,6 +132,12 @@ async def store(request: web.Request) -> web.Response:
         outcomes = [entry if isinstance(entry, tuple) else await entry for entry in entries]
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
         raise BadRequest("malformed multipart body") from exc
+    except _Stalled:
+        log.warning("STOW-RS body stalled for %g s: request ended after %d parts",
+                    idle, len(entries))
+        response = web.Response(status=408, text="the request body stalled")
+        response.force_close()
+        return response
     finally:
         if tasks:  # whatever happens to the request, no object is left half-stored
             await asyncio.wait(tasks)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Iterable
+from typing import BinaryIO
 
 from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
@@ -25,7 +27,10 @@ from ricord_archive.web.media import (
     parse_accept,
 )
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 1024 * 1024
+_SENDFILE_CHUNK = 4 * 1024 * 1024  # sent within send_timeout, or the client is cut off
 OCTET_STREAM = "application/octet-stream"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 STORED = "*"
@@ -77,6 +82,28 @@ async def _part(response: web.StreamResponse, boundary: str, headers: str, body:
     await response.write(f"--{boundary}\r\n{headers}\r\n\r\n".encode("ascii") + body + b"\r\n")
 
 
+async def _sendfile(request: web.Request, handle: BinaryIO, size: int) -> None:
+    """The file to the client by sendfile, in chunks each of which must go out within the
+    send timeout: sendfile bypasses the transport's buffer, so the connection's own send
+    deadline does not see a client that stopped reading. A HEAD request gets no body."""
+    if request.method == "HEAD":
+        return
+    loop = asyncio.get_running_loop()
+    timeout = request.app[web_app.SERVICES].send_timeout
+    for offset in range(0, size, _SENDFILE_CHUNK):
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sendfile(transport, handle, offset, min(_SENDFILE_CHUNK, size - offset))
+        except TimeoutError:
+            log.warning("closed an HTTP connection from %s: the client read nothing for %g s",
+                        request.remote, timeout)
+            transport.abort()
+            raise ConnectionResetError("the client stopped reading") from None
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """multipart/related; type="application/dicom", one part per instance: stored bytes
     sent from disk with sendfile (from an object store in ranged reads), or the object
@@ -102,14 +129,13 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             len(head) + item.size_bytes + 2 for head, (item, _) in zip(heads, found, strict=True)
         ) + len(closing)
     await response.prepare(request)
-    loop = asyncio.get_running_loop()
     for head, (item, blob), syntax in zip(heads, found, chosen, strict=True):
         if syntax == item.transfer_syntax_uid:
             await response.write(head)
             handle = await asyncio.to_thread(blob.open)
             with handle:
                 if as_stored and blob.path is not None and request.transport is not None:
-                    await loop.sendfile(request.transport, handle, 0, item.size_bytes)
+                    await _sendfile(request, handle, item.size_bytes)
                 else:
                     while chunk := await asyncio.to_thread(handle.read, _CHUNK):
                         await response.write(chunk)
@@ -261,10 +287,16 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
         item, blob = await services.retrieve.instance(*uids, site_id=site_id)
         syntax = query.get("transferSyntax")
         if syntax is None or syntax == item.transfer_syntax_uid:
-            if blob.path is not None:
-                return web.FileResponse(blob.path, headers={"Content-Type": DICOM})
-            return web.Response(body=await services.retrieve.stored_bytes(blob),
-                                content_type=DICOM)
+            if blob.path is None:
+                return web.Response(body=await services.retrieve.stored_bytes(blob),
+                                    content_type=DICOM)
+            response = web.StreamResponse(headers={"Content-Type": DICOM})
+            response.content_length = item.size_bytes
+            await response.prepare(request)
+            with blob.path.open("rb") as handle:
+                await _sendfile(request, handle, item.size_bytes)
+            await response.write_eof()
+            return response
         return web.Response(body=await services.retrieve.transcoded(blob, syntax),
                             content_type=DICOM)
     if content_type not in MEDIA_TYPES:
