@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
+from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
@@ -21,6 +22,7 @@ from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.dimse.server import DimseServer
 from ricord_archive.fsck import report_at_start
 from ricord_archive.imports import ImportSessions
+from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
@@ -118,6 +120,10 @@ async def serve(config: Config) -> None:
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
         blobs = BlobStore(config.data_dir / "blobs")
+        audit_writer = AuditWriter(pool) if config.audit else None
+        trail: AuditTrail = audit_writer or NO_AUDIT
+        if audit_writer is not None:
+            audit_writer.start()
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)
@@ -129,12 +135,13 @@ async def serve(config: Config) -> None:
             authenticator=Authenticator(
                 config.auth.tokens, {name: site.id for name, site in sites.items()}
             ) if config.auth.enabled else None,
+            audit=trail,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
         dimse = DimseServer(
-            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
+            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop, trail
         )
         await asyncio.to_thread(dimse.start)
         readiness.ready = True
@@ -160,3 +167,5 @@ async def serve(config: Config) -> None:
             await runner.cleanup()
             if executor is not None:
                 await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+            if audit_writer is not None:
+                await audit_writer.stop()

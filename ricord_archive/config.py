@@ -94,6 +94,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from any calling AE
     auth: AuthConfig = field(default_factory=AuthConfig)
+    audit: bool = True  # the audit trail (audit_event table)
 
     @property
     def default_site(self) -> SiteConfig:
@@ -303,6 +304,12 @@ def _cors_origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _audit(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("audit must be true or false")
+    return value
+
+
 def _project_name(section: Any) -> str:
     if not isinstance(section, dict):
         raise ConfigError("[deidentification] must be a table")
@@ -352,6 +359,7 @@ def load_config(
             raw.get("move_destinations", []), "[[move_destinations]]"
         ),
         "auth": _parse_auth(raw.get("auth", {}), sites),
+        "audit": _audit(server.get("audit", True)),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

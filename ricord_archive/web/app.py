@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import auth, qido, stow, wado
+from ricord_archive.web import audit, auth, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Services:
     ready: Callable[[], bool]
     cors_origins: tuple[str, ...] = ("*",)
     authenticator: auth.Authenticator | None = None  # None: DICOMweb is open to anyone
+    audit: AuditTrail = NO_AUDIT
 
 
 SERVICES = web.AppKey("services", Services)
@@ -122,6 +124,7 @@ def create_app(services: Services) -> web.Application:
     middlewares = [cors_preflight, errors]
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
+    middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
     app.on_response_prepare.append(_cors_headers)

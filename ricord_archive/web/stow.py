@@ -15,7 +15,7 @@ from ricord_archive.errors import (
     UnsupportedMediaType,
 )
 from ricord_archive.web import app as web_app
-from ricord_archive.web import auth
+from ricord_archive.web import audit, auth
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ async def store(request: web.Request) -> web.Response:
                 })
                 continue
             try:
-                result = await services.ingest.store(data, site, target_study)
+                result = await audit.storing(
+                    request, site, services.ingest.store(data, site, target_study)
+                )
             except StorageUnavailable:
                 raise  # the whole request: 503, send again later (re-sends are idempotent)
             except ArchiveError as exc:
