@@ -220,6 +220,8 @@ def test_audit_trail_end_to_end(make_archive, corpus, tmp_path):
     by_name = requests.get(f"{url}/studies", headers=research, timeout=30, params={
         "PatientName": planted_patient.name, "includefield": "StudyDescription"})
     assert by_name.status_code == 200 and by_name.json() == []
+    in_study = requests.get(f"{url}/studies/{stow_study}/series", headers=research, timeout=30)
+    assert in_study.status_code == 200 and len(in_study.json()) == 1
     assert dcmtk.findscu(archive.dimse_port, tmp_path / "find", {
         "PatientID": planted_patient.patient_id, "PatientName": ""}) == []
     [study_uid] = {s["0020000D"]["Value"][0] for s in listing.json()} - {stow_study}
@@ -267,10 +269,10 @@ def test_audit_trail_end_to_end(make_archive, corpus, tmp_path):
     assert queries == [
         ("QIDO-RS", "STUDY", {"keys": [], "matches": 2}),
         ("QIDO-RS", "STUDY", {"keys": ["PatientName"], "matches": 0}),
+        ("QIDO-RS", "SERIES", {"keys": ["StudyInstanceUID"], "matches": 1}),
         ("C-FIND", "STUDY", {"keys": ["PatientID"], "matches": 0}),
     ]
-    [qido] = [e for e in events if e["event"] == "Query" and e["detail"]["keys"]
-              and e["protocol"] == "QIDO-RS"]
+    [qido] = [e for e in events if e["detail"].get("keys") == ["PatientName"]]
     assert (qido["who"], qido["role"], qido["action"], qido["outcome"]) == (
         "research", "researcher", "E", 0)
 
@@ -305,7 +307,7 @@ def test_audit_trail_end_to_end(make_archive, corpus, tmp_path):
     assert {k[0] for k in kinds} <= {e.meaning for e in audit.EventId}
 
     queried = audit_events(archive, "--action", "Query", "--who", "research")
-    assert [e["detail"]["keys"] for e in queried] == [[], ["PatientName"]]
+    assert [e["detail"]["keys"] for e in queried] == [[], ["PatientName"], ["StudyInstanceUID"]]
     assert [e["protocol"] for e in audit_events(archive, "--outcome", "serious")] == []
     assert {e["action"] for e in audit_events(archive, "--action", "r")} == {"R"}
     assert audit_events(archive, "--since", "2999-01-01") == []

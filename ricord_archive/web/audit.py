@@ -21,6 +21,7 @@ P = TypeVar("P", bound=audit.SearchPage)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 _WADO_URI_UIDS = ("studyUID", "seriesUID", "objectUID")
+_SCOPE_KEYWORDS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
 
 def actor(request: web.Request) -> audit.Actor:
@@ -52,7 +53,8 @@ async def storing(request: web.Request, site: str, store: Awaitable[T]) -> T:
 
 async def searching(request: web.Request, level: Level, search: Awaitable[P]) -> P:
     """A QIDO-RS search, recorded with the keywords of its parameters and path."""
-    params = [*request.query.items(), *((k, "scope") for k in request.match_info)]
+    params = [*request.query.items(),
+              *((_SCOPE_KEYWORDS[k], "scope") for k in request.match_info)]
     return await audit.querying(_trail(request), actor(request), "QIDO-RS", level, params, search)
 
 
