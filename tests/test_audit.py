@@ -26,7 +26,7 @@ from ricord_archive.index.audit import AuditWriter
 from ricord_archive.ingest import StoreResult
 from ricord_archive.matching import Level
 from tests import dcmtk
-from tests.conftest import Archive
+from tests.conftest import Archive, _stop_leftover_postgres
 from tests.test_phi_leak import _hits, _needles
 
 ACTOR = audit.Actor("PACS_A", "calling-ae", "site-a", "127.0.0.1")
@@ -337,3 +337,22 @@ def test_audit_off_records_nothing(make_archive):
     archive.stop()
     assert audit_events(archive) == []
     assert audit_events(archive) == []  # reading it is not recorded either
+
+
+def test_imports_are_audited(corpus, tmp_path):
+    archive = Archive(tmp_path / "data", tmp_path / "archive.log")  # never served: the tools
+    files = corpus.study(corpus.patient(), dt.date(2022, 5, 6), slices=2)
+    imported = subprocess.run(archive.command("import", "--site", "default", *map(str, files)),
+                              capture_output=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    try:
+        events = audit_events(archive)
+    finally:
+        _stop_leftover_postgres(archive.data_dir)
+    stores = [e for e in events if e["protocol"] == "import"]
+    assert [(e["action"], e["outcome"], e["role"], e["site"]) for e in stores] == [
+        ("C", 0, "operator", "default")] * 2
+    assert len({e["sop_uid"] for e in stores}) == 2
+    assert all(e["sop_uid"].startswith("2.25.") for e in stores)
+    assert _hits("\n".join(map(json.dumps, events)).encode(), _needles(corpus.corpus.planted)) \
+        == set()

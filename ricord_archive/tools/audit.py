@@ -4,17 +4,16 @@ itself recorded (Audit Log Used, by the operating-system user)."""
 from __future__ import annotations
 
 import datetime as dt
-import getpass
-import socket
 from typing import Any, TextIO
 
 import orjson
 
 from ricord_archive.archive import open_index
-from ricord_archive.audit import EVENT_IDS, EVENT_TYPES, Action, Actor, Outcome, audit_log_used
+from ricord_archive.audit import EVENT_IDS, EVENT_TYPES, Action, Outcome, audit_log_used
 from ricord_archive.config import Config
 from ricord_archive.index.audit import AuditFilter, insert_events, read_events
 from ricord_archive.tools import ToolError
+from ricord_archive.tools.services import operator
 
 _OUTCOMES = {"success": 0, "minor": 4, "serious": 8, "major": 12}
 _TABLE = (("at", 32), ("event", 34), ("type", 26), ("action", 6), ("outcome", 7), ("who", 16),
@@ -78,8 +77,7 @@ async def print_audit(config: Config, wanted: AuditFilter, as_json: bool, out: T
         rows = [_readable(r) for r in await read_events(pool, wanted)]
         if config.audit:
             used = {k: v for k, v in vars(wanted).items() if v is not None and k != "limit"}
-            reader = Actor(getpass.getuser(), "operator", None, socket.gethostname())
-            await insert_events(pool, [audit_log_used(reader, used, len(rows))])
+            await insert_events(pool, [audit_log_used(operator(), used, len(rows))])
     if as_json:
         for row in rows:
             out.write(orjson.dumps(row).decode() + "\n")
