@@ -163,6 +163,9 @@ def test_writer_batches_into_an_append_only_table(make_archive):
                     break
                 await asyncio.sleep(0.05)
             assert await pool.fetchval("SELECT count(*) FROM audit_event") == 10
+            writer.record(audit.association(ACTOR, True, {"unencodable": object()}))
+            await writer.flush()  # a batch that cannot be written is dropped, not retried
+            assert writer.dropped == 1
             writer.record(audit.association(ACTOR, False, {"ended": "aborted"}))
             await writer.stop()  # flushes what is left
             row = await pool.fetchrow("SELECT * FROM audit_event ORDER BY id DESC LIMIT 1")

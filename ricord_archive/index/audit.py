@@ -25,6 +25,9 @@ from ricord_archive.index.database import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
+# A database that is away or shutting down: the events wait in the buffer for it.
+_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.OperatorInterventionError)
+
 COLUMNS = (
     "at", "event_id", "event_type", "action", "outcome", "who", "role", "site", "source",
     "protocol", "resource", "study_uid", "series_uid", "sop_uid", "detail",
@@ -62,6 +65,8 @@ class AuditWriter:
         self.interval = interval
         self.dropped = 0
         self._reported_drops = 0
+        self._failing = False  # the last write failed: said once, not every 100 ms
+        self._stopping = False
         self._pending: collections.deque[AuditEvent] = collections.deque()
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -84,11 +89,12 @@ class AuditWriter:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop the writer task and write what is buffered (one attempt)."""
+        """Let the writer task finish its last round (never cut off in the middle of a write),
+        then write what is still buffered (one attempt)."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         await self.flush()
         self._report_drops()
         with self._lock:
@@ -97,7 +103,7 @@ class AuditWriter:
             log.warning("audit: %d events could not be written before stopping", left)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
@@ -105,8 +111,9 @@ class AuditWriter:
             self._report_drops()
 
     async def flush(self) -> None:
-        """Write everything buffered, a batch at a time; on a database failure the batch goes
-        back to the front of the buffer for the next attempt."""
+        """Write everything buffered, a batch at a time. While the database is unavailable the
+        batch goes back to the front of the buffer for the next attempt; rows the database
+        refuses are dropped and counted."""
         while True:
             with self._lock:
                 events = [self._pending.popleft()
@@ -115,18 +122,29 @@ class AuditWriter:
                 return
             try:
                 await insert_events(self.pool, events)
-            except (asyncpg.PostgresError, *DATABASE_UNAVAILABLE) as exc:
-                log.warning("audit: %d events not written yet (%s)", len(events),
-                            type(exc).__name__)
+            except _UNAVAILABLE as exc:  # kept for the next attempt
+                if not self._failing:
+                    log.warning("audit: events not written yet, kept for later (%s)",
+                                type(exc).__name__)
+                self._failing = True
                 with self._lock:
                     room = self.capacity - len(self._pending)
                     self.dropped += max(0, len(events) - room)
                     self._pending.extendleft(reversed(events[:room]))
                 return
+            except Exception as exc:  # rows refused or not encodable: retrying would not help
+                log.error("audit: %d events could not be written (%s)", len(events),
+                          type(exc).__name__)
+                with self._lock:
+                    self.dropped += len(events)
+                continue
+            if self._failing:
+                log.info("audit: writing again")
+                self._failing = False
 
     def _report_drops(self) -> None:
         if self.dropped > self._reported_drops:
-            log.warning("audit: %d events dropped (buffer full); %d in all",
+            log.warning("audit: %d events dropped (buffer full or unwritable); %d in all",
                         self.dropped - self._reported_drops, self.dropped)
             self._reported_drops = self.dropped
 
