@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
+from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import open_blob_store
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
@@ -21,6 +22,7 @@ from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.dimse.server import DimseServer
 from ricord_archive.fsck import report_at_start
 from ricord_archive.imports import ImportSessions
+from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
@@ -138,6 +140,10 @@ async def serve(
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
         blobs = open_blob_store(config)
+        audit_writer = AuditWriter(pool) if config.audit else None
+        trail: AuditTrail = audit_writer or NO_AUDIT
+        if audit_writer is not None:
+            audit_writer.start()
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
         query = QueryService(pool, config.limits.qido_max_limit)
@@ -154,6 +160,7 @@ async def serve(
             trusted_proxies=config.trusted_proxies,
             body_idle_timeout=config.limits.http_body_idle_timeout,
             send_timeout=config.limits.http_send_timeout,
+            audit=trail,
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
@@ -161,14 +168,14 @@ async def serve(
             config.limits.http_header_timeout, config.limits.http_send_timeout,
         ), tls, shared_ports)
         dimse = DimseServer(
-            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop
+            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop, trail
         )
         await asyncio.to_thread(dimse.start, shared_ports)
         if worker_of is not None:
             readiness.ready = True
             if ready_fd is not None:
                 tell_primary_ready(ready_fd)
-            await _serve_until(stop, readiness, dimse, http, runner, executor)
+            await _serve_until(stop, readiness, dimse, http, runner, executor, audit_writer)
             return
         workers = None
         if processes > 1:
@@ -190,14 +197,17 @@ async def serve(
             config.dimse_host, config.dimse_port, processes, "es" if processes > 1 else "",
         )
         try:
-            await _serve_until(stop, readiness, dimse, http, runner, executor, workers)
+            await _serve_until(
+                stop, readiness, dimse, http, runner, executor, audit_writer, workers
+            )
         finally:
             fsck_at_start.cancel()
 
 
 async def _serve_until(
     stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, http: asyncio.AbstractServer,
-    runner: web.AppRunner, executor: ProcessPoolExecutor | None, workers: Workers | None = None,
+    runner: web.AppRunner, executor: ProcessPoolExecutor | None,
+    audit_writer: AuditWriter | None, workers: Workers | None = None,
 ) -> None:
     """Serve until `stop`; then stop accepting, finish what is in progress (here and in the
     workers, at the same time) and shut down."""
@@ -213,6 +223,8 @@ async def _serve_until(
         )
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        if audit_writer is not None:  # last: the records of what just finished
+            await audit_writer.stop()
 
 
 async def _database_url(config: Config) -> str:

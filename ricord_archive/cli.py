@@ -1,5 +1,5 @@
 """The `ricord-archive` command: serve, migrate, db-url, the offline tools deid, lookup,
-refusals, and the imports (files, and studies out of a PACS)."""
+refusals, audit, and the imports (files, and studies out of a PACS)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,29 @@ def _parser() -> argparse.ArgumentParser:
     fsck.add_argument("--repair", action="store_true",
                       help="remove orphan blobs and partial writes older than an hour")
     _import_parsers(commands, common)
+    _audit_parser(commands, common)
     return parser
+
+
+def _audit_parser(
+    commands: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    audit = commands.add_parser(
+        "audit", help="print the audit trail (associations, stores, queries, retrievals, "
+        "refused accesses)",
+        description="Print the latest audit events that pass the filters, oldest first: a "
+        "table, or one JSON object a line with --json.",
+    )
+    common(audit)
+    audit.add_argument("--since", metavar="ISO", help="from this date or time (ISO 8601)")
+    audit.add_argument("--until", metavar="ISO", help="before this date or time (ISO 8601)")
+    audit.add_argument("--action", help="an EventActionCode (C, R, U, D, E), an EventID code "
+                       "(e.g. 110112) or its meaning (e.g. Query)")
+    audit.add_argument("--who", help="a token's name or a calling AE title")
+    audit.add_argument("--outcome", help="0, 4, 8, 12 or success, minor, serious, major")
+    audit.add_argument("--limit", type=_positive, default=100,
+                       help="at most this many events, the latest (default 100)")
+    audit.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
 def _positive(text: str) -> int:
@@ -223,6 +245,25 @@ async def _fsck(config: Config, repair: bool) -> int:
     return 0 if report.clean else 1
 
 
+def _audit(config: Config, args: argparse.Namespace) -> int:
+    from ricord_archive.index.audit import AuditFilter
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools.audit import parse_action, parse_outcome, parse_time, print_audit
+
+    try:
+        wanted = AuditFilter(
+            since=parse_time(args.since) if args.since else None,
+            until=parse_time(args.until) if args.until else None,
+            who=args.who, outcome=parse_outcome(args.outcome) if args.outcome else None,
+            limit=args.limit, **(parse_action(args.action) if args.action else {}),
+        )
+        asyncio.run(print_audit(config, wanted, args.json, sys.stdout))
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def _import_files(config: Config, args: argparse.Namespace) -> int:
     from ricord_archive.tools import ToolError
     from ricord_archive.tools.import_files import import_files
@@ -290,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return _import_files(config, args)
         if args.command == "import-pacs":
             return _import_pacs(config, args)
+        if args.command == "audit":
+            return _audit(config, args)
         if args.command == "fsck":
             return asyncio.run(_fsck(config, args.repair))
         if args.command in ("deid", "lookup", "refusals"):

@@ -151,6 +151,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
     s3: S3Config | None = None  # None: blobs under <data_dir>/blobs
+    audit: bool = True  # the audit trail (audit_event table)
 
     @property
     def default_site(self) -> SiteConfig:
@@ -522,6 +523,10 @@ def _trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6
         return tuple(ipaddress.ip_network(v, strict=True) for v in value)
     except ValueError as exc:
         raise ConfigError(f"[server] trusted_proxies: {exc}") from exc
+def _audit(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("audit must be true or false")
+    return value
 
 
 def _project_name(section: Any) -> str:
@@ -580,6 +585,7 @@ def load_config(
         "auth": _parse_auth(raw.get("auth", {}), sites),
         "tls": _parse_tls(raw.get("tls")),
         "s3": _parse_s3(raw.get("s3"), env),
+        "audit": _audit(server.get("audit", True)),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

@@ -27,7 +27,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from ricord_archive import audit
 from ricord_archive.config import Config
+from ricord_archive.dimse import audit as dimse_audit
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.index.reads import StoredInstance
@@ -76,7 +78,9 @@ class RetrieveHandlers:
     def __init__(
         self, config: Config, query: QueryService, retrieve: RetrieveService,
         call: Callable[[Coroutine[Any, Any, Any]], Any],
+        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
+        self.audit = trail
         self.config = config
         self.query = query
         self.retrieve = retrieve
@@ -84,6 +88,7 @@ class RetrieveHandlers:
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         found = self._matches(event, "C-GET")
+        self.audit.record(dimse_audit.transfer(event.assoc, self.config, "C-GET", found))
         if isinstance(found, int):
             yield 1  # pynetdicom answers a failure only after a count of sub-operations
             yield found, None
@@ -97,9 +102,13 @@ class RetrieveHandlers:
         )
         if destination is None:
             log.info("C-MOVE refused: move destination unknown")
+            self.audit.record(dimse_audit.transfer(event.assoc, self.config, "C-MOVE", None))
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         found = self._matches(event, "C-MOVE")
+        self.audit.record(dimse_audit.transfer(
+            event.assoc, self.config, "C-MOVE", found, destination.aet
+        ))
         if isinstance(found, int):
             # pynetdicom answers a failure only after associating with the destination
             yield destination.host, destination.port, {"contexts": [build_context(Verification)]}

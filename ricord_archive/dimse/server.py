@@ -29,7 +29,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from ricord_archive import audit
 from ricord_archive.config import Config, SiteConfig
+from ricord_archive.dimse import audit as dimse_audit
 from ricord_archive.dimse.listener import GuardedAssociationServer, start_listeners
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
@@ -89,6 +91,7 @@ class DimseServer:
     def __init__(
         self, config: Config, ingest: IngestService, query: QueryService,
         retrieve: RetrieveService, sessions: ImportSessions, loop: asyncio.AbstractEventLoop,
+        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
         self.config = config
         self.ingest = ingest
@@ -97,6 +100,8 @@ class DimseServer:
         self.loop = loop
         self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call)
         self._servers: list[GuardedAssociationServer] = []
+        self.audit = trail
+        self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call, trail)
         # associations from a calling AE title an import session expected when they opened
         self._importing: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -133,6 +138,7 @@ class DimseServer:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self.retrieve_handlers.on_get),
             (evt.EVT_C_MOVE, self.retrieve_handlers.on_move),
+            *dimse_audit.AssociationAudit(self.audit, self.config).handlers(),
         ]
         # the DIMSE port, and the TLS port when configured
         self._servers = start_listeners(ae, self.config, handlers, shared_port)
@@ -203,11 +209,13 @@ class DimseServer:
         )
         if site is None:
             log.info("C-STORE refused: the calling AE title belongs to no site")
+            self.audit.record(dimse_audit.refused_without_site(event.assoc, self.config))
             return STATUS_NOT_AUTHORIZED
         try:
-            result = self._call(
-                self.ingest.store(event.encoded_dataset(include_meta=True), site.name)
-            )
+            result = self._call(audit.storing(
+                self.audit, dimse_audit.actor(event.assoc, self.config), "C-STORE", site.name,
+                self.ingest.store(event.encoded_dataset(include_meta=True), site.name),
+            ))
         except ArchiveError as exc:
             log.info("C-STORE refused: %s", exc.message)
             self._count(study, "failed" if isinstance(exc, StorageUnavailable) else "refused")
@@ -227,10 +235,12 @@ class DimseServer:
             log.info("C-FIND refused: unsupported query level for this information model")
             yield STATUS_IDENTIFIER_MISMATCH, None
             return
+        params = _find_parameters(identifier)
         try:
-            result = self._call(
-                self.query.search(level, _find_parameters(identifier), None, _QUERY_LIMIT)
-            )
+            result = self._call(audit.querying(
+                self.audit, dimse_audit.actor(event.assoc, self.config), "C-FIND", level, params,
+                self.query.search(level, params, None, _QUERY_LIMIT),
+            ))
         except ArchiveError as exc:
             log.info("C-FIND refused: %s", exc.message)
             yield exc.dimse_status, None

@@ -28,11 +28,12 @@ from typing import TextIO
 import pydicom
 from tqdm import tqdm
 
+from ricord_archive import audit
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError, RefusedObject, StorageUnavailable
 from ricord_archive.ingest import IngestService
 from ricord_archive.tools import ToolError
-from ricord_archive.tools.services import archive_services
+from ricord_archive.tools.services import archive_services, operator
 
 OUTCOMES = ("stored", "duplicate", "refused", "unreadable", "failed")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -203,7 +204,10 @@ class FileImport:
 
     def __init__(
         self, ingest: IngestService, site_name: str, max_bytes: int, report: TextIO | None,
+        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
+        self.audit = trail
+        self.operator = operator()
         self.ingest = ingest
         self.site_name = site_name
         self.max_bytes = max_bytes
@@ -262,7 +266,8 @@ class FileImport:
             return outcome("unreadable", getattr(exc, "strerror", None) or type(exc).__name__)
         self.summary.bytes_read += len(data)
         try:
-            result = await self.ingest.store(data, self.site_name)
+            result = await audit.storing(self.audit, self.operator, "import", self.site_name,
+                                         self.ingest.store(data, self.site_name))
         except RefusedObject as exc:
             return outcome("refused", exc.reason, exc.sop_uid)
         except StorageUnavailable as exc:
@@ -286,7 +291,8 @@ async def import_files(
     try:
         async with archive_services(config) as services:
             run = FileImport(
-                services.ingest, site_name, config.limits.max_object_bytes, report
+                services.ingest, site_name, config.limits.max_object_bytes, report,
+                services.audit,
             )
             todo = []
             for source in sources:

@@ -36,6 +36,7 @@ from typing import TextIO
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
+from ricord_archive import audit
 from ricord_archive.config import Config
 from ricord_archive.dimse.client import (
     PacsAddress,
@@ -48,7 +49,7 @@ from ricord_archive.dimse.server import DimseServer
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.index.imports import StudyCounts
 from ricord_archive.tools import ToolError
-from ricord_archive.tools.services import ArchiveServices, archive_services
+from ricord_archive.tools.services import ArchiveServices, archive_services, operator
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class PacsImport:
         services = self.services
         server = DimseServer(
             replace(self.config, dimse_port=port), services.ingest, services.query,
-            services.retrieve, services.sessions, asyncio.get_running_loop(),
+            services.retrieve, services.sessions, asyncio.get_running_loop(), services.audit,
         )
         try:
             await asyncio.to_thread(server.start)
@@ -327,7 +328,10 @@ class PacsImport:
         """One object of a C-GET through ingest; its C-STORE status."""
         counts = self._get_counts
         try:
-            result = await self.services.ingest.store(data, self.site.name)
+            result = await audit.storing(
+                self.services.audit, operator(), "import-pacs", self.site.name,
+                self.services.ingest.store(data, self.site.name),
+            )
         except StorageUnavailable as exc:
             counts.failed += 1
             return exc.dimse_status

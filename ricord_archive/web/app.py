@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import auth, forwarded, qido, stow, wado
+from ricord_archive.web import audit, auth, forwarded, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Services:
     trusted_proxies: tuple[forwarded.Network, ...] = ()  # whose X-Forwarded-* count
     body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
+    audit: AuditTrail = NO_AUDIT
 
 
 SERVICES = web.AppKey("services", Services)
@@ -123,6 +125,7 @@ def create_app(services: Services) -> web.Application:
     middlewares = [cors_preflight, errors]
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
+    middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
     if services.authenticator is not None:

@@ -12,7 +12,7 @@ from ricord_archive.dicom_xml import to_xml
 from ricord_archive.errors import NotAcceptable
 from ricord_archive.matching import Level
 from ricord_archive.web import app as web_app
-from ricord_archive.web import auth
+from ricord_archive.web import audit, auth
 from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
 
 _SCOPE_KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
@@ -65,9 +65,9 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
         scope = {
             _SCOPE_KEYS[name]: value for name, value in request.match_info.items()
         }
-        result = await services.query.search(
+        result = await audit.searching(request, level, services.query.search(
             level, list(request.query.items()), scope, site_id=auth.site_id(request)
-        )
+        ))
         base = web_app.base_url(request)
         for document in result.documents:
             url = _retrieve_url(base, level, document)

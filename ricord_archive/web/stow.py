@@ -18,7 +18,7 @@ from ricord_archive.errors import (
     UnsupportedMediaType,
 )
 from ricord_archive.web import app as web_app
-from ricord_archive.web import auth
+from ricord_archive.web import audit, auth
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,15 @@ async def _read_part(part: BodyPartReader, remaining: int, idle: float) -> bytes
 
 
 async def _ingest_part(
-    services: web_app.Services, data: bytes, site: str, target_study: str | None, base: str
+    request: web.Request, data: bytes, site: str, target_study: str | None, base: str
 ) -> tuple[dict, bool]:
     """One part through the ingest: (its ReferencedSOPSequence item, True) when stored, else
     (its FailedSOPSequence item, False). StorageUnavailable escapes: it fails the request."""
+    services = request.app[web_app.SERVICES]
     try:
-        result = await services.ingest.store(data, site, target_study)
+        result = await audit.storing(
+            request, site, services.ingest.store(data, site, target_study)
+        )
     except StorageUnavailable:
         raise
     except ArchiveError as exc:
@@ -125,7 +128,7 @@ async def store(request: web.Request) -> web.Response:
                 entries.append(_NOT_DICOM)
                 continue
             await in_flight.acquire()
-            task = asyncio.create_task(_ingest_part(services, data, site, target_study, base))
+            task = asyncio.create_task(_ingest_part(request, data, site, target_study, base))
             task.add_done_callback(lambda _: in_flight.release())
             entries.append(task)
             tasks.append(task)
