@@ -35,6 +35,7 @@ from ricord_archive.processes import (
     tell_primary_ready,
 )
 from ricord_archive.query import QueryService
+from ricord_archive.rebuild import record_sites
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.web.app import Services, create_app
@@ -140,6 +141,8 @@ async def serve(
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
         blobs = open_blob_store(config)
+        if worker_of is None:
+            await record_sites(blobs, sites.values())
         audit_writer = AuditWriter(pool) if config.audit else None
         trail: AuditTrail = audit_writer or NO_AUDIT
         if audit_writer is not None:

@@ -18,6 +18,8 @@ from typing import BinaryIO, Protocol
 from ricord_archive.config import Config
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
+_RECORD = re.compile(r"^(sites|patients)/[A-Za-z0-9_.-]{1,100}\.json$")
+RECORDS = "records"  # the folder (prefix) of the allocation records, beside the blobs
 
 
 def new_key() -> str:
@@ -30,6 +32,17 @@ def check_key(key: str) -> str:
     if not _KEY.match(key):
         raise ValueError("not a blob key of this archive")
     return key
+
+
+def is_blob_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+def check_record(name: str) -> str:
+    """`name` when it names an allocation record ('sites/...json', 'patients/...json')."""
+    if not _RECORD.match(name):
+        raise ValueError("not an allocation record name")
+    return name
 
 
 class BlobStore(Protocol):
@@ -53,6 +66,14 @@ class BlobStore(Protocol):
         """Names and modification times of partial writes a crash left behind."""
 
     def remove_temporary(self, name: str) -> None: ...
+
+    def write_record(self, name: str, data: bytes) -> None:
+        """Store a small allocation record (a site's SITEID, a patient's pseudonym and date
+        offset) durably beside the blobs, replacing one of the same name: with them the
+        index can be rebuilt from the store alone (`ricord-archive rebuild-index`)."""
+
+    def records(self, folder: str) -> Iterator[tuple[str, bytes]]:
+        """(name, content) of every record in `folder` ('sites' or 'patients')."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,23 @@ class FileBlobStore:
     def temporary_files(self) -> Iterator[tuple[str, float]]:
         for path in self.tmp.glob("*.part"):
             yield path.name, path.stat().st_mtime
+
+    def write_record(self, name: str, data: bytes) -> None:
+        final = self.root / RECORDS / check_record(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def records(self, folder: str) -> Iterator[tuple[str, bytes]]:
+        for path in sorted((self.root / RECORDS / folder).glob("*.json")):
+            name = f"{folder}/{path.name}"
+            if _RECORD.match(name):
+                yield name, path.read_bytes()
 
     def remove_temporary(self, name: str) -> None:
         if re.fullmatch(r"[^/\\]+\.part", name):  # a name from temporary_files, no path

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import obstore
 from obstore.store import S3Store
 
-from ricord_archive.blobstore import check_key, new_key
+from ricord_archive.blobstore import RECORDS, check_key, check_record, is_blob_key, new_key
 from ricord_archive.config import S3Config
 
 _MULTIPART_ABOVE = 64 * 1024**2  # bytes: larger objects are uploaded in parts
@@ -68,7 +68,20 @@ class S3BlobStore:
         with _as_os_errors():
             for batch in obstore.list(self._store, chunk_size=1000):
                 for meta in batch:
-                    yield meta["path"], meta["size"], meta["last_modified"].timestamp()
+                    if is_blob_key(meta["path"]):
+                        yield meta["path"], meta["size"], meta["last_modified"].timestamp()
+
+    def write_record(self, name: str, data: bytes) -> None:
+        with _as_os_errors():
+            obstore.put(self._store, f"{RECORDS}/{check_record(name)}", data)
+
+    def records(self, folder: str) -> Iterator[tuple[str, bytes]]:
+        with _as_os_errors():
+            for batch in obstore.list(self._store, prefix=f"{RECORDS}/{folder}/"):
+                for meta in batch:
+                    name = meta["path"].removeprefix(f"{RECORDS}/")
+                    check_record(name)
+                    yield name, bytes(obstore.get(self._store, meta["path"]).bytes())
 
     def temporary_files(self) -> Iterator[tuple[str, float]]:
         return iter(())  # an interrupted upload leaves no object behind

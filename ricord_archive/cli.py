@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     common(fsck)
     fsck.add_argument("--repair", action="store_true",
                       help="remove orphan blobs and partial writes older than an hour")
+    common(commands.add_parser(
+        "rebuild-index", help="re-create a lost index from the blob store (into an empty index)",
+        description="Index every object of the blob store again, with the sites and patients "
+        "of the allocation records kept beside the blobs. The index must be empty (a new "
+        "database, or the embedded one removed); the archive must not be running.",
+    ))
     _import_parsers(commands, common)
     _audit_parser(commands, common)
     return parser
@@ -227,6 +233,22 @@ def _run_tool(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rebuild_index(config: Config) -> int:
+    """Exit 0 when every blob was indexed, 1 when some could not be read."""
+    from ricord_archive.archive import open_index
+    from ricord_archive.blobstore import open_blob_store
+    from ricord_archive.rebuild import RebuildError, rebuild_index
+
+    async with open_index(config) as pool:
+        try:
+            report = await rebuild_index(pool, open_blob_store(config), config)
+        except RebuildError as exc:
+            log.error("%s", exc)
+            return 2
+    print("\n".join(report.lines()))
+    return 1 if report.unreadable else 0
+
+
 async def _fsck(config: Config, repair: bool) -> int:
     """Exit 0 when the blob store and the index agree, 1 when something is reported."""
     from ricord_archive.archive import open_index
@@ -335,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return _audit(config, args)
         if args.command == "fsck":
             return asyncio.run(_fsck(config, args.repair))
+        if args.command == "rebuild-index":
+            return asyncio.run(_rebuild_index(config))
         if args.command in ("deid", "lookup", "refusals"):
             return _run_tool(config, args)
         from ricord_archive.archive import serve

@@ -27,6 +27,7 @@ from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
 from ricord_archive.deid.engine import DeidentificationError
 from ricord_archive.deid.policy import check_acceptable
+from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import (
     SERIES_TAGS,
     STUDY_TAGS,
@@ -52,6 +53,7 @@ from ricord_archive.index.store import (
     patient_for,
     store_instance,
 )
+from ricord_archive.records import PatientRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,18 +92,24 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
     try:
         deidentify(dataset, context)
         data, pixels = dicom_io.serialize(dataset, transfer_syntax)
-        record = index_record(dataset)
-        document = to_json(
-            dataset, instance_path(record.study_uid, record.series_uid, record.sop_uid)
-        )
+        return describe(dataset, data, pixels), data
     except ArchiveError:
         raise
     except Exception as exc:  # pydicom decodes values lazily: a broken value surfaces here
         log.info("object rejected while de-identifying: %s", type(exc).__name__)
         raise InvalidObject(f"unprocessable DICOM object ({type(exc).__name__})") from exc
+
+
+def describe(
+    dataset: Dataset, data: bytes, pixels: PixelDataLocation | None
+) -> NewInstance:
+    """What the index stores of a de-identified object (`dataset`, written as `data`, its
+    pixel data at `pixels`); the blob key is left empty."""
+    record = index_record(dataset)
+    document = to_json(dataset, instance_path(record.study_uid, record.series_uid, record.sop_uid))
     return NewInstance(
         record=record,
-        transfer_syntax_uid=transfer_syntax,
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
         blob_key="",
         size_bytes=len(data),
         sha256=hashlib.sha256(data).digest(),
@@ -109,7 +117,7 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
         study_json=orjson.dumps(subset(document, STUDY_TAGS)),
         series_json=orjson.dumps(subset(document, SERIES_TAGS)),
         instance_json=orjson.dumps(document),
-    ), data
+    )
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,9 @@ class IngestService:
         cached = self._patients.get((site.id, patient_key))
         if cached is None:
             cached = await patient_for(self.pool, site, patient_key)
+            record = PatientRecord(site.siteid, cached.pseudonym, patient_key,
+                                   cached.date_offset_days)  # once per patient and process
+            await asyncio.to_thread(self.blobs.write_record, record.record_name, record.encode())
             if len(self._patients) >= _PATIENT_CACHE_SIZE:
                 self._patients.clear()
             self._patients[(site.id, patient_key)] = cached
@@ -220,6 +231,8 @@ class IngestService:
             )
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
+        except OSError as exc:
+            raise StorageUnavailable("the blob store is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
             self.config.project_name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import shutil
 import subprocess
 import time
 import uuid
@@ -81,7 +82,10 @@ def test_an_archive_on_s3_stores_and_serves_everything_from_the_bucket(
     stored = objects(seaweed, bucket)
     rows = index_rows(archive)
     assert len(rows) == 5
-    assert {f"archive/{key}": size for key, size, _ in rows.values()} == stored
+    blobs = {path: size for path, size in stored.items() if path.endswith(".dcm")}
+    assert {f"archive/{key}": size for key, size, _ in rows.values()} == blobs
+    records = sorted(path.split("/")[2] for path in set(stored) - set(blobs))
+    assert records == ["patients", "sites"]  # allocation records beside the blobs
 
     [study] = archive.client().search_for_studies()
     study_uid = study["0020000D"]["Value"][0]
@@ -111,6 +115,15 @@ def test_an_archive_on_s3_stores_and_serves_everything_from_the_bucket(
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert "indexed instances: 5" in fsck.stdout
 
+    assert archive.stop() == 0  # the index lost: rebuilt from the bucket alone
+    shutil.rmtree(archive.data_dir / "pg")
+    rebuilt = subprocess.run(archive.command("rebuild-index"), capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "indexed instances: 5" in rebuilt.stdout
+    assert "patients without an allocation record: 0" in rebuilt.stdout
+    archive.start()
+    assert index_rows(archive) == rows
+
 
 def test_two_nodes_on_one_database_and_one_bucket(make_archive, corpus, seaweed, bucket):
     first = make_archive("node-a", s3_config(seaweed, bucket))
@@ -135,7 +148,8 @@ def test_two_nodes_on_one_database_and_one_bucket(make_archive, corpus, seaweed,
         for study in found:
             uid = study["0020000D"]["Value"][0]
             assert len(node.client().retrieve_study(uid)) == 8
-    assert len(objects(seaweed, bucket)) == 16 == len(index_rows(first))
+    blobs = [path for path in objects(seaweed, bucket) if path.endswith(".dcm")]
+    assert len(blobs) == 16 == len(index_rows(first))
 
     # one node killed in the middle of an ingest: the other keeps serving
     more = corpus.study(patient, dt.date(2021, 7, 8), slices=30)

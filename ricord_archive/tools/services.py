@@ -23,6 +23,7 @@ from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.store import Site, SiteConflict, ensure_site
 from ricord_archive.ingest import IngestService
 from ricord_archive.query import QueryService
+from ricord_archive.rebuild import record_sites
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
 from ricord_archive.tools import ToolError
@@ -55,6 +56,7 @@ async def archive_services(config: Config) -> AsyncIterator[ArchiveServices]:
         except SiteConflict as exc:
             raise ToolError(str(exc)) from exc
         blobs = open_blob_store(config)
+        await record_sites(blobs, sites.values())
         executor = ingest_executor(config)
         writer = AuditWriter(pool) if config.audit else None
         if writer is not None:
