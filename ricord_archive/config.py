@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, sop_class_uids
 
@@ -382,6 +383,10 @@ def _check_database_url(key: str, url: Any) -> None:
         return
     if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{key} must be a PostgreSQL URL (postgresql://...)")
+    try:
+        _ = urlsplit(url).port  # raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key}: the port is not a number from 0 to 65535") from None
 
 
 def load_config(

@@ -129,6 +129,9 @@ def test_a_read_replica_url_must_be_postgresql_and_is_not_repeated(tmp_path):
         load_config(env={"RICORD_READ_DATABASE_URL": "mysql://reader:s3cret@db/ricord"})
     assert "read_database_url" in str(refused.value)
     assert "s3cret" not in str(refused.value)
+    with pytest.raises(ConfigError, match="port") as refused:
+        load_config(env={"RICORD_READ_DATABASE_URL": "postgresql://reader:s3cret@db:x/ricord"})
+    assert "s3cret" not in str(refused.value)
 
 
 def test_workers_are_given_the_read_replica():
