@@ -26,6 +26,7 @@ from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
+from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
 from ricord_archive.ingest import IngestService
 from ricord_archive.processes import (
@@ -135,7 +136,7 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     readiness = _Readiness()
-    async with database(config) as pool:
+    async with database(config) as pool, replica_reads(pool, config.read_database_url) as reads:
         async with pool.acquire() as conn:
             sites: dict[str, Site] = {s.name: await ensure_site(conn, s) for s in config.sites}
         for site in sites.values():
@@ -149,11 +150,11 @@ async def serve(
             audit_writer.start()
         executor = ingest_executor(config)
         ingest = IngestService(pool, blobs, keys, sites, config, executor)
-        query = QueryService(pool, config.limits.qido_max_limit)
+        query = QueryService(pool, config.limits.qido_max_limit, reads)
         site_ids = {name: site.id for name, site in sites.items()}
         oidc = config.auth.oidc
         services = Services(
-            ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs),
+            ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs, reads),
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
@@ -183,7 +184,7 @@ async def serve(
         workers = None
         if processes > 1:
             workers = Workers(processes - 1, await _database_url(config),
-                              config.limits.shutdown_grace)
+                              config.limits.shutdown_grace, config.read_database_url)
             await workers.start(timeout=_WORKERS_START_TIMEOUT)
         readiness.ready = True
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))

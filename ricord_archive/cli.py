@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dimse-host", help="DIMSE listen address (default 127.0.0.1)")
     serve.add_argument("--dimse-port", type=int, help="DIMSE port (default 11112)")
     serve.add_argument("--ae-title", help="the archive's AE title (default RICORD)")
+    serve.add_argument("--read-database-url",
+                       help="PostgreSQL URL of a read replica for queries and metadata")
     serve.add_argument("--processes", type=int, choices=range(0, 65), metavar="N",
                        help="server processes sharing the ports (default: one per CPU)")
     serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the primary
@@ -191,6 +193,7 @@ def _config(args: argparse.Namespace) -> Config:
         "dimse_port": getattr(args, "dimse_port", None),
         "ae_title": getattr(args, "ae_title", None),
         "processes": getattr(args, "processes", None),
+        "read_database_url": getattr(args, "read_database_url", None),
     }
     return load_config(args.config, overrides=overrides)
 

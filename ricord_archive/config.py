@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, sop_class_uids
 
@@ -138,6 +139,7 @@ class Config:
     dimse_port: int = 11112
     ae_title: str = "RICORD"
     database_url: str | None = None
+    read_database_url: str | None = None  # a read replica for queries and metadata
     secret_key: str | None = None
     sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
     accept_any_calling_aet: bool = True
@@ -538,6 +540,18 @@ def _project_name(section: Any) -> str:
     return name
 
 
+def _check_database_url(key: str, url: Any) -> None:
+    """A PostgreSQL URL or None; the message never repeats the URL (it may hold a password)."""
+    if url is None:
+        return
+    if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{key} must be a PostgreSQL URL (postgresql://...)")
+    try:
+        _ = urlsplit(url).port  # raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key}: the port is not a number from 0 to 65535") from None
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -570,6 +584,7 @@ def load_config(
         "dimse_port": _port(server, "dimse_port", 11112),
         "ae_title": server.get("ae_title", "RICORD"),
         "database_url": server.get("database_url"),
+        "read_database_url": server.get("read_database_url"),
         "secret_key": server.get("secret_key"),
         "sites": sites,
         "accept_any_calling_aet": accept_any,
@@ -590,6 +605,7 @@ def load_config(
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),
         ("RICORD_DATABASE_URL", "database_url"),
+        ("RICORD_READ_DATABASE_URL", "read_database_url"),
         ("RICORD_SECRET_KEY", "secret_key"),
     ):
         if env.get(var):
@@ -603,6 +619,7 @@ def load_config(
         if value is not None:
             values[key] = value
     values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+    _check_database_url("read_database_url", values["read_database_url"])
     if not isinstance(values["ae_title"], str) or not _AE_TITLE.match(values["ae_title"]):
         raise ConfigError("ae_title must be 1-16 printable characters")
     return Config(**values)

@@ -51,18 +51,22 @@ def tell_primary_ready(ready_fd: int) -> None:
 class Workers:
     """The primary's worker processes: started, restarted if one dies, stopped on request."""
 
-    def __init__(self, count: int, database_url: str, grace_seconds: float) -> None:
+    def __init__(self, count: int, database_url: str, grace_seconds: float,
+                 read_database_url: str | None = None) -> None:
         self.count = count
         self.database_url = database_url
+        self.read_database_url = read_database_url
         self.grace = grace_seconds
         self._processes: list[asyncio.subprocess.Process | None] = [None] * count
         self._supervisors: list[asyncio.Task] = []
         self._stopping = False
 
     def _command(self, ready_fd: int) -> list[str]:
-        """This process's own command, as a worker on the primary's database."""
+        """This process's own command, as a worker on the primary's database (and its read
+        replica, whether configured by file, environment or flag)."""
+        replica = ["--read-database-url", self.read_database_url] if self.read_database_url else []
         return [sys.executable, "-m", "ricord_archive", *sys.argv[1:],
-                "--database-url", self.database_url, "--worker-of", str(os.getpid()),
+                "--database-url", self.database_url, *replica, "--worker-of", str(os.getpid()),
                 "--ready-fd", str(ready_fd)]
 
     async def start(self, timeout: float) -> None:

@@ -11,6 +11,7 @@ import orjson
 
 from ricord_archive.dicom_json import INSTANCE_TAGS
 from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.replica import Reads
 from ricord_archive.index.search import COUNT_CAP, search
 from ricord_archive.matching import KEYS, Condition, Level, Query, parse_query
 
@@ -89,9 +90,12 @@ def _site_condition(level: Level, site_id: int) -> Condition:
 
 
 class QueryService:
-    def __init__(self, pool: asyncpg.Pool, max_limit: int) -> None:
+    """Searches go to `reads` (a read replica when one is configured) unless `fresh`."""
+
+    def __init__(self, pool: asyncpg.Pool, max_limit: int, reads: Reads | None = None) -> None:
         self.pool = pool
         self.max_limit = max_limit
+        self.reads = reads or Reads(pool)
 
     async def search(
         self,
@@ -100,13 +104,19 @@ class QueryService:
         scope: dict[str, str] | None = None,
         max_limit: int | None = None,
         site_id: int | None = None,
+        fresh: bool = False,
     ) -> SearchResult:
-        """Matches of the query; only one site's when `site_id` (an index site id) is given."""
+        """Matches of the query; only one site's when `site_id` (an index site id) is given.
+        `fresh`: asked of the primary, never of a read replica that may lag behind (for
+        retrieves, whose bytes are looked up on the primary)."""
         query = parse_query(level, params, max_limit or self.max_limit, scope)
         if site_id is not None:
             query = replace(query, conditions=(*query.conditions, _site_condition(level, site_id)))
         async with reporting_outages():
-            page = await search(self.pool, query)
+            if fresh:
+                page = await search(self.pool, query)
+            else:
+                page = await self.reads.run(lambda pool: search(pool, query))
         cache: dict[bytes, dict] = {}
         if level is Level.INSTANCE:
             documents = [_instance(row, query, cache) for row in page.rows]

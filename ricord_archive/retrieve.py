@@ -19,6 +19,7 @@ from ricord_archive.dicom_io import pixel_data_location
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance, instance_metadata, stored_instances
+from ricord_archive.index.replica import Reads
 from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
@@ -35,9 +36,10 @@ class Frames:
 
 
 class RetrieveService:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore) -> None:
+    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, reads: Reads | None = None) -> None:
         self.pool = pool
         self.blobs = blobs
+        self.reads = reads or Reads(pool)  # metadata only: a read replica when configured
 
     async def instances(
         self, *uids: str, site_id: int | None = None
@@ -151,7 +153,9 @@ class RetrieveService:
     async def metadata(self, *uids: str, site_id: int | None = None) -> bytes:
         """A DICOM JSON array of the instances in scope, assembled from stored documents."""
         async with reporting_outages():
-            documents = await instance_metadata(self.pool, *uids, site_id=site_id)
+            documents = await self.reads.run(
+                lambda pool: instance_metadata(pool, *uids, site_id=site_id)
+            )
         if not documents:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return b"[" + b",".join(documents) + b"]"

@@ -158,7 +158,10 @@ class RetrieveHandlers:
                 params.append((keyword, value))
         # PATIENT level: the patient's studies (PatientID is the pseudonym the archive gave)
         search_level = max(level, Level.STUDY)
-        result = self._call(self.query.search(search_level, params, None, _MATCH_LIMIT))
+        # on the primary, like the bytes: a read replica may not have what was just stored
+        result = self._call(
+            self.query.search(search_level, params, None, _MATCH_LIMIT, fresh=True)
+        )
         if result.more:
             raise TooManyMatches("too many matches for one retrieve")
         depth = search_level - Level.STUDY + 1
