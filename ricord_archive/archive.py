@@ -20,7 +20,7 @@ from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.dimse.server import DimseServer
-from ricord_archive.fsck import report_at_start
+from ricord_archive.fsck import collect_orphans, report_at_start
 from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
@@ -188,6 +188,9 @@ async def serve(
             await workers.start(timeout=_WORKERS_START_TIMEOUT)
         readiness.ready = True
         fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
+        collector = asyncio.create_task(collect_orphans(
+            pool, blobs, config.limits.orphan_collect_interval, config.limits.orphan_grace
+        ))
         if config.auth.enabled:
             log.warning(
                 "AUTHENTICATION ENABLED: DICOMweb needs a bearer token (%d configured: %s%s); "
@@ -206,6 +209,7 @@ async def serve(
             )
         finally:
             fsck_at_start.cancel()
+            collector.cancel()
 
 
 async def _serve_until(

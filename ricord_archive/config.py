@@ -61,6 +61,8 @@ class Limits:
     http_header_timeout: int = 10  # seconds a client has to send a request's headers
     http_body_idle_timeout: int = 30  # seconds a STOW-RS body may stall
     http_send_timeout: int = 60  # seconds a response may wait for a client that does not read
+    orphan_collect_interval: int = 3600  # seconds between runs of the orphan collector
+    orphan_grace: int = 3600  # seconds before a blob no index row names counts as an orphan
 
 
 ROLES = ("uploader", "researcher", "admin")

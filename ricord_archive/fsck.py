@@ -100,3 +100,32 @@ async def report_at_start(pool: asyncpg.Pool, blobs: BlobStore) -> None:
     else:
         log.warning("fsck: %s (run 'ricord-archive fsck --repair' to remove orphans)",
                     "; ".join(report.lines()[1:5]))
+
+
+# One collector at a time across every node and process sharing the index.
+_COLLECTOR_LOCK = 0x52494F52  # pg_advisory_lock key: "RIOR"
+
+
+async def collect_orphans(pool: asyncpg.Pool, blobs: BlobStore, interval: float,
+                          grace: float) -> None:
+    """Every `interval` seconds, remove orphan blobs and partial writes older than `grace`
+    (left by crashes between a blob and its index transaction), in whichever node first takes
+    the collector's advisory lock; the others skip that round."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            async with pool.acquire() as conn:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _COLLECTOR_LOCK):
+                    continue
+                try:
+                    report = await check(pool, blobs, grace)
+                    removed = await repair(blobs, report)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _COLLECTOR_LOCK)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("orphan collector could not run: %s", type(exc).__name__)
+            continue
+        if removed:
+            log.info("orphan collector removed %d orphan blobs and partial writes", removed)
+        if report.missing_blobs or report.wrong_size:
+            log.error("orphan collector: %s", "; ".join(report.lines()[2:4]))

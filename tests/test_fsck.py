@@ -51,3 +51,27 @@ def test_fsck_reports_and_repairs(make_archive, corpus):
     assert young.exists()  # within the grace period: maybe about to be committed
     assert repaired.returncode == 1  # the missing and short blobs are still reported
     assert "fsck" in archive.log()  # the start-up check ran in report mode
+
+
+def test_the_orphan_collector_removes_old_orphans_while_serving(make_archive, corpus):
+    archive = make_archive(
+        "collector", "[limits]\norphan_collect_interval = 1\norphan_grace = 600\n"
+    )
+    files = corpus.study(corpus.patient(), dt.date(2020, 4, 5), slices=2)
+    assert dcmtk.storescu(archive.dimse_port, files).stderr.count("(Success)") == 2
+    stored = sorted((archive.data_dir / "blobs").glob("??/??/*.dcm"))
+    old = time.time() - 7200
+    orphan = archive.data_dir / "blobs" / "ef" / "01" / ("ef01" + "2" * 28 + ".dcm")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"written, never committed")
+    os.utime(orphan, (old, old))
+    young = orphan.with_name("ef01" + "3" * 28 + ".dcm")
+    young.write_bytes(b"being committed right now")
+    deadline = time.monotonic() + 60
+    while orphan.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling for the collector's next round
+    assert not orphan.exists()
+    assert young.exists() and all(path.exists() for path in stored)
+    assert "orphan collector removed 1 orphan" in archive.log()
+    [study] = archive.client().search_for_studies()
+    assert study["00201208"]["Value"] == [2]
