@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import re
 import sys
 import threading
 import time
@@ -34,6 +36,11 @@ from ricord_archive.errors import ArchiveError, RefusedObject, StorageUnavailabl
 from ricord_archive.ingest import IngestService
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import archive_services, operator
+
+log = logging.getLogger(__name__)
+# A component of a DICOMDIR's Referenced File ID (PS3.10 allows A-Z, 0-9 and _; real media
+# use more): never '.', '..', a separator or NUL, so records cannot point outside the folder.
+_FILE_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,255}")
 
 OUTCOMES = ("stored", "duplicate", "refused", "unreadable", "failed")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -141,11 +148,17 @@ def dicomdir_files(path: Path) -> list[Path]:
     except Exception as exc:  # pydicom raises many kinds
         raise ToolError(f"{path}: not a readable DICOMDIR ({type(exc).__name__})") from exc
     files = []
+    folder = path.parent.resolve()
     for record in records:
         file_id = record.get("ReferencedFileID")
         if file_id:
-            parts = [file_id] if isinstance(file_id, str) else list(file_id)
-            files.append(path.parent.joinpath(*parts))
+            parts = [str(p) for p in ([file_id] if isinstance(file_id, str) else file_id)]
+            target = folder.joinpath(*parts).resolve()
+            if not all(_FILE_ID.fullmatch(p) for p in parts) or not target.is_relative_to(folder):
+                log.warning("%s: a directory record names a file outside its folder: skipped",
+                            path)
+                continue
+            files.append(target)
     return files
 
 
