@@ -29,7 +29,19 @@ class SearchPage(Protocol):
 P = TypeVar("P", bound=SearchPage)
 
 
-class EventId(Enum):
+class _Coded(Enum):
+    """A DCM coded concept: (code value, code meaning)."""
+
+    @property
+    def code(self) -> str:
+        return self.value[0]
+
+    @property
+    def meaning(self) -> str:
+        return self.value[1]
+
+
+class EventId(_Coded):
     """PS3.15 A.5.3 audit message EventIDs: (DCM code, meaning)."""
 
     AUDIT_LOG_USED = ("110101", "Audit Log Used")
@@ -40,16 +52,8 @@ class EventId(Enum):
     SECURITY_ALERT = ("110113", "Security Alert")
     USER_AUTHENTICATION = ("110114", "User Authentication")
 
-    @property
-    def code(self) -> str:
-        return self.value[0]
 
-    @property
-    def meaning(self) -> str:
-        return self.value[1]
-
-
-class EventType(Enum):
+class EventType(_Coded):
     """EventTypeCodes of the events that have one: (DCM code, meaning)."""
 
     LOGIN = ("110122", "Login")
@@ -57,14 +61,6 @@ class EventType(Enum):
     DETACH = ("110125", "Detach")
     NODE_AUTHENTICATION = ("110126", "Node Authentication")
     USE_OF_RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
-
-    @property
-    def code(self) -> str:
-        return self.value[0]
-
-    @property
-    def meaning(self) -> str:
-        return self.value[1]
 
 
 class Action(StrEnum):

@@ -30,20 +30,16 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-CONFIG = f"""
-[[sites]]
-name = "intake"
-siteid = "{SITEIDS['intake']}"
-default = true
+def sites_toml(siteids: dict[str, str]) -> str:
+    """Three sites (intake the default) with pinned SITEIDs."""
+    return "".join(
+        f'[[sites]]\nname = "{name}"\nsiteid = "{siteids[name]}"\n'
+        + ("default = true\n" if name == "intake" else "") + "\n"
+        for name in ("intake", "site-a", "site-b")
+    )
 
-[[sites]]
-name = "site-a"
-siteid = "{SITEIDS['site-a']}"
 
-[[sites]]
-name = "site-b"
-siteid = "{SITEIDS['site-b']}"
-
+CONFIG = sites_toml(SITEIDS) + f"""
 [auth]
 enabled = true
 

@@ -18,7 +18,7 @@ from ricord_archive.config import ConfigError, OidcConfig, load_config
 from ricord_archive.web.oidc import KeySet
 from tests.conftest import Archive
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey, claims, unsigned
-from tests.test_auth import ct, stored_uids
+from tests.test_auth import ct, sites_toml, stored_uids
 
 CHALLENGE = 'Bearer realm="ricord-archive"'
 ROOT = "1.2.826.0.1.3680043.10.2"
@@ -151,18 +151,7 @@ def jwks() -> JwksServer:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory, jwks) -> Archive:
     base = tmp_path_factory.mktemp("oidc")
-    (base / "config.toml").write_text(f"""
-[[sites]]
-name = "intake"
-siteid = "{SITEIDS['intake']}"
-default = true
-[[sites]]
-name = "site-a"
-siteid = "{SITEIDS['site-a']}"
-[[sites]]
-name = "site-b"
-siteid = "{SITEIDS['site-b']}"
-
+    (base / "config.toml").write_text(sites_toml(SITEIDS) + f"""
 [auth]
 enabled = true
 [[auth.tokens]]
