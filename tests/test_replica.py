@@ -267,3 +267,32 @@ def found_instances_by_study(archive: Archive) -> set[str]:
     answer = requests.get(f"{archive.dicomweb_url}/studies", timeout=60)
     assert answer.status_code == 200, answer.text
     return {d["0020000D"]["Value"][0] for d in answer.json()}
+
+
+def test_with_both_servers_in_its_url_the_archive_follows_a_promotion(
+    clusters, archive_on, corpus
+):
+    """A multi-host URL with target_session_attrs=read-write (libpq's syntax, which asyncpg
+    follows): after a failover the running archive writes to the promoted server by itself."""
+    primary, standby = clusters
+    both = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
+            "/ricord?target_session_attrs=read-write")
+    archive = archive_on(both, None, processes=2)
+    first, second = corpus.study(corpus.patient(), dt.date(2023, 8, 9), slices=2)
+    stored = {stow(archive, first)[2]}
+    poll(lambda: standby.sql("SELECT count(*) FROM instance") == "1", "replayed on the standby")
+
+    primary.stop()
+    standby.promote()
+    poll(lambda: _stow_status(archive, second) == 200, "a store on the promoted server")
+    assert len(found_instances(archive)) == 2 and stored < found_instances(archive)
+    assert standby.sql("SELECT count(*) FROM instance") == "2"
+
+
+def _stow_status(archive: Archive, path: Path) -> int:
+    return requests.post(
+        f"{archive.dicomweb_url}/studies", timeout=60,
+        data=b"--b\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes()
+        + b"\r\n--b--\r\n",
+        headers={"Content-Type": f"{_MULTIPART}; boundary=b"},
+    ).status_code
