@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -168,3 +169,36 @@ def test_deadlock_victim_transaction_is_run_again(make_archive, corpus):
     [study] = load.query(archive, "SELECT num_instances, (SELECT count(*) FROM instance) "
                          "FROM study")
     assert tuple(study) == (2, 2)
+
+
+def test_concurrent_ingest_threads_do_not_change_pydicom_settings():
+    """Objects prepared in several threads at once (STOW-RS parts in flight, DIMSE
+    associations) are processed as one at a time would be: rtdose.dcm holds a UID pydicom
+    deems invalid (tolerated on reading), which failed at random while another thread's
+    DICOM JSON conversion had switched pydicom's global validation to RAISE."""
+    import pydicom.config
+    from pydicom.data import get_testdata_file
+
+    from ricord_archive.deid import DeidContext, Keyring
+    from ricord_archive.dicom_io import configure_pydicom, parse
+    from ricord_archive.ingest import prepare
+
+    saved = (pydicom.config.settings.reading_validation_mode,
+             pydicom.config.settings.writing_validation_mode)
+    configure_pydicom()
+    try:
+        sources = [Path(get_testdata_file(name)).read_bytes()
+                   for name in ("rtdose.dcm", "CT_small.dcm", "MR_small.dcm", "rtdose_rle.dcm")]
+        context = DeidContext("123456", "123456-000001", -100, Keyring(b"k" * 32))
+
+        def one(data: bytes) -> str:
+            prepare(parse(data, 1 << 30), context)
+            return "ok"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(one, sources * 50))
+        assert outcomes == ["ok"] * len(outcomes)
+        assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+    finally:
+        (pydicom.config.settings.reading_validation_mode,
+         pydicom.config.settings.writing_validation_mode) = saved
