@@ -14,7 +14,8 @@ from typing import BinaryIO
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -49,6 +50,7 @@ def parse(data: bytes, max_bytes: int) -> Dataset:
         for required in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             if not str(dataset.get(required, "") or "").strip():
                 raise InvalidObject(f"the object has no {required}")
+        _check_complete(dataset)
     except InvalidObject:
         raise
     except (InvalidDicomError, EOFError) as exc:
@@ -56,6 +58,37 @@ def parse(data: bytes, max_bytes: int) -> Dataset:
     except Exception as exc:  # pydicom raises many kinds; none of them may escape raw
         raise InvalidObject(f"unreadable DICOM object ({type(exc).__name__})") from exc
     return dataset
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_complete(dataset: Dataset) -> None:
+    """Refuse an object in which a value's declared length runs past the end of the data.
+
+    pydicom reads such a value as the fewer bytes that are there (a truncated object, or a
+    corrupt length field such as 0xFFFFFFF0) and would let it be stored. Raw (undecoded)
+    values are compared with their declared lengths, at every depth; only sequences are
+    decoded to look inside (de-identification decodes them anyway), other values stay raw.
+    Undefined lengths never delimited already fail in pydicom (EOFError)."""
+    for tag, element in list(dataset._dict.items()):
+        if isinstance(element, RawDataElement):
+            if (element.length != _UNDEFINED_LENGTH and element.value is not None
+                    and len(element.value) != element.length):
+                raise InvalidObject("the object is truncated: a value runs past its end")
+            vr = element.VR or _dictionary_vr(tag)  # no VR in the bytes: implicit VR
+        else:
+            vr = element.VR
+        if vr == "SQ":
+            for item in dataset[tag].value or ():
+                _check_complete(item)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 @dataclass(frozen=True)

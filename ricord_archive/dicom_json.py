@@ -44,11 +44,18 @@ def to_json(dataset: Dataset, bulk_base: str) -> dict[str, Any]:
     def bulk_uri(element: DataElement) -> str:
         return f"{bulk_base}/bulkdata/{int(element.tag):08X}"
 
-    document = dataset.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=bulk_uri,
-        suppress_invalid_tags=True,
-    )
+    # Not Dataset.to_json_dict(suppress_invalid_tags=True): that switches pydicom's global
+    # reading validation to RAISE while it runs (config.strict_reading) and restores it after,
+    # so an object being de-identified in another thread meanwhile fails on any value pydicom
+    # deems invalid, and two overlapping calls can leave RAISE behind for good.
+    document = {}
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset yields its elements
+        try:
+            document[f"{int(tag):08X}"] = dataset[tag].to_json_dict(
+                bulk_data_element_handler=bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
+            )
+        except Exception:  # an element pydicom cannot express in JSON is left out
+            continue
     for tag in PIXEL_DATA_TAGS:  # pixel data is bulk data whatever its size: viewers expect it
         if tag in document and "InlineBinary" in document[tag]:
             uri = f"{bulk_base}/bulkdata/{tag}"

@@ -60,9 +60,9 @@ class PhiCorpus:
 
     def study(
         self, patient: PlantedPatient, study_date: dt.date, slices: int = 3,
-        study_uid: str | None = None, modality: str = "CT",
+        study_uid: str | None = None, modality: str = "CT", size: int = 16,
     ) -> list[Path]:
-        """One study of one series; returns the written files."""
+        """One study of one series of `size` x `size` images; returns the written files."""
         plant = self.corpus.plant
         study_uid = study_uid or self._uid()
         series_uid = self._uid()
@@ -129,13 +129,13 @@ class PhiCorpus:
             ds.ImagePositionPatient = [0, 0, float(number)]
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = ds.Columns = 16
+            ds.Rows = ds.Columns = size
             ds.BitsAllocated = ds.BitsStored = 16
             ds.HighBit = 15
             ds.PixelRepresentation = 0
             ds.RescaleIntercept = -1024
             ds.RescaleSlope = 1
-            ds.PixelData = bytes(self.rng.getrandbits(8) for _ in range(16 * 16 * 2))
+            ds.PixelData = bytes(self.rng.getrandbits(8) for _ in range(size * size * 2))
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -6,6 +6,8 @@ writers of one study queue instead of deadlocking.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -17,7 +19,13 @@ from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
 
+log = logging.getLogger(__name__)
+
 DATE_OFFSET_MAX_DAYS = 3650
+# A transaction that PostgreSQL aborted as a deadlock victim (40P01) or for a serialization
+# failure (40001) changed nothing and is run again, this many times in all at most.
+TRANSIENT_ATTEMPTS = 5
+_TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
 _RELATIONAL_CONFLICT = "RI001"  # raised by the store_instance function
@@ -149,29 +157,42 @@ async def store_instance(
     """Index one instance in one transaction (the `store_instance` function of
     migrations/007) that commits only once `blob_written` (the durable write of the instance's
     blob, running meanwhile) has completed: the two overlap, and no committed row ever names
-    a blob that is not on disk. If the write fails, the transaction rolls back and its error
-    is raised. `on_conflict` is the duplicate policy for a re-sent SOP Instance UID with other
-    content: 'keep-first', 'reject' or 'overwrite'."""
+    a blob that is not on disk. A deadlock or serialization failure runs the transaction
+    again (at most TRANSIENT_ATTEMPTS in all). If the write fails, the transaction rolls back
+    and its error is raised. `on_conflict` is the duplicate policy for a re-sent SOP Instance
+    UID with other content: 'keep-first', 'reject' or 'overwrite'."""
     rec, pixels = new.record, new.pixel_data
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                _STORE,
-                patient.pk, site.id,
-                rec.study_uid, rec.study_date, rec.study_time, rec.accession_number, rec.study_id,
-                rec.patient_sex, rec.patient_age, new.study_json,
-                rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
-                rec.pps_start_time, new.series_json,
-                rec.sop_uid, rec.sop_class_uid, rec.instance_number, new.transfer_syntax_uid,
-                new.blob_key, new.size_bytes, new.sha256, new.instance_json,
-                pixels.offset if pixels else None, pixels.length if pixels else None,
-                rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
-                rec.bits_allocated, on_conflict,
-            )
-            await blob_written
-    except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
-            raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
-                                "relational-mismatch") from None
-        raise
+    blob_written = asyncio.ensure_future(blob_written)  # awaitable again by a retry
+    attempt = 1
+    while True:
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    _STORE,
+                    patient.pk, site.id,
+                    rec.study_uid, rec.study_date, rec.study_time, rec.accession_number,
+                    rec.study_id, rec.patient_sex, rec.patient_age, new.study_json,
+                    rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
+                    rec.pps_start_time, new.series_json,
+                    rec.sop_uid, rec.sop_class_uid, rec.instance_number,
+                    new.transfer_syntax_uid, new.blob_key, new.size_bytes, new.sha256,
+                    new.instance_json,
+                    pixels.offset if pixels else None, pixels.length if pixels else None,
+                    rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
+                    rec.bits_allocated, on_conflict,
+                )
+                await blob_written
+            break
+        except _TRANSIENT as exc:
+            if attempt >= TRANSIENT_ATTEMPTS:
+                raise
+            log.info("instance transaction aborted (%s), attempt %d of %d: running it again",
+                     exc.sqlstate, attempt, TRANSIENT_ATTEMPTS)
+            attempt += 1
+            await asyncio.sleep(0.01 * 2**attempt)
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
+                raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
+                                    "relational-mismatch") from None
+            raise
     return StoredRow(row["outcome"], row["stored_sha256"], row["replaced_blob_key"])
