@@ -70,14 +70,17 @@ class Workers:
                 "--ready-fd", str(ready_fd)]
 
     async def start(self, timeout: float) -> None:
-        """Start the workers and wait (at most `timeout` seconds) until each listens."""
+        """Start the workers and wait (at most `timeout` seconds) until each listens or has
+        failed its first start (it is then started again, by its supervisor)."""
         loop = asyncio.get_running_loop()
-        ready = [loop.create_future() for _ in range(self.count)]
-        self._supervisors = [asyncio.create_task(self._supervise(n, ready[n]))
+        first: list[asyncio.Future[bool]] = [loop.create_future() for _ in range(self.count)]
+        self._supervisors = [asyncio.create_task(self._supervise(n, first[n]))
                              for n in range(self.count)]
-        _, late = await asyncio.wait(ready, timeout=timeout)
-        if late:
-            log.error("%d worker process(es) not listening after %.0f s", len(late), timeout)
+        done, late = await asyncio.wait(first, timeout=timeout)
+        failed = len(late) + sum(not future.result() for future in done)
+        if failed:
+            log.error("%d worker process(es) not listening yet: serving without them for now",
+                      failed)
 
     async def _spawn(self) -> tuple[asyncio.subprocess.Process, bool]:
         """A worker process, and whether it came to listen (else it exited first)."""
@@ -93,14 +96,15 @@ class Workers:
         finally:
             os.close(read_end)
 
-    async def _supervise(self, number: int, ready: asyncio.Future[None]) -> None:
+    async def _supervise(self, number: int, first: asyncio.Future[bool]) -> None:
         delay = 1.0
         while not self._stopping:
             process, listening = await self._spawn()
             self._processes[number] = process
-            if listening and not ready.done():
-                ready.set_result(None)
-            log.info("worker process %d started (pid %d)", number + 1, process.pid)
+            if not first.done():
+                first.set_result(listening)
+            if listening:
+                log.info("worker process %d started (pid %d)", number + 1, process.pid)
             started = asyncio.get_running_loop().time()
             try:
                 code = await process.wait()
