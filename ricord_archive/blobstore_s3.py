@@ -111,6 +111,16 @@ class _RangeReader(io.RawIOBase):
         self._position = max(0, base + offset)
         return self._position
 
+    def readall(self) -> bytes:
+        """The rest of the object in one GET (RawIOBase's would ask 8 KB at a time)."""
+        if self._position >= self._size:
+            return b""
+        with _as_os_errors():
+            data = obstore.get_range(self._store, self._key, start=self._position,
+                                     length=self._size - self._position)
+        self._position = self._size
+        return bytes(data)
+
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         length = min(len(buffer), self._size - self._position)
         if length <= 0:
