@@ -153,7 +153,7 @@ async def load(url: str, instances: int) -> dict:
                     columns=["pk", "series_pk", "study_pk", "sop_uid", "sop_class_uid",
                              "instance_number", "transfer_syntax_uid", "blob_key",
                              "size_bytes", "sha256", "dicom_json"])
-                print(f"  loaded {base_instance + len(instance_rows) + s * 0:,} ...",
+                print(f"  loaded {(s + 1) * SERIES_PER_STUDY * INSTANCES_PER_SERIES:,} ...",
                       file=sys.stderr, end="\r")
                 studies, series_rows, instance_rows = [], [], []
         for table in ("patient", "study", "series", "instance"):
