@@ -1,11 +1,22 @@
 """QIDO-RS latency on a large index: bulk-load synthetic rows, then time queries over HTTP.
 
     python bench/qido_million.py --instances 1000000 --concurrency 8 --requests 200
+    python bench/qido_million.py --instances 5000000 --partitioned 16 --json part.json
 
 Starts its own archive (embedded PostgreSQL, temporary data directory), loads the index
 directly with COPY (realistic rows: 100 instances per series, 2 series per study, 2 studies per
 patient, several sites), then for each query prints p50/p95 latency at the given concurrency and
 whether PostgreSQL's plan for it uses an index (EXPLAIN). Prints figures; asserts nothing.
+
+`--partitioned N` (towards 10^9 instances, issue #9) also copies the instance rows into a
+bench-only schema, `bench_part`, beside the archive's own (not a migration: the archive never
+sees it), where `instance` is declaratively partitioned by hash of study_pk into N partitions
+with the same indexes (the unique ones extended with study_pk, as PostgreSQL requires of a
+partitioned table). The server cannot be pointed at that schema, so both schemas are then timed
+in the same way without HTTP: the archive's own search code (`ricord_archive.index.search
+.search`, i.e. the exact SQL of `page_sql` and the count past the page) on an asyncpg pool of
+`--concurrency` connections whose search_path is the schema. Also prints heap, TOAST and index
+bytes per row of every table (pg_relation_size, pg_indexes_size, summed over partitions).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -30,7 +42,7 @@ import asyncpg
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ricord_archive.index.search import page_sql
+from ricord_archive.index.search import page_sql, search
 from ricord_archive.matching import Level, parse_query
 
 SERIES_PER_STUDY = 2
@@ -141,7 +153,7 @@ async def load(url: str, instances: int) -> dict:
                     columns=["pk", "series_pk", "study_pk", "sop_uid", "sop_class_uid",
                              "instance_number", "transfer_syntax_uid", "blob_key",
                              "size_bytes", "sha256", "dicom_json"])
-                print(f"  loaded {base_instance + len(instance_rows) + s * 0:,} ...",
+                print(f"  loaded {(s + 1) * SERIES_PER_STUDY * INSTANCES_PER_SERIES:,} ...",
                       file=sys.stderr, end="\r")
                 studies, series_rows, instance_rows = [], [], []
         for table in ("patient", "study", "series", "instance"):
@@ -184,28 +196,150 @@ def queries(sample: dict) -> dict[str, tuple[Level, str, dict]]:
     }
 
 
-async def explain(url: str, level: Level, path: str, scope: dict) -> str:
-    """Which index PostgreSQL's plan for the query uses ('-' when it scans a table)."""
+def parsed(level: Level, path: str, scope: dict):
     params = [tuple(p.split("=", 1)) for p in path.partition("?")[2].split("&") if p]
-    sql, values = page_sql(parse_query(level, params, 1000, scope))
-    conn = await asyncpg.connect(url)
+    return parse_query(level, params, 1000, scope)
+
+
+PARTITION_NAME = re.compile(r"instance_p\d+")
+
+
+async def explain(url: str, level: Level, path: str, scope: dict, schema: str = "public"
+                  ) -> str:
+    """Which index PostgreSQL's plan for the query uses ('-' when it scans a table); on the
+    partitioned schema (EXPLAIN ANALYZE, run once) also how many instance partitions the
+    execution touched (run-time pruning leaves the others 'never executed')."""
+    sql, values = page_sql(parsed(level, path, scope))
+    conn = await asyncpg.connect(url, server_settings={"search_path": f"{schema}, public"})
+    analyze = "ANALYZE, " if schema != "public" else ""
     try:
-        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *values))
+        plan = json.loads(await conn.fetchval(f"EXPLAIN ({analyze}FORMAT JSON) {sql}", *values))
     finally:
         await conn.close()
-    found, seq = set(), set()
+    found, seq, touched, listed = set(), set(), set(), set()
 
     def walk(node: dict) -> None:
+        relation = node.get("Relation Name", "")
+        if PARTITION_NAME.fullmatch(relation):
+            listed.add(relation)
+            if node.get("Actual Loops", 1):
+                touched.add(relation)
         if "Index Name" in node:
-            found.add(node["Index Name"])
+            found.add(PARTITION_NAME.sub("instance_pN", node["Index Name"]))
         if node.get("Node Type") == "Seq Scan":
-            seq.add(node.get("Relation Name"))
+            seq.add(PARTITION_NAME.sub("instance_pN", relation))
         for child in node.get("Plans", []):
             walk(child)
 
     walk(plan[0]["Plan"])
     text = ", ".join(sorted(found)) or "-"
-    return text + (f" (seq scan: {', '.join(sorted(seq))})" if seq else "")
+    if seq:
+        text += f" (seq scan: {', '.join(sorted(seq))})"
+    if listed or schema != "public":
+        text += f"; partitions touched {len(touched)}"
+    return text
+
+
+# ---------------------------------------------------------------- a partitioned instance table
+INSTANCE_INDEXES = (   # the archive's indexes on instance, unique ones extended with study_pk
+    "ALTER TABLE bench_part.instance ADD CONSTRAINT instance_pkey PRIMARY KEY (pk, study_pk)",
+    "CREATE UNIQUE INDEX instance_sop_uid_key ON bench_part.instance (sop_uid, study_pk)",
+    "CREATE UNIQUE INDEX instance_blob_key_key ON bench_part.instance (blob_key, study_pk)",
+    "CREATE INDEX instance_by_series ON bench_part.instance (series_pk, instance_number)",
+    "CREATE INDEX instance_by_study ON bench_part.instance (study_pk)",
+    "CREATE INDEX instance_by_sop_class ON bench_part.instance (sop_class_uid)",
+)
+
+
+async def partition(url: str, partitions: int) -> dict[str, float]:
+    """Copy public.instance into bench_part.instance, hash-partitioned by study_pk; seconds
+    of each step."""
+    conn = await asyncpg.connect(url)
+    steps: dict[str, float] = {}
+    try:
+        await conn.execute("SET maintenance_work_mem = '512MB'")
+        await conn.execute("DROP SCHEMA IF EXISTS bench_part CASCADE; CREATE SCHEMA bench_part")
+        await conn.execute("CREATE TABLE bench_part.instance (LIKE public.instance "
+                           "INCLUDING DEFAULTS) PARTITION BY HASH (study_pk)")
+        for n in range(partitions):
+            await conn.execute(f"CREATE TABLE bench_part.instance_p{n:03d} PARTITION OF "
+                               f"bench_part.instance FOR VALUES WITH (MODULUS {partitions}, "
+                               f"REMAINDER {n})")
+        started = time.perf_counter()
+        await conn.execute("INSERT INTO bench_part.instance SELECT * FROM public.instance")
+        steps["copy_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for statement in INSTANCE_INDEXES:
+            await conn.execute(statement)
+        steps["indexes_s"] = time.perf_counter() - started
+        await conn.execute("ANALYZE bench_part.instance")
+    finally:
+        await conn.close()
+    return steps
+
+
+SIZES_SQL = """
+SELECT count(*) AS parts, sum(pg_relation_size(relid)) AS heap,
+       sum(pg_total_relation_size(relid) - pg_relation_size(relid) - pg_indexes_size(relid))
+           AS toast,
+       sum(pg_indexes_size(relid)) AS indexes
+FROM (SELECT relid FROM pg_partition_tree($1::regclass) WHERE isleaf
+      UNION SELECT $1::regclass WHERE pg_partition_root($1::regclass) IS NULL) AS t
+"""
+INDEX_SIZES_SQL = """
+SELECT ix.indexrelid::regclass::text AS name,
+       coalesce((SELECT sum(pg_relation_size(t.relid)) FROM pg_partition_tree(ix.indexrelid) t
+                 WHERE t.isleaf), pg_relation_size(ix.indexrelid)) AS bytes
+FROM pg_index ix WHERE ix.indrelid = $1::regclass ORDER BY 2 DESC
+"""
+
+
+async def sizes(url: str, partitioned: bool) -> list[dict]:
+    """Bytes (heap, TOAST and the rest, indexes) and bytes per row of each table, and of each
+    index of the instance tables."""
+    tables = ["public.patient", "public.study", "public.series", "public.instance"]
+    if partitioned:
+        tables.append("bench_part.instance")
+    conn = await asyncpg.connect(url)
+    found = []
+    try:
+        for table in tables:
+            rows = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            row = dict(await conn.fetchrow(SIZES_SQL, table))
+            entry = {"table": table, "rows": rows, "partitions": row["parts"],
+                     "heap": int(row["heap"]), "toast": int(row["toast"]),
+                     "indexes": int(row["indexes"])}
+            if table.endswith("instance"):
+                entry["each_index"] = {
+                    r["name"].split(".")[-1]: int(r["bytes"] or 0)
+                    for r in await conn.fetch(INDEX_SIZES_SQL, table)}
+            found.append(entry)
+    finally:
+        await conn.close()
+    return found
+
+
+async def measure_sql(url: str, schema: str, level: Level, path: str, scope: dict,
+                      concurrency: int, requests: int) -> list[float]:
+    """The archive's search (page and count past it) on `concurrency` connections whose
+    search_path is `schema`; latency of each in ms, after one warm-up."""
+    query = parsed(level, path, scope)
+    latencies: list[float] = []
+    async with asyncpg.create_pool(
+        url, min_size=concurrency, max_size=concurrency,
+        server_settings={"search_path": f"{schema}, public"},
+    ) as pool:
+        await search(pool, query)
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                started = time.perf_counter()
+                await search(pool, query)
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        per = max(1, requests // concurrency)
+        await asyncio.gather(*(worker(per) for _ in range(concurrency)))
+    return latencies
 
 
 async def measure(base: str, path: str, concurrency: int, requests: int) -> list[float]:
@@ -226,6 +360,39 @@ async def measure(base: str, path: str, concurrency: int, requests: int) -> list
     return latencies
 
 
+def print_rows(rows: list[dict], partitioned: bool, partitions: int) -> None:
+    if not partitioned:
+        print(f"| {'query':<36} | p50 ms | p95 ms | index used |")
+        print(f"|{'-' * 38}|--------|--------|------------|")
+        for row in rows:
+            print(f"| {row['query']:<36} | {row['p50_ms']:>6} | {row['p95_ms']:>6} | "
+                  f"{row['index']} |")
+        return
+    print("| query | HTTP p50 / p95 ms | SQL p50 / p95 ms | SQL, instance in "
+          f"{partitions} partitions, p50 / p95 ms | index used (partitioned) |")
+    print("|---|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['query']} | {row['p50_ms']} / {row['p95_ms']} | {row['sql_p50_ms']} / "
+              f"{row['sql_p95_ms']} | {row['part_p50_ms']} / {row['part_p95_ms']} | "
+              f"{row['part_index']} |")
+
+
+def print_sizes(tables: list[dict]) -> None:
+    print("\n| table | rows | partitions | heap MB | TOAST MB | indexes MB | heap B/row "
+          "| TOAST B/row | index B/row |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in tables:
+        n = max(1, t["rows"])
+        print(f"| {t['table']} | {t['rows']:,} | {t['partitions']} | {t['heap'] / 1e6:,.0f} | "
+              f"{t['toast'] / 1e6:,.0f} | {t['indexes'] / 1e6:,.0f} | {t['heap'] / n:.0f} | "
+              f"{t['toast'] / n:.0f} | {t['indexes'] / n:.0f} |")
+    for t in tables:
+        if "each_index" in t:
+            n = max(1, t["rows"])
+            print(f"\n{t['table']} indexes, bytes per row: " + ", ".join(
+                f"{name} {size / n:.0f}" for name, size in t["each_index"].items()))
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -236,7 +403,11 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--partitioned", type=int, default=0, metavar="N",
+                        help="also time the queries on a bench-only copy of the instance "
+                             "table hash-partitioned by study into N partitions (SQL timing)")
     args = parser.parse_args()
+    loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ricord-bench-") as tmp:
         http_port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RICORD_")}
@@ -263,24 +434,42 @@ async def main() -> None:
             ).stdout.strip()
             started = time.perf_counter()
             sample = await load(url, args.instances)
-            print(f"loaded {args.instances:,} instances in {time.perf_counter() - started:.0f} s")
+            load_s = time.perf_counter() - started
+            print(f"loaded {args.instances:,} instances in {load_s:.0f} s", file=sys.stderr)
+            steps = {}
+            if args.partitioned:
+                steps = await partition(url, args.partitioned)
+                print(f"partitioned copy: {steps}", file=sys.stderr)
             rows = []
             for name, (level, path, scope) in queries(sample).items():
                 latencies = await measure(base, path, args.concurrency, args.requests)
                 plan = await explain(url, level, path, scope)
-                rows.append({"query": name, "p50_ms": round(percentile(latencies, 50), 2),
-                             "p95_ms": round(percentile(latencies, 95), 2), "index": plan})
+                row = {"query": name, "p50_ms": round(percentile(latencies, 50), 2),
+                       "p95_ms": round(percentile(latencies, 95), 2), "index": plan}
+                if args.partitioned:
+                    for schema, key in (("public", "sql"), ("bench_part", "part")):
+                        ms = await measure_sql(url, schema, level, path, scope,
+                                               args.concurrency, args.requests)
+                        row[f"{key}_p50_ms"] = round(percentile(ms, 50), 2)
+                        row[f"{key}_p95_ms"] = round(percentile(ms, 95), 2)
+                    row["part_index"] = await explain(url, level, path, scope, "bench_part")
+                print(f"  {row}", file=sys.stderr)
+                rows.append(row)
+            tables = await sizes(url, bool(args.partitioned))
+            loadavg_after = os.getloadavg()
             print(f"\nQIDO-RS on {args.instances:,} instances, concurrency {args.concurrency}, "
-                  f"{args.requests} requests each (nproc {os.cpu_count()})\n")
-            print(f"| {'query':<36} | p50 ms | p95 ms | index used |")
-            print(f"|{'-' * 38}|--------|--------|------------|")
-            for row in rows:
-                print(f"| {row['query']:<36} | {row['p50_ms']:>6} | {row['p95_ms']:>6} | "
-                      f"{row['index']} |")
+                  f"{args.requests} requests each (nproc {os.cpu_count()}; load average before "
+                  f"{', '.join(f'{x:.2f}' for x in loadavg_before)}, after "
+                  f"{', '.join(f'{x:.2f}' for x in loadavg_after)}; loaded in {load_s:.0f} s)\n")
+            print_rows(rows, bool(args.partitioned), args.partitioned)
+            print_sizes(tables)
             if args.json:
                 args.json.write_text(json.dumps(
                     {"date": dt.date.today().isoformat(), "instances": args.instances,
-                     "concurrency": args.concurrency, "rows": rows}, indent=2))
+                     "concurrency": args.concurrency, "requests": args.requests,
+                     "partitions": args.partitioned, "load_s": round(load_s, 1), **steps,
+                     "loadavg_before": loadavg_before, "loadavg_after": loadavg_after,
+                     "rows": rows, "sizes": tables}, indent=2))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
