@@ -132,9 +132,11 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     for head, (item, blob), syntax in zip(heads, found, chosen, strict=True):
         if syntax == item.transfer_syntax_uid:
             await response.write(head)
-            handle = await asyncio.to_thread(blob.open)
+            # a local file opens at once; an object store's answers over the network
+            local = blob.path
+            handle = local.open("rb") if local is not None else await asyncio.to_thread(blob.open)
             with handle:
-                if as_stored and blob.path is not None and request.transport is not None:
+                if as_stored and local is not None and request.transport is not None:
                     await _sendfile(request, handle, item.size_bytes)
                 else:
                     while chunk := await asyncio.to_thread(handle.read, _CHUNK):
