@@ -87,6 +87,11 @@ class Blob:
     def open(self) -> BinaryIO:
         return self.store.open(self.key, self.size)
 
+    def read(self) -> bytes:
+        """The whole object (blocking: call it from a thread)."""
+        with self.open() as stream:
+            return stream.read()
+
     @property
     def path(self) -> Path | None:
         return self.store.local_path(self.key)

@@ -60,7 +60,7 @@ async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) ->
     report = RebuildReport(patients=len(patients))
     for key, size, _ in await asyncio.to_thread(lambda: list(blobs.walk())):
         try:
-            data = await asyncio.to_thread(_read, Blob(blobs, key, size))
+            data = await asyncio.to_thread(Blob(blobs, key, size).read)
             dataset = pydicom.dcmread(BytesIO(data))
             new = replace(describe(dataset, data, pixel_data_location(data)), blob_key=key)
             pseudonym = str(dataset.PatientID)
@@ -76,11 +76,6 @@ async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) ->
         await store_instance(pool, site, patient, new, "keep-first", done)
         report.instances += 1
     return report
-
-
-def _read(blob: Blob) -> bytes:
-    with blob.open() as stream:
-        return stream.read()
 
 
 async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> dict[str, Site]:

@@ -98,7 +98,7 @@ class RetrieveService:
 
     async def stored_bytes(self, blob: Blob) -> bytes:
         """The object as stored."""
-        return await asyncio.to_thread(_read_all, blob)
+        return await asyncio.to_thread(blob.read)
 
     async def transcoded(self, blob: Blob, transfer_syntax: str) -> bytes:
         """The whole object re-encoded in `transfer_syntax` (406 when it cannot be)."""
@@ -186,11 +186,6 @@ class RetrieveService:
         if missing:
             raise NotFound(f"frame {missing[0]} is not in the stored pixel data")
         return [found[n] for n in numbers]
-
-
-def _read_all(blob: Blob) -> bytes:
-    with blob.open() as stream:
-        return stream.read()
 
 
 def _read(blob: Blob) -> Dataset:
