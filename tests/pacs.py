@@ -31,8 +31,16 @@ class Pacs:
         return self.root / "dcmqrscp.log"
 
     def start(self) -> Pacs:
+        """Start dcmqrscp; a port taken between choosing it and binding it: another port."""
+        for _ in range(3):
+            if self._start():
+                return self
+            self.port = free_port()
+        raise AssertionError(f"dcmqrscp found no free port: {self.log.read_text()[-500:]}")
+
+    def _start(self) -> bool:
         storage = self.root / "storage"
-        storage.mkdir(parents=True)
+        storage.mkdir(parents=True, exist_ok=True)
         hosts = "\n".join(
             f"destination{n} = ({aet}, 127.0.0.1, {port})"
             for n, (aet, port) in enumerate(self.destinations.items())
@@ -47,10 +55,13 @@ class Pacs:
         self.process = dcmtk.start("dcmqrscp", "-c", str(config), log=self.log)
         deadline = time.monotonic() + START_DEADLINE
         while dcmtk.run("echoscu", "-aec", PACS_AET, "127.0.0.1", str(self.port)).returncode:
-            assert self.process.poll() is None, self.log.read_text(errors="replace")
+            if self.process.poll() is not None:
+                log = self.log.read_text(errors="replace")
+                assert "Address already in use" in log, log
+                return False
             assert time.monotonic() < deadline, "dcmqrscp did not start"
             time.sleep(0.1)  # polling interval, not a wait for an outcome
-        return self
+        return True
 
     def load(self, files: list[Path]) -> None:
         result = dcmtk.run(
