@@ -11,13 +11,19 @@ import contextlib
 import io
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import BinaryIO
 
 import obstore
 from obstore.store import S3Store
 
-from ricord_archive.blobstore import RECORDS, check_key, check_record, is_blob_key, new_key
+from ricord_archive.blobstore import (
+    RECORDS,
+    Location,
+    check_file_key,
+    check_record,
+    is_file_key,
+    new_key,
+)
 from ricord_archive.config import S3Config
 
 _MULTIPART_ABOVE = 64 * 1024**2  # bytes: larger objects are uploaded in parts
@@ -45,30 +51,30 @@ class S3BlobStore:
 
     new_key = staticmethod(new_key)
 
-    def local_path(self, key: str) -> Path | None:
+    def local_file(self, key: str) -> Location | None:
         return None
 
     def write(self, key: str, data: bytes) -> None:
         with _as_os_errors():
-            obstore.put(self._store, check_key(key), data, mode="create",
+            obstore.put(self._store, check_file_key(key), data, mode="create",
                         use_multipart=len(data) > _MULTIPART_ABOVE)
 
     def open(self, key: str, size: int | None = None) -> BinaryIO:
         if size is None:
             with _as_os_errors():
-                size = obstore.head(self._store, check_key(key))["size"]
-        raw = _RangeReader(self._store, check_key(key), size)
+                size = obstore.head(self._store, check_file_key(key))["size"]
+        raw = _RangeReader(self._store, check_file_key(key), size)
         return io.BufferedReader(raw, buffer_size=_READ_BUFFER)  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError), _as_os_errors():  # gone already: deleted
-            obstore.delete(self._store, check_key(key))
+            obstore.delete(self._store, check_file_key(key))
 
     def walk(self) -> Iterator[tuple[str, int, float]]:
         with _as_os_errors():
             for batch in obstore.list(self._store, chunk_size=1000):
                 for meta in batch:
-                    if is_blob_key(meta["path"]):
+                    if is_file_key(meta["path"]):
                         yield meta["path"], meta["size"], meta["last_modified"].timestamp()
 
     def write_record(self, name: str, data: bytes) -> None:

@@ -63,6 +63,7 @@ class Limits:
     http_send_timeout: int = 60  # seconds a response may wait for a client that does not read
     orphan_collect_interval: int = 3600  # seconds between runs of the orphan collector
     orphan_grace: int = 3600  # seconds before a blob no index row names counts as an orphan
+    blob_segment_bytes: int = 256 * 1024**2  # size of the segment files blobs are appended to
 
 
 ROLES = ("uploader", "researcher", "admin")
@@ -470,6 +471,8 @@ def _parse_limits(raw: Any) -> Limits:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"[limits] {key} must be a positive integer")
         values[key] = value
+    if values.get("blob_segment_bytes", Limits.blob_segment_bytes) < 1024**2:
+        raise ConfigError("[limits] blob_segment_bytes must be at least 1048576 (1 MiB)")
     return Limits(**values)
 
 

@@ -82,10 +82,11 @@ async def _part(response: web.StreamResponse, boundary: str, headers: str, body:
     await response.write(f"--{boundary}\r\n{headers}\r\n\r\n".encode("ascii") + body + b"\r\n")
 
 
-async def _sendfile(request: web.Request, handle: BinaryIO, size: int) -> None:
-    """The file to the client by sendfile, in chunks each of which must go out within the
-    send timeout: sendfile bypasses the transport's buffer, so the connection's own send
-    deadline does not see a client that stopped reading. A HEAD request gets no body."""
+async def _sendfile(request: web.Request, handle: BinaryIO, base: int, size: int) -> None:
+    """`size` bytes of the file from `base` (where the blob starts in it) to the client by
+    sendfile, in chunks each of which must go out within the send timeout: sendfile bypasses
+    the transport's buffer, so the connection's own send deadline does not see a client that
+    stopped reading. A HEAD request gets no body."""
     if request.method == "HEAD":
         return
     loop = asyncio.get_running_loop()
@@ -96,7 +97,8 @@ async def _sendfile(request: web.Request, handle: BinaryIO, size: int) -> None:
             raise ConnectionResetError("the client went away")
         try:
             async with asyncio.timeout(timeout):
-                await loop.sendfile(transport, handle, offset, min(_SENDFILE_CHUNK, size - offset))
+                await loop.sendfile(transport, handle, base + offset,
+                                    min(_SENDFILE_CHUNK, size - offset))
         except TimeoutError:
             log.warning("closed an HTTP connection from %s: the client read nothing for %g s",
                         request.remote, timeout)
@@ -133,12 +135,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         if syntax == item.transfer_syntax_uid:
             await response.write(head)
             # a local file opens at once; an object store's answers over the network
-            local = blob.path
-            handle = local.open("rb") if local is not None else await asyncio.to_thread(blob.open)
-            with handle:
-                if as_stored and local is not None and request.transport is not None:
-                    await _sendfile(request, handle, item.size_bytes)
-                else:
+            local = blob.local if as_stored and request.transport is not None else None
+            if local is not None:
+                with local.path.open("rb") as handle:
+                    await _sendfile(request, handle, local.offset, item.size_bytes)
+            else:
+                with await asyncio.to_thread(blob.open) as handle:
                     while chunk := await asyncio.to_thread(handle.read, _CHUNK):
                         await response.write(chunk)
             await response.write(b"\r\n")
@@ -289,14 +291,15 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
         item, blob = await services.retrieve.instance(*uids, site_id=site_id)
         syntax = query.get("transferSyntax")
         if syntax is None or syntax == item.transfer_syntax_uid:
-            if blob.path is None:
+            local = blob.local
+            if local is None:
                 return web.Response(body=await services.retrieve.stored_bytes(blob),
                                     content_type=DICOM)
             response = web.StreamResponse(headers={"Content-Type": DICOM})
             response.content_length = item.size_bytes
             await response.prepare(request)
-            with blob.path.open("rb") as handle:
-                await _sendfile(request, handle, item.size_bytes)
+            with local.path.open("rb") as handle:
+                await _sendfile(request, handle, local.offset, item.size_bytes)
             await response.write_eof()
             return response
         return web.Response(body=await services.retrieve.transcoded(blob, syntax),

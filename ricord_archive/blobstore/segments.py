@@ -1,0 +1,621 @@
+"""Segment files: many blobs in one pre-zeroed file, each made durable by one `fdatasync`.
+
+A segment is `<blobs>/segments/<id>.seg` (`id`: 32 hex digits, fresh for every segment, so
+no process ever appends to another's segment or to one of an earlier life):
+
+    page 0      superblock: magic, version, slot count, where data starts, capacity, CRC
+    page 1...   slot table: one 64-byte slot per key, written once the blob's bytes are
+    data        the blobs' bytes, appended
+
+The key `s/<id>/<n>` names slot n. `new_key()` reserves a slot (the length is not known yet);
+`write()` appends the bytes at the segment's tail, then the slot (magic, version, kind, state,
+the key's segment id and slot number, offset, length, write time, CRC-32 of the bytes, CRC-32
+of the slot), then one `fdatasync` shared by every writer waiting on that segment (group
+flush). The file is zeroed ahead of the writers and fsynced (file and folder) by a background
+thread, so that `fdatasync` flushes data only, never a metadata journal commit.
+
+A blob that does not fit in what is left of its segment is a file of its own,
+`<id>-<n>.dcm`, written the old way (temporary file, fsync, rename, folder fsync); its slot
+says so. A delete marks the slot deleted (a byte outside the slot's CRC) and punches a hole
+over the bytes; a segment with no live slot that no process holds (the owner keeps an
+exclusive `flock` while it may append) is removed by fsck and the orphan collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import io
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+KEY = re.compile(r"^s/([0-9a-f]{32})/(0|[1-9][0-9]{0,8})$")
+_NAME = re.compile(r"^([0-9a-f]{32})\.seg$")
+
+_PAGE = 4096
+_SUPER = struct.Struct("<8sHHIQQ")  # magic, version, flags, slots, data start, capacity
+_SUPER_MAGIC = b"RICORDSG"
+_SLOT = struct.Struct("<4sBBBx16sIQQQI")  # + CRC-32 of these bytes with the state byte 0
+_SLOT_SIZE = 64
+_SLOT_MAGIC = b"RBLB"
+_VERSION = 1
+_STATE_AT = 6  # the state byte: 0 live, 1 deleted (not covered by the slot's CRC)
+_LIVE, _DELETED = 0, 1
+INLINE, EXTERNAL = 1, 2
+_SCAN = 1024  # slots read at a time; a zeroed run this long ends the table (see _MAX_PENDING)
+_MAX_PENDING = 512  # reserved, unwritten slots per segment: more rotate to a new segment
+_WINDOW = 16 * 1024**2  # bytes zeroed (and fsynced) at a time, ahead of the writers
+_ZEROS = bytes(1024**2)
+MIN_SEGMENT_BYTES = 1024**2
+
+
+class Slot(NamedTuple):
+    segment: str
+    index: int
+    kind: int
+    offset: int
+    length: int
+    written: float  # seconds since the epoch
+    crc: int  # CRC-32 of the blob's bytes
+    live: bool
+
+
+class Location(NamedTuple):
+    """Where a blob's bytes are on the local filesystem: a file and the first byte's offset."""
+
+    path: Path
+    offset: int
+
+
+def parse_key(key: str) -> tuple[str, int] | None:
+    found = KEY.match(key)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def _slot_bytes(slot: Slot) -> bytes:
+    body = _SLOT.pack(_SLOT_MAGIC, _VERSION, slot.kind, _LIVE, bytes.fromhex(slot.segment),
+                      slot.index, slot.offset, slot.length, int(slot.written * 1e9), slot.crc)
+    return (body + struct.pack("<I", zlib.crc32(body))).ljust(_SLOT_SIZE, b"\0")
+
+
+def _decode_slot(raw: bytes) -> Slot | None:
+    """The slot, or None for zeros, a torn write or anything that is not a slot."""
+    if len(raw) < _SLOT.size + 4 or raw[:4] != _SLOT_MAGIC:
+        return None
+    body = bytearray(raw[:_SLOT.size])
+    state, body[_STATE_AT] = body[_STATE_AT], _LIVE
+    (crc,) = struct.unpack_from("<I", raw, _SLOT.size)
+    if zlib.crc32(body) != crc or state not in (_LIVE, _DELETED):
+        return None
+    _, version, kind, _, segment, index, offset, length, written, data_crc = _SLOT.unpack(body)
+    if version != _VERSION or kind not in (INLINE, EXTERNAL):
+        return None
+    return Slot(segment.hex(), index, kind, offset, length, written / 1e9, data_crc,
+                state == _LIVE)
+
+
+def _superblock(slots: int, data_start: int, capacity: int) -> bytes:
+    body = _SUPER.pack(_SUPER_MAGIC, _VERSION, 0, slots, data_start, capacity)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _read_superblock(fd: int) -> tuple[int, int, int]:
+    """(slots, data start, capacity); OSError when the file is not a segment."""
+    raw = os.pread(fd, _SUPER.size + 4, 0)
+    if len(raw) == _SUPER.size + 4 and zlib.crc32(raw[:_SUPER.size]) == struct.unpack_from(
+            "<I", raw, _SUPER.size)[0]:
+        magic, version, _, slots, data_start, capacity = _SUPER.unpack_from(raw)
+        if magic == _SUPER_MAGIC and version == _VERSION:
+            return slots, data_start, capacity
+    raise OSError("not a blob segment")
+
+
+def layout(capacity: int) -> tuple[int, int]:
+    """(slots, data start) of a segment of `capacity` bytes: one slot per 4 KiB of data."""
+    slots = max(64, capacity // _PAGE)
+    return slots, _PAGE + -(-slots * _SLOT_SIZE // _PAGE) * _PAGE
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _zero(fd: int, start: int, end: int) -> None:
+    while start < end:
+        _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - start)], start)
+        start += min(len(_ZEROS), end - start)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(final: Path, tmp: Path, data: bytes) -> None:
+    """The old durable write: a temporary file, fsync, rename into place, fsync the folder."""
+    part = tmp / f"{uuid.uuid4().hex}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        part.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(part, final)
+    fsync_dir(final.parent)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give the blocks under [offset, offset+length) back to the filesystem (Linux); False
+    where the filesystem cannot (the space returns when the segment is removed)."""
+    fallocate = getattr(_libc, "fallocate", None)
+    if fallocate is None or length <= 0:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return fallocate(fd, _FALLOC_PUNCH_HOLE, offset, length) == 0
+
+
+class SegmentFiles:
+    """Reading, listing, deleting and removing segment blobs: any process, no state."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, segment: str) -> Path:
+        return self.folder / f"{segment}.seg"
+
+    def external(self, segment: str, index: int) -> Path:
+        return self.folder / f"{segment}-{index}.dcm"
+
+    def slot(self, fd: int, segment: str, index: int) -> Slot | None:
+        slots, _, _ = _read_superblock(fd)
+        if index >= slots:
+            return None
+        found = _decode_slot(os.pread(fd, _SLOT_SIZE, _PAGE + index * _SLOT_SIZE))
+        if found is None or (found.segment, found.index) != (segment, index):
+            return None
+        return found
+
+    def _live(self, key: str) -> tuple[Slot, int]:
+        """The key's live slot and an open descriptor of its segment (the caller closes it)."""
+        segment, index = parse_key(key) or (None, 0)
+        if segment is None:
+            raise ValueError("not a blob key of this archive")
+        fd = os.open(self.path(segment), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            found = self.slot(fd, segment, index)
+        except BaseException:
+            os.close(fd)
+            raise
+        if found is None or not found.live:
+            os.close(fd)
+            raise FileNotFoundError("no such blob")
+        return found, fd
+
+    def open(self, key: str) -> BinaryIO:
+        found, fd = self._live(key)
+        if found.kind == EXTERNAL:
+            os.close(fd)
+            return self.external(found.segment, found.index).open("rb")
+        raw = _Slice(fd, found.offset, found.length, found.crc, key)
+        return io.BufferedReader(raw, buffer_size=256 * 1024)  # type: ignore[return-value]
+
+    def location(self, key: str) -> Location:
+        found, fd = self._live(key)
+        os.close(fd)
+        if found.kind == EXTERNAL:
+            return Location(self.external(found.segment, found.index), 0)
+        return Location(self.path(found.segment), found.offset)
+
+    def delete(self, key: str) -> None:
+        """Mark the slot deleted and free the bytes; nothing when the blob is not there."""
+        segment, index = parse_key(key) or (None, 0)
+        if segment is None:
+            raise ValueError("not a blob key of this archive")
+        try:
+            fd = os.open(self.path(segment), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            found = self.slot(fd, segment, index)
+            if found is None or not found.live:
+                return
+            os.pwrite(fd, bytes([_DELETED]), _PAGE + index * _SLOT_SIZE + _STATE_AT)
+            if found.kind == INLINE:
+                punch_hole(fd, found.offset, found.length)
+            else:
+                self.external(segment, index).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def names(self) -> Iterator[str]:
+        for path in sorted(self.folder.glob("*.seg")):
+            if _NAME.match(path.name):
+                yield path.name[:32]
+
+    def slots(self, segment: str) -> Iterator[Slot]:
+        """The valid slots of a segment (live and deleted), in order."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.path(segment), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                yield from self._scan(fd, segment)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _scan(fd: int, segment: str) -> Iterator[Slot]:
+        try:
+            slots, _, _ = _read_superblock(fd)
+        except OSError:
+            return  # not a segment, or one whose superblock never became durable
+        for first in range(0, slots, _SCAN):
+            count = min(_SCAN, slots - first)
+            table = os.pread(fd, count * _SLOT_SIZE, _PAGE + first * _SLOT_SIZE)
+            if not table.strip(b"\0"):
+                return  # no slot after a zeroed run this long (see _MAX_PENDING)
+            for at in range(0, len(table), _SLOT_SIZE):
+                found = _decode_slot(table[at:at + _SLOT_SIZE])
+                if found is not None and (found.segment, found.index) == (
+                        segment, first + at // _SLOT_SIZE):
+                    yield found
+
+    def walk(self) -> Iterator[tuple[str, int, float]]:
+        """(key, size, time written) of every live blob. The time is the older of the slot's
+        and the segment file's modification time (a file aged on purpose ages its blobs); a
+        blob whose bytes are not (all) there has the size that is."""
+        for segment in self.names():
+            path = self.path(segment)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            for found in self.slots(segment):
+                if not found.live:
+                    continue
+                key = f"s/{segment}/{found.index}"
+                size = max(0, min(found.length, stat.st_size - found.offset))
+                if found.kind == EXTERNAL:
+                    try:
+                        size = self.external(segment, found.index).stat().st_size
+                    except FileNotFoundError:
+                        continue
+                yield key, size, min(found.written, stat.st_mtime)
+
+    def unused(self) -> Iterator[tuple[str, float]]:
+        """(name, modification time) of segments without a live blob that no process holds."""
+        for segment in self.names():
+            path = self.path(segment)
+            with contextlib.suppress(FileNotFoundError), self._held(path, fcntl.LOCK_SH) as fd:
+                if fd is not None and not any(s.live for s in self._scan(fd, segment)):
+                    yield f"segments/{path.name}", os.fstat(fd).st_mtime
+
+    def remove(self, name: str) -> None:
+        """Remove an unused segment (`segments/<id>.seg` from `unused`) when it still is."""
+        found = re.fullmatch(r"segments/([0-9a-f]{32})\.seg", name)
+        if not found:
+            raise ValueError("not a segment name")
+        segment, path = found.group(1), self.path(found.group(1))
+        with contextlib.suppress(FileNotFoundError), self._held(path, fcntl.LOCK_EX) as fd:
+            if fd is None or any(s.live for s in self._scan(fd, segment)):
+                return
+            for external in self.folder.glob(f"{segment}-*.dcm"):
+                external.unlink()  # the files of deleted slots a crash left behind
+            path.unlink()
+            fsync_dir(self.folder)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _held(path: Path, mode: int) -> Iterator[int | None]:
+        """An open descriptor of `path` locked with `mode`, or None while a writer holds it."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield fd
+        finally:
+            os.close(fd)
+
+
+class _Slice(io.RawIOBase):
+    """One blob's bytes in a segment as a seekable read-only file (offset 0: its first byte).
+    Reading it whole from the start checks the bytes' CRC-32 (OSError when they differ)."""
+
+    def __init__(self, fd: int, base: int, length: int, crc: int, key: str) -> None:
+        self._fd, self._base, self._length, self._crc, self._position = fd, base, length, crc, 0
+        self.name = key  # pydicom names a dataset read from a file-like object after it
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readall(self) -> bytes:
+        start = self._position
+        data = self._pread(self._length - start)
+        if start == 0 and zlib.crc32(data) != self._crc:
+            raise OSError("a blob's bytes differ from their checksum")
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._pread(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _pread(self, wanted: int) -> bytes:
+        wanted = min(wanted, self._length - self._position)
+        if wanted <= 0:
+            return b""
+        parts, at = [], self._base + self._position
+        while wanted > 0:
+            chunk = os.pread(self._fd, wanted, at)
+            if not chunk:
+                raise OSError("a blob's segment is shorter than its slot says")
+            parts.append(chunk)
+            at, wanted = at + len(chunk), wanted - len(chunk)
+        data = b"".join(parts)
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+@dataclass(eq=False)
+class _Open:
+    """A segment this process appends to."""
+
+    id: str
+    fd: int
+    slots: int
+    data_start: int
+    capacity: int
+    ready: int  # bytes zeroed and fsynced
+    tail: int  # where the next blob's bytes go
+    next_slot: int = 0
+    reserved: set[int] = field(default_factory=set)  # slots handed out, not yet written
+    writing: int = 0
+    ticket: int = 0  # writes whose bytes are in the file, waiting for a flush
+    flushed: int = 0
+    flushing: bool = False
+    failed: int = 0  # tickets up to this one were in a flush that failed
+    retired: bool = False
+
+    def full(self, margin: int) -> bool:
+        return (self.retired or self.failed > 0 or self.next_slot >= self.slots
+                or len(self.reserved) >= _MAX_PENDING or self.capacity - self.tail < margin)
+
+
+class SegmentWriter:
+    """The appending side, one per process: reserves slots, appends, flushes in groups, and
+    keeps (in a background thread) the current segment zeroed ahead and the next one ready."""
+
+    def __init__(self, files: SegmentFiles, tmp: Path, capacity: int) -> None:
+        if capacity < MIN_SEGMENT_BYTES:
+            raise ValueError(f"a blob segment has at least {MIN_SEGMENT_BYTES} bytes")
+        self.files, self.tmp, self.capacity = files, tmp, capacity
+        self.window = min(_WINDOW, capacity)
+        self._cond = threading.Condition()
+        self._current: _Open | None = None
+        self._spare: _Open | None = None
+        self._open: dict[str, _Open] = {}
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+        self._closed = False
+
+    def new_key(self) -> str:
+        with self._cond:
+            self._start()
+            current = self._current
+            if current is None or current.full(self.capacity // 32):
+                current = self._rotate()
+            index = current.next_slot
+            current.next_slot += 1
+            current.reserved.add(index)
+            return f"s/{current.id}/{index}"
+
+    def write(self, key: str, data: bytes) -> None:
+        segment, index = parse_key(key) or ("", 0)
+        with self._cond:
+            seg = self._open.get(segment)
+            if seg is None or index not in seg.reserved:
+                raise ValueError("not a key this blob store handed out for writing")
+            seg.reserved.discard(index)
+            seg.writing += 1
+            offset = seg.tail if seg.tail + len(data) <= seg.capacity else None
+            if offset is None:
+                seg.retired = True  # full: the next key goes to the next segment
+            else:
+                seg.tail += len(data)
+                self._cond.notify_all()  # the preparer zeroes further ahead
+                while seg.ready < offset + len(data):
+                    self._raise_error()
+                    self._cond.wait(1.0)
+        try:
+            if offset is None:  # too large for what is left: a file of its own
+                write_file(self.files.external(segment, index), self.tmp, data)
+            else:
+                _pwrite_all(seg.fd, data, offset)
+            slot = Slot(segment, index, INLINE if offset is not None else EXTERNAL,
+                        offset or 0, len(data), time.time(), zlib.crc32(data), True)
+            os.pwrite(seg.fd, _slot_bytes(slot), _PAGE + index * _SLOT_SIZE)
+            self._flush(seg)
+        finally:
+            with self._cond:
+                seg.writing -= 1
+                self._release_if_done(seg)
+
+    def _flush(self, seg: _Open) -> None:
+        """fdatasync once for every write whose bytes are in the file by then (group flush)."""
+        with self._cond:
+            seg.ticket += 1
+            mine = seg.ticket
+            while seg.flushed < mine:
+                if mine <= seg.failed:
+                    raise OSError("flushing a blob segment failed")
+                if seg.flushing:
+                    self._cond.wait()
+                    continue
+                seg.flushing, target = True, seg.ticket
+                self._cond.release()
+                try:
+                    os.fdatasync(seg.fd)
+                except OSError:  # never retried: after a failed flush the data may be lost
+                    with self._cond:
+                        seg.failed, seg.flushing = target, False
+                        self._cond.notify_all()
+                    raise
+                finally:
+                    self._cond.acquire()
+                seg.flushed, seg.flushing = target, False
+                self._cond.notify_all()
+
+    def _rotate(self) -> _Open:
+        """The spare becomes the current segment (waiting for it only when the preparer is
+        behind); the old one is closed once its writes are done."""
+        while self._spare is None:
+            self._raise_error()
+            self._cond.notify_all()
+            self._cond.wait(1.0)
+        if self._current is not None:
+            self._current.retired = True
+            self._release_if_done(self._current)
+        self._current, self._spare = self._spare, None
+        self._cond.notify_all()
+        return self._current
+
+    def _release_if_done(self, seg: _Open) -> None:
+        if seg.retired and not seg.writing and not seg.reserved and seg.id in self._open:
+            del self._open[seg.id]
+            os.close(seg.fd)  # releases the flock: the segment may be removed once emptied
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise OSError(f"cannot prepare a blob segment ({type(self._error).__name__})")
+        if self._closed:
+            raise OSError("the blob store is closed")
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._prepare, name="blob-segments",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the preparer and close every segment (writes in progress must be over)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._cond:
+            for seg in list(self._open.values()):
+                os.close(seg.fd)
+            self._open.clear()
+            self._current = self._spare = None
+
+    # the preparer (a background thread)
+
+    def _job(self) -> tuple[str, _Open | None] | None:
+        for seg in self._open.values():
+            if seg.ready < seg.tail:  # a writer waits for it (even in a retired segment)
+                return "extend", seg
+        current = self._current
+        if current is not None and current.ready < current.capacity and not current.retired \
+                and current.ready - current.tail < self.window:
+            return "extend", current
+        if self._spare is None:
+            return "create", None
+        return None
+
+    def _prepare(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (job := self._job()) is None:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                if job[0] == "create":
+                    spare = self._create()
+                    with self._cond:
+                        self._spare, self._error = spare, None
+                elif job[1] is not None:
+                    self._extend(job[1])
+            except OSError as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                    self._cond.wait(1.0)  # then try again (space may have been freed)
+                continue
+            with self._cond:
+                self._cond.notify_all()
+
+    def _extend(self, seg: _Open) -> None:
+        end = min(seg.capacity, seg.ready + self.window)
+        _zero(seg.fd, seg.ready, end)
+        os.fsync(seg.fd)  # the new extents and size: their journal commit is ours, not a writer's
+        with self._cond:
+            seg.ready, self._error = end, None
+
+    def _create(self) -> _Open:
+        self.files.folder.mkdir(parents=True, exist_ok=True)
+        segment = uuid.uuid4().hex
+        path = self.files.path(segment)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            slots, data_start = layout(self.capacity)
+            ready = min(self.capacity, data_start + self.window)
+            if ready <= data_start:
+                raise OSError("a blob segment too small for its slot table")
+            _zero(fd, 0, ready)
+            _pwrite_all(fd, _superblock(slots, data_start, self.capacity), 0)
+            os.fsync(fd)
+            fsync_dir(self.files.folder)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        seg = _Open(segment, fd, slots, data_start, self.capacity, ready, data_start)
+        with self._cond:
+            self._open[segment] = seg
+        return seg
