@@ -17,6 +17,7 @@ import asyncpg
 import pydicom
 import requests
 
+from ricord_archive.blobstore import FileBlobStore
 from tests.conftest import Archive
 
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -114,15 +115,22 @@ def indexed_instances(archive: Archive) -> dict[str, IndexedInstance]:
     return {r["sop_uid"]: IndexedInstance(*r) for r in rows}
 
 
+def blob_store(archive: Archive) -> FileBlobStore:
+    """The archive's blob store, to read (this process never writes to it)."""
+    return FileBlobStore(archive.data_dir / "blobs")
+
+
 def blob_problems(archive: Archive, indexed: dict[str, IndexedInstance]) -> list[str]:
     """Index rows whose blob is missing, short, or not the bytes the index has the hash of."""
     problems = []
+    blobs = blob_store(archive)
     for row in indexed.values():
-        path = archive.data_dir / "blobs" / row.blob_key
-        if not path.is_file():
+        try:
+            with blobs.open(row.blob_key) as stream:
+                data = stream.read()
+        except FileNotFoundError:
             problems.append(f"{row.sop_uid}: blob missing")
             continue
-        data = path.read_bytes()
         if len(data) != row.size_bytes:
             problems.append(f"{row.sop_uid}: blob of {len(data)} bytes, index {row.size_bytes}")
         elif hashlib.sha256(data).digest() != row.sha256:
@@ -131,8 +139,7 @@ def blob_problems(archive: Archive, indexed: dict[str, IndexedInstance]) -> list
 
 
 def blob_keys_on_disk(archive: Archive) -> set[str]:
-    root = archive.data_dir / "blobs"
-    return {p.relative_to(root).as_posix() for p in root.glob("??/??/*.dcm")}
+    return {key for key, _, _ in blob_store(archive).walk()}
 
 
 _SENDING = re.compile(r"^I: Sending file: (.+)$")

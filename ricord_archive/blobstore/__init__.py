@@ -40,12 +40,12 @@ def check_key(key: str) -> str:
 
 
 def is_blob_key(key: str) -> bool:
-    return bool(_KEY.match(key) or segments.KEY.match(key))
+    return bool(_KEY.fullmatch(key) or segments.KEY.fullmatch(key))
 
 
 def is_file_key(key: str) -> bool:
     """Whether `key` names a blob of its own (the only kind an object store has)."""
-    return bool(_KEY.match(key))
+    return bool(_KEY.fullmatch(key))
 
 
 def check_file_key(key: str) -> str:
@@ -56,7 +56,7 @@ def check_file_key(key: str) -> str:
 
 def check_record(name: str) -> str:
     """`name` when it names an allocation record ('sites/...json', 'patients/...json')."""
-    if not _RECORD.match(name):
+    if not _RECORD.fullmatch(name):
         raise ValueError("not an allocation record name")
     return name
 
@@ -179,7 +179,7 @@ class FileBlobStore:
     def walk(self) -> Iterator[tuple[str, int, float]]:
         for path in self.root.glob("??/??/*.dcm"):
             key = path.relative_to(self.root).as_posix()
-            if _KEY.match(key):
+            if _KEY.fullmatch(key):
                 stat = path.stat()
                 yield key, stat.st_size, stat.st_mtime
         yield from self.segments.walk()
@@ -203,7 +203,7 @@ class FileBlobStore:
     def records(self, folder: str) -> Iterator[tuple[str, bytes]]:
         for path in sorted((self.root / RECORDS / folder).glob("*.json")):
             name = f"{folder}/{path.name}"
-            if _RECORD.match(name):
+            if _RECORD.fullmatch(name):
                 yield name, path.read_bytes()
 
     def remove_temporary(self, name: str) -> None:

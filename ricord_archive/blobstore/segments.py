@@ -79,7 +79,7 @@ class Location(NamedTuple):
 
 
 def parse_key(key: str) -> tuple[str, int] | None:
-    found = KEY.match(key)
+    found = KEY.fullmatch(key)
     return (found.group(1), int(found.group(2))) if found else None
 
 
@@ -254,7 +254,7 @@ class SegmentFiles:
 
     def names(self) -> Iterator[str]:
         for path in sorted(self.folder.glob("*.seg")):
-            if _NAME.match(path.name):
+            if _NAME.fullmatch(path.name):
                 yield path.name[:32]
 
     def slots(self, segment: str) -> Iterator[Slot]:
