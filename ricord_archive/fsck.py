@@ -1,6 +1,7 @@
 """Consistency of the blob store and the index: orphan blobs (written, never committed: a
 crash between the blob and the index transaction leaves them), rows whose blob is missing or
-of the wrong size (which must never happen), and partial writes.
+of the wrong size (which must never happen), partial writes, and segment files whose blobs
+were all deleted (removed with the partial writes).
 
 Blobs younger than a grace period are not orphans yet: a running archive may be about to
 commit them. So `--repair` is safe while archives are running.
@@ -27,7 +28,7 @@ class FsckReport:
     orphan_blobs: list[str] = field(default_factory=list)  # blob keys no row names
     missing_blobs: list[str] = field(default_factory=list)  # SOP Instance UIDs (de-identified)
     wrong_size: list[str] = field(default_factory=list)  # SOP Instance UIDs (de-identified)
-    partial_writes: list[str] = field(default_factory=list)  # temporary file names
+    partial_writes: list[str] = field(default_factory=list)  # temporary files, unused segments
     indexed: int = 0
 
     @property
@@ -41,7 +42,7 @@ class FsckReport:
             f"orphan blobs (no index row): {len(self.orphan_blobs)}",
             f"index rows whose blob is missing: {len(self.missing_blobs)}",
             f"index rows whose blob has the wrong size: {len(self.wrong_size)}",
-            f"partial writes: {len(self.partial_writes)}",
+            f"partial writes and unused segments: {len(self.partial_writes)}",
         ] + [f"missing: {uid}" for uid in self.missing_blobs] + [
             f"wrong size: {uid}" for uid in self.wrong_size
         ]

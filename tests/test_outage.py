@@ -7,6 +7,7 @@ import datetime as dt
 import pydicom
 import requests
 
+from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.index.embedded import EmbeddedPostgres
 from tests import dcmtk
 
@@ -29,12 +30,12 @@ def test_database_outage_fails_promptly_and_recovers(make_archive, corpus):
     )
     assert answer.status_code == 503
     assert requests.get(f"{archive.dicomweb_url}/studies", timeout=60).status_code == 503
-    blobs = archive.data_dir / "blobs"
-    assert len(list(blobs.rglob("*.dcm"))) == 1  # nothing half-written
+    blobs = FileBlobStore(archive.data_dir / "blobs")
+    assert len(list(blobs.walk())) == 1  # nothing half-written
 
     database.start()  # PostgreSQL is back: the archive resumes on its own
     assert "(Success)" in dcmtk.storescu(archive.dimse_port, [second, third]).stderr
     archive.client().store_instances([pydicom.dcmread(third)])
     [study] = archive.client().search_for_studies()
     assert study["00201208"]["Value"] == [3]
-    assert len(list(blobs.rglob("*.dcm"))) == 3
+    assert len(list(blobs.walk())) == 3

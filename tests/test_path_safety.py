@@ -17,16 +17,20 @@ from ricord_archive.tools.import_files import dicomdir_files
 from tests import dcmtk
 
 HOSTILE = ["../../../../etc/passwd", "..\\..\\windows", "a\x00b", "/abs/path", "9" * 300]
-KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
+FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm"  # a blob of its own
+                  r"|segments/[0-9a-f]{32}(\.seg|-[0-9]+\.dcm)")  # a segment, a large blob
 
 
-@pytest.mark.parametrize("key", [*HOSTILE, "ab/cd/../../x.dcm", "", "ab/cd/" + "0" * 32])
+@pytest.mark.parametrize("key", [*HOSTILE, "ab/cd/../../x.dcm", "", "ab/cd/" + "0" * 32,
+                                 "s/../../etc/passwd", "s/" + "0" * 32 + "/../../passwd"])
 def test_the_blob_store_refuses_keys_it_did_not_generate(tmp_path, key):
-    store = FileBlobStore(tmp_path / "blobs")
-    for use in (store.path, store.open, store.delete, lambda k: store.write(k, b"x")):
+    store = FileBlobStore(tmp_path / "blobs", 1024**2)
+    for use in (store.path, store.open, store.delete, store.local_file,
+                lambda k: store.write(k, b"x")):
         with pytest.raises(ValueError):
             use(key)
     assert not list(tmp_path.rglob("passwd"))
+    store.close()
 
 
 def test_hostile_identifiers_never_become_paths(make_archive, corpus, tmp_path):
@@ -54,7 +58,7 @@ def test_hostile_identifiers_never_become_paths(make_archive, corpus, tmp_path):
     blobs = archive.data_dir / "blobs"
     for path in blobs.rglob("*"):  # every file the archive wrote has a name it generated
         name = path.relative_to(blobs).as_posix()
-        assert (path.is_dir() or KEY.match(name) or name.startswith("records/")
+        assert (path.is_dir() or FILE.fullmatch(name) or name.startswith("records/")
                 or name.startswith("tmp/")), name
     assert not (archive.data_dir.parent / "etc").exists()
     for path in archive.data_dir.parent.rglob("*"):
