@@ -11,6 +11,7 @@ import pydicom
 import pytest
 import requests
 
+from ricord_archive.blobstore import FileBlobStore
 from tests import dcmtk
 from tests.conftest import Archive
 
@@ -35,8 +36,9 @@ def value(document: dict, tag: str):
     return document[tag]["Value"][0]
 
 
-def blob_files(archive: Archive) -> list:
-    return [p for p in (archive.data_dir / "blobs").rglob("*.dcm")]
+def blob_files(archive: Archive) -> list[str]:
+    """The keys of the blobs on disk (deleted ones are not listed)."""
+    return [key for key, _, _ in FileBlobStore(archive.data_dir / "blobs").walk()]
 
 
 def test_echo_store_and_find_with_dcmtk(make_archive, corpus, tmp_path):
