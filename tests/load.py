@@ -138,6 +138,16 @@ def blob_problems(archive: Archive, indexed: dict[str, IndexedInstance]) -> list
     return problems
 
 
+def stored_blobs(data_dir: Path) -> dict[str, bytes]:
+    """Key -> bytes of every blob in `<data_dir>/blobs` (segments and files of their own)."""
+    store = FileBlobStore(data_dir / "blobs")
+    found = {}
+    for key, _, _ in store.walk():
+        with store.open(key) as stream:
+            found[key] = stream.read()
+    return found
+
+
 def blob_keys_on_disk(archive: Archive) -> set[str]:
     return {key for key, _, _ in blob_store(archive).walk()}
 

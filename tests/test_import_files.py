@@ -14,6 +14,7 @@ import sys
 import termios
 import zipfile
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -22,6 +23,7 @@ from pydicom.fileset import FileSet
 
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.import_files import collect, read_report
+from tests import load
 from tests.phi_corpus import PhiCorpus
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -84,8 +86,8 @@ def summary(stderr: str) -> dict[str, str]:
                 if ": " in line and not line.startswith("20") and "/" not in line)
 
 
-def blobs(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "data" / "blobs").glob("??/??/*.dcm"))
+def blobs(tmp_path: Path) -> dict[str, bytes]:
+    return load.stored_blobs(tmp_path / "data")
 
 
 def report_lines(path: Path) -> list[dict]:
@@ -112,12 +114,13 @@ def test_folder_zip_and_dicomdir_imported_once_and_resumable(tmp_path, layout):
         f"{layout.incoming / 'batch.zip'}!x/c.dcm", f"{layout.incoming / 'batch.zip'}!x/d.dcm"}
     stored_uids = {line["sop_instance_uid"] for line in lines if line["outcome"] == "stored"}
     files = blobs(tmp_path)
-    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in files} == stored_uids
+    assert {str(pydicom.dcmread(BytesIO(d)).SOPInstanceUID) for d in files.values()} \
+        == stored_uids
     needles = {v.encode() for v in layout.planted}
-    for path in files:
-        ds = pydicom.dcmread(path)
+    for data in files.values():
+        ds = pydicom.dcmread(BytesIO(data))
         assert ds.ClinicalTrialSiteID == "616161"
-        assert not [n for n in needles if n in path.read_bytes()]
+        assert not [n for n in needles if n in data]
 
     again = run_import(tmp_path, *paths)  # no --resume: ingest recognises every object
     assert again.returncode == 0, again.stderr

@@ -23,7 +23,7 @@ from ricord_archive.dimse.client import PacsAddress, PacsError, Transfer
 from ricord_archive.index.imports import StudyCounts
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.import_pacs import Wanted, read_accessions, wanted_list, worth_retrying
-from tests import dcmtk
+from tests import dcmtk, load
 from tests.conftest import free_port
 from tests.pacs import PACS_AET, Pacs
 from tests.phi_corpus import PhiCorpus
@@ -117,8 +117,8 @@ def counts(row: dict[str, str]) -> tuple[str, ...]:
     return tuple(row[k] for k in keys)
 
 
-def blobs(data_dir: Path) -> list[Path]:
-    return sorted((data_dir / "blobs").glob("??/??/*.dcm"))
+def blobs(data_dir: Path) -> dict[str, bytes]:
+    return load.stored_blobs(data_dir)
 
 
 def assert_filed_and_deidentified(data_dir: Path, hospital: Hospital, expected: int) -> None:
@@ -127,10 +127,9 @@ def assert_filed_and_deidentified(data_dir: Path, hospital: Hospital, expected: 
     assert len(files) == expected
     needles = {v.encode() for v in hospital.planted}
     needles |= {p.encode() for v in hospital.planted for p in v.split("^") if len(p) >= 4}
-    for path in files:
-        data = path.read_bytes()
-        assert not [n for n in needles if n in data], path
-        ds = pydicom.dcmread(path)
+    for key, data in files.items():
+        assert not [n for n in needles if n in data], key
+        ds = pydicom.dcmread(io.BytesIO(data))
         assert ds.ClinicalTrialSiteID == HOSPITAL_SITEID
         assert ds.PatientID.startswith(f"{HOSPITAL_SITEID}-")
         assert ds.PatientIdentityRemoved == "YES"

@@ -16,7 +16,7 @@ from pydicom.uid import UID
 from ricord_archive.config import ConfigError, load_config
 from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, check_acceptable, sop_class_uids
 from ricord_archive.errors import NotAuthorized, SopClassRefused
-from tests import dcmtk
+from tests import dcmtk, load
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 REFUSED = {
@@ -142,7 +142,7 @@ def test_refusals_over_both_protocols_are_counted_per_site(make_archive, corpus,
         ("ct-only", "burned-in-annotation"): 2,
         ("ct-only", "sop-class-not-accepted"): 1,
     }
-    assert len(list((archive.data_dir / "blobs").rglob("*.dcm"))) == 1
+    assert len(load.stored_blobs(archive.data_dir)) == 1
 
 
 def _changed_copy(path, tmp_path):
@@ -190,6 +190,6 @@ def test_duplicate_policy_for_other_content(make_archive, corpus, tmp_path, poli
         assert status == "Success"
         assert "FailedSOPSequence" not in answer
         assert _stored_pixels(archive) == bytes(len(first_pixels))
-    assert len(list((archive.data_dir / "blobs").rglob("*.dcm"))) == 1
+    assert len(load.stored_blobs(archive.data_dir)) == 1
     [study] = archive.client().search_for_studies()
     assert study["00201208"]["Value"] == [1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from tests import dcmtk
+from tests import dcmtk, load
 from tests.conftest import Archive, free_port
 from tests.phi_corpus import PhiCorpus
 
@@ -76,8 +77,8 @@ def body(data: bytes) -> bytes:
     return data[144 + int.from_bytes(data[140:144], "little"):]
 
 
-def sop_uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+def sop_uid(source: Path | BytesIO) -> str:
+    return str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,8 @@ def stored(archive, tmp_path_factory) -> Stored:
                      [u for v in studies[s].values() for u in v])
     [(j2k_series, _)] = studies[j2k_study].items()
     bodies = {}
-    for blob in (archive.data_dir / "blobs").glob("??/??/*.dcm"):
-        bodies[sop_uid(blob)] = body(blob.read_bytes())
+    for data in load.stored_blobs(archive.data_dir).values():
+        bodies[sop_uid(BytesIO(data))] = body(data)
     return Stored(
         patients[first], studies, first, second, (large, next(iter(studies[large]))),
         (j2k_study, j2k_series, j2k_item.ReferencedSOPInstanceUID), bodies,
@@ -230,8 +231,8 @@ def test_c_get_offering_the_stored_syntax_apart_receives_the_stored_bytes(archiv
     assert final.Status == 0x0000
     [dataset] = got
     assert dataset.file_meta.TransferSyntaxUID == j2k
-    stored_copy = pydicom.dcmread(next(
-        p for p in (archive.data_dir / "blobs").glob("??/??/*.dcm") if sop_uid(p) == sop))
+    stored_copy = pydicom.dcmread(BytesIO(next(
+        d for d in load.stored_blobs(archive.data_dir).values() if sop_uid(BytesIO(d)) == sop)))
     assert dataset.PixelData == stored_copy.PixelData
 
 

@@ -20,6 +20,7 @@ from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.dry_run import plan, provisional_date_offset
 from ricord_archive.tools.lookup import print_csv, read_patient_ids
+from tests import load
 from tests.conftest import Archive
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -172,8 +173,8 @@ def test_deid_and_lookup_match_ingest_while_running_and_after_stop(
     assert {str(r.ReferencedSOPInstanceUID) for r in stored.ReferencedSOPSequence} == {
         str(ds.SOPInstanceUID) for ds in running.values()
     }
-    blobs = {hashlib.sha256(p.read_bytes()).digest()
-             for p in (archive.data_dir / "blobs").rglob("*.dcm")}
+    blobs = {hashlib.sha256(data).digest()
+             for data in load.stored_blobs(archive.data_dir).values()}
     for name in running:  # a known patient's dry run is byte for byte what the archive stores
         if name.parts[0] == "known":
             digest = hashlib.sha256((tmp_path / "out-running" / name).read_bytes()).digest()
