@@ -439,6 +439,7 @@ class SegmentWriter:
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         self._closed = False
+        self._busy = False  # the preparer is zeroing
 
     def new_key(self) -> str:
         with self._cond:
@@ -538,6 +539,14 @@ class SegmentWriter:
                                             daemon=True)
             self._thread.start()
 
+    def settle(self) -> None:
+        """Wait until the preparer has nothing left to do (benchmarks)."""
+        with self._cond:
+            self._start()
+            while self._busy or self._job() is not False:
+                self._raise_error()
+                self._cond.wait(1.0)
+
     def close(self) -> None:
         """Stop the preparer and close every segment (writes in progress must be over)."""
         with self._cond:
@@ -554,32 +563,44 @@ class SegmentWriter:
 
     # the preparer (a background thread)
 
-    def _job(self) -> tuple[str, _Open | None] | None:
+    def _job(self) -> _Open | bool:
+        """The segment to zero further, True to create the next one, False: nothing to do.
+        In this order: a segment a writer waits for; the current one when less than a window
+        is zeroed ahead of its tail; creating the next one; the rest of the next one once the
+        current one is half used. So a process that writes little zeroes little, and every
+        segment but a process's first is wholly zeroed before use: no fdatasync of a writer
+        then has to wait for the journal commit of zeroing in its file."""
         for seg in self._open.values():
             if seg.ready < seg.tail:  # a writer waits for it (even in a retired segment)
-                return "extend", seg
-        current = self._current
+                return seg
+        current, spare = self._current, self._spare
         if current is not None and current.ready < current.capacity and not current.retired \
                 and current.ready - current.tail < self.window:
-            return "extend", current
-        if self._spare is None:
-            return "create", None
-        return None
+            return current
+        if spare is None:
+            return True
+        if spare.ready < spare.capacity and (current is None or 2 * (
+                current.tail - current.data_start) >= current.capacity - current.data_start):
+            return spare
+        return False
 
     def _prepare(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (job := self._job()) is None:
+                self._busy = False
+                self._cond.notify_all()
+                while not self._closed and (job := self._job()) is False:
                     self._cond.wait()
                 if self._closed:
                     return
+                self._busy = True
             try:
-                if job[0] == "create":
+                if isinstance(job, _Open):
+                    self._extend(job)
+                else:
                     spare = self._create()
                     with self._cond:
                         self._spare, self._error = spare, None
-                elif job[1] is not None:
-                    self._extend(job[1])
             except OSError as exc:
                 with self._cond:
                     self._error = exc
