@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from ricord_archive.blobstore import FileBlobStore, segments
+from ricord_archive.blobstore import FileBlobStore
 
 SIZES = {"10 KB": 10_600, "527 KB": 527_000}
 
@@ -59,7 +59,7 @@ def main() -> None:
         flushes[0] += 1
         fdatasync(fd)
 
-    segments.os.fdatasync = counted  # type: ignore[attr-defined]  # counts the group flushes
+    os.fdatasync = counted  # counts the group flushes
     print(f"{'store':<10} {'object':>7} {'writers':>7} {'ms/write':>9} {'median ms':>9} "
           f"{'flushes/write':>13}")
     for label, size in SIZES.items():
@@ -79,7 +79,7 @@ def main() -> None:
                 ratio = f"{flushes[0] / args.writes:.2f}" if name != "files" else "-"
                 print(f"{name:<10} {label:>7} {writers:>7} {per_write:>9.2f} {median:>9.2f} "
                       f"{ratio:>13}")
-    segments.os.fdatasync = fdatasync  # type: ignore[attr-defined]
+    os.fdatasync = fdatasync
 
 
 if __name__ == "__main__":

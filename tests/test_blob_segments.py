@@ -58,6 +58,7 @@ def test_an_object_larger_than_what_is_left_is_a_file_of_its_own(store):
         assert stream.read() == big
     assert store.local_file(key).offset == 0
     assert dict((k, s) for k, s, _ in store.walk())[key] == len(big)
+    store.settle()  # the next segment is ready
     following = put(store, b"next")  # the full segment is left for the next one
     assert store.path(following) != store.path(key)
     store.delete(key)
@@ -138,7 +139,7 @@ def test_concurrent_writers_share_one_flush(store, monkeypatch):
             assert gate.wait(30)
         real(fd)
 
-    monkeypatch.setattr(seg.os, "fdatasync", slow_first)
+    monkeypatch.setattr(os, "fdatasync", slow_first)
     keys = [store.new_key() for _ in range(4)]
     data = [payload(n, 100_000) for n in range(4)]
     first = threading.Thread(target=store.write, args=(keys[0], data[0]))
@@ -248,3 +249,20 @@ def test_walk_reports_the_write_time_or_an_older_file_time(store):
     os.utime(path, (1_000_000, 1_000_000))  # aged on purpose (as the tests of fsck do)
     [(_, _, aged)] = [w for w in store.walk() if w[0] == key]
     assert aged == 1_000_000
+
+
+def test_a_failed_flush_fails_the_write_and_retires_the_segment(store, monkeypatch):
+    real, failing = os.fdatasync, [True]
+
+    def once_failing(fd: int) -> None:
+        if failing.pop() if failing else False:
+            raise OSError(5, "I/O error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", once_failing)
+    key = store.new_key()
+    with pytest.raises(OSError):
+        store.write(key, b"maybe lost")
+    after = put(store, b"durable")  # never in the segment whose flush failed
+    assert store.path(after) != store.path(key)
+    assert store.open(after).read() == b"durable"

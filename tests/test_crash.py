@@ -221,7 +221,8 @@ def test_kill_9_under_load_loses_no_acknowledged_instance(make_archive, corpus):
     orphans = on_disk - {row.blob_key for row in indexed.values()}
     partial = list((archive.data_dir / "blobs" / "tmp").glob("*.part"))
     old = time.time() - 2 * 3600  # as if two hours had passed (fsck's grace is one hour)
-    for path in [*(archive.data_dir / "blobs" / key for key in on_disk), *partial]:
+    store = load.blob_store(archive)
+    for path in {*(store.path(key) for key in on_disk), *partial}:  # a blob's file or segment
         os.utime(path, (old, old))
     aged = fsck(archive)
     assert report_count(aged.stdout, "orphan blobs (no index row)") == len(orphans), aged.stdout

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ricord_archive.blobstore import segments
+from ricord_archive.blobstore.segment_writer import SegmentWriter
 from ricord_archive.blobstore.segments import Location, fsync_dir, write_file
 from ricord_archive.config import Config
 
@@ -136,7 +137,7 @@ class FileBlobStore:
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.segments = segments.SegmentFiles(root / "segments")
-        self._writer = (segments.SegmentWriter(self.segments, self.tmp, segment_bytes)
+        self._writer = (SegmentWriter(self.segments, self.tmp, segment_bytes)
                         if segment_bytes else None)
 
     def new_key(self) -> str:

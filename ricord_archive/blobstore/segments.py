@@ -19,6 +19,7 @@ A blob that does not fit in what is left of its segment is a file of its own,
 says so. A delete marks the slot deleted (a byte outside the slot's CRC) and punches a hole
 over the bytes; a segment with no live slot that no process holds (the owner keeps an
 exclusive `flock` while it may append) is removed by fsck and the orphan collector.
+Reading, listing and deleting are here; appending is `segment_writer`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ import io
 import os
 import re
 import struct
-import threading
-import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -53,11 +51,9 @@ _VERSION = 1
 _STATE_AT = 6  # the state byte: 0 live, 1 deleted (not covered by the slot's CRC)
 _LIVE, _DELETED = 0, 1
 INLINE, EXTERNAL = 1, 2
-_SCAN = 1024  # slots read at a time; a zeroed run this long ends the table (see _MAX_PENDING)
-_MAX_PENDING = 512  # reserved, unwritten slots per segment: more rotate to a new segment
-_WINDOW = 16 * 1024**2  # bytes zeroed (and fsynced) at a time, ahead of the writers
+_SCAN = 1024  # slots read at a time; a zeroed run this long ends the table (see MAX_PENDING)
+MAX_PENDING = 512  # reserved, unwritten slots per segment: more rotate to a new segment
 _ZEROS = bytes(1024**2)
-MIN_SEGMENT_BYTES = 1024**2
 
 
 class Slot(NamedTuple):
@@ -83,7 +79,7 @@ def parse_key(key: str) -> tuple[str, int] | None:
     return (found.group(1), int(found.group(2))) if found else None
 
 
-def _slot_bytes(slot: Slot) -> bytes:
+def slot_bytes(slot: Slot) -> bytes:
     body = _SLOT.pack(_SLOT_MAGIC, _VERSION, slot.kind, _LIVE, bytes.fromhex(slot.segment),
                       slot.index, slot.offset, slot.length, int(slot.written * 1e9), slot.crc)
     return (body + struct.pack("<I", zlib.crc32(body))).ljust(_SLOT_SIZE, b"\0")
@@ -105,12 +101,12 @@ def _decode_slot(raw: bytes) -> Slot | None:
                 state == _LIVE)
 
 
-def _superblock(slots: int, data_start: int, capacity: int) -> bytes:
+def superblock(slots: int, data_start: int, capacity: int) -> bytes:
     body = _SUPER.pack(_SUPER_MAGIC, _VERSION, 0, slots, data_start, capacity)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _read_superblock(fd: int) -> tuple[int, int, int]:
+def _readsuperblock(fd: int) -> tuple[int, int, int]:
     """(slots, data start, capacity); OSError when the file is not a segment."""
     raw = os.pread(fd, _SUPER.size + 4, 0)
     if len(raw) == _SUPER.size + 4 and zlib.crc32(raw[:_SUPER.size]) == struct.unpack_from(
@@ -121,22 +117,26 @@ def _read_superblock(fd: int) -> tuple[int, int, int]:
     raise OSError("not a blob segment")
 
 
+def slot_position(index: int) -> int:
+    return _PAGE + index * _SLOT_SIZE
+
+
 def layout(capacity: int) -> tuple[int, int]:
     """(slots, data start) of a segment of `capacity` bytes: one slot per 4 KiB of data."""
     slots = max(64, capacity // _PAGE)
     return slots, _PAGE + -(-slots * _SLOT_SIZE // _PAGE) * _PAGE
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
 
 
-def _zero(fd: int, start: int, end: int) -> None:
+def zero(fd: int, start: int, end: int) -> None:
     while start < end:
-        _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - start)], start)
+        pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - start)], start)
         start += min(len(_ZEROS), end - start)
 
 
@@ -153,7 +153,7 @@ def write_file(final: Path, tmp: Path, data: bytes) -> None:
     part = tmp / f"{uuid.uuid4().hex}.part"
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _pwrite_all(fd, data, 0)
+        pwrite_all(fd, data, 0)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -192,7 +192,7 @@ class SegmentFiles:
         return self.folder / f"{segment}-{index}.dcm"
 
     def slot(self, fd: int, segment: str, index: int) -> Slot | None:
-        slots, _, _ = _read_superblock(fd)
+        slots, _, _ = _readsuperblock(fd)
         if index >= slots:
             return None
         found = _decode_slot(os.pread(fd, _SLOT_SIZE, _PAGE + index * _SLOT_SIZE))
@@ -269,14 +269,14 @@ class SegmentFiles:
     @staticmethod
     def _scan(fd: int, segment: str) -> Iterator[Slot]:
         try:
-            slots, _, _ = _read_superblock(fd)
+            slots, _, _ = _readsuperblock(fd)
         except OSError:
             return  # not a segment, or one whose superblock never became durable
         for first in range(0, slots, _SCAN):
             count = min(_SCAN, slots - first)
             table = os.pread(fd, count * _SLOT_SIZE, _PAGE + first * _SLOT_SIZE)
             if not table.strip(b"\0"):
-                return  # no slot after a zeroed run this long (see _MAX_PENDING)
+                return  # no slot after a zeroed run this long (see MAX_PENDING)
             for at in range(0, len(table), _SLOT_SIZE):
                 found = _decode_slot(table[at:at + _SLOT_SIZE])
                 if found is not None and (found.segment, found.index) == (
@@ -396,247 +396,3 @@ class _Slice(io.RawIOBase):
         if not self.closed:
             os.close(self._fd)
         super().close()
-
-
-@dataclass(eq=False)
-class _Open:
-    """A segment this process appends to."""
-
-    id: str
-    fd: int
-    slots: int
-    data_start: int
-    capacity: int
-    ready: int  # bytes zeroed and fsynced
-    tail: int  # where the next blob's bytes go
-    next_slot: int = 0
-    reserved: set[int] = field(default_factory=set)  # slots handed out, not yet written
-    writing: int = 0
-    ticket: int = 0  # writes whose bytes are in the file, waiting for a flush
-    flushed: int = 0
-    flushing: bool = False
-    failed: int = 0  # tickets up to this one were in a flush that failed
-    retired: bool = False
-
-    def full(self, margin: int) -> bool:
-        return (self.retired or self.failed > 0 or self.next_slot >= self.slots
-                or len(self.reserved) >= _MAX_PENDING or self.capacity - self.tail < margin)
-
-
-class SegmentWriter:
-    """The appending side, one per process: reserves slots, appends, flushes in groups, and
-    keeps (in a background thread) the current segment zeroed ahead and the next one ready."""
-
-    def __init__(self, files: SegmentFiles, tmp: Path, capacity: int) -> None:
-        if capacity < MIN_SEGMENT_BYTES:
-            raise ValueError(f"a blob segment has at least {MIN_SEGMENT_BYTES} bytes")
-        self.files, self.tmp, self.capacity = files, tmp, capacity
-        self.window = min(_WINDOW, capacity)
-        self._cond = threading.Condition()
-        self._current: _Open | None = None
-        self._spare: _Open | None = None
-        self._open: dict[str, _Open] = {}
-        self._thread: threading.Thread | None = None
-        self._error: OSError | None = None
-        self._closed = False
-        self._busy = False  # the preparer is zeroing
-
-    def new_key(self) -> str:
-        with self._cond:
-            self._start()
-            current = self._current
-            if current is None or current.full(self.capacity // 32):
-                current = self._rotate()
-            index = current.next_slot
-            current.next_slot += 1
-            current.reserved.add(index)
-            return f"s/{current.id}/{index}"
-
-    def write(self, key: str, data: bytes) -> None:
-        segment, index = parse_key(key) or ("", 0)
-        with self._cond:
-            seg = self._open.get(segment)
-            if seg is None or index not in seg.reserved:
-                raise ValueError("not a key this blob store handed out for writing")
-            seg.reserved.discard(index)
-            seg.writing += 1
-            offset = seg.tail if seg.tail + len(data) <= seg.capacity else None
-            if offset is None:
-                seg.retired = True  # full: the next key goes to the next segment
-            else:
-                seg.tail += len(data)
-                self._cond.notify_all()  # the preparer zeroes further ahead
-                while seg.ready < offset + len(data):
-                    self._raise_error()
-                    self._cond.wait(1.0)
-        try:
-            if offset is None:  # too large for what is left: a file of its own
-                write_file(self.files.external(segment, index), self.tmp, data)
-            else:
-                _pwrite_all(seg.fd, data, offset)
-            slot = Slot(segment, index, INLINE if offset is not None else EXTERNAL,
-                        offset or 0, len(data), time.time(), zlib.crc32(data), True)
-            os.pwrite(seg.fd, _slot_bytes(slot), _PAGE + index * _SLOT_SIZE)
-            self._flush(seg)
-        finally:
-            with self._cond:
-                seg.writing -= 1
-                self._release_if_done(seg)
-
-    def _flush(self, seg: _Open) -> None:
-        """fdatasync once for every write whose bytes are in the file by then (group flush)."""
-        with self._cond:
-            seg.ticket += 1
-            mine = seg.ticket
-            while seg.flushed < mine:
-                if mine <= seg.failed:
-                    raise OSError("flushing a blob segment failed")
-                if seg.flushing:
-                    self._cond.wait()
-                    continue
-                seg.flushing, target = True, seg.ticket
-                self._cond.release()
-                try:
-                    os.fdatasync(seg.fd)
-                except OSError:  # never retried: after a failed flush the data may be lost
-                    with self._cond:
-                        seg.failed, seg.flushing = target, False
-                        self._cond.notify_all()
-                    raise
-                finally:
-                    self._cond.acquire()
-                seg.flushed, seg.flushing = target, False
-                self._cond.notify_all()
-
-    def _rotate(self) -> _Open:
-        """The spare becomes the current segment (waiting for it only when the preparer is
-        behind); the old one is closed once its writes are done."""
-        while self._spare is None:
-            self._raise_error()
-            self._cond.notify_all()
-            self._cond.wait(1.0)
-        if self._current is not None:
-            self._current.retired = True
-            self._release_if_done(self._current)
-        self._current, self._spare = self._spare, None
-        self._cond.notify_all()
-        return self._current
-
-    def _release_if_done(self, seg: _Open) -> None:
-        if seg.retired and not seg.writing and not seg.reserved and seg.id in self._open:
-            del self._open[seg.id]
-            os.close(seg.fd)  # releases the flock: the segment may be removed once emptied
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise OSError(f"cannot prepare a blob segment ({type(self._error).__name__})")
-        if self._closed:
-            raise OSError("the blob store is closed")
-
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._prepare, name="blob-segments",
-                                            daemon=True)
-            self._thread.start()
-
-    def settle(self) -> None:
-        """Wait until the preparer has nothing left to do (benchmarks)."""
-        with self._cond:
-            self._start()
-            while self._busy or self._job() is not False:
-                self._raise_error()
-                self._cond.wait(1.0)
-
-    def close(self) -> None:
-        """Stop the preparer and close every segment (writes in progress must be over)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-        with self._cond:
-            for seg in list(self._open.values()):
-                os.close(seg.fd)
-            self._open.clear()
-            self._current = self._spare = None
-
-    # the preparer (a background thread)
-
-    def _job(self) -> _Open | bool:
-        """The segment to zero further, True to create the next one, False: nothing to do.
-        In this order: a segment a writer waits for; the current one when less than a window
-        is zeroed ahead of its tail; creating the next one; the rest of the next one once the
-        current one is half used. So a process that writes little zeroes little, and every
-        segment but a process's first is wholly zeroed before use: no fdatasync of a writer
-        then has to wait for the journal commit of zeroing in its file."""
-        for seg in self._open.values():
-            if seg.ready < seg.tail:  # a writer waits for it (even in a retired segment)
-                return seg
-        current, spare = self._current, self._spare
-        if current is not None and current.ready < current.capacity and not current.retired \
-                and current.ready - current.tail < self.window:
-            return current
-        if spare is None:
-            return True
-        if spare.ready < spare.capacity and (current is None or 2 * (
-                current.tail - current.data_start) >= current.capacity - current.data_start):
-            return spare
-        return False
-
-    def _prepare(self) -> None:
-        while True:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-                while not self._closed and (job := self._job()) is False:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                self._busy = True
-            try:
-                if isinstance(job, _Open):
-                    self._extend(job)
-                else:
-                    spare = self._create()
-                    with self._cond:
-                        self._spare, self._error = spare, None
-            except OSError as exc:
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
-                    self._cond.wait(1.0)  # then try again (space may have been freed)
-                continue
-            with self._cond:
-                self._cond.notify_all()
-
-    def _extend(self, seg: _Open) -> None:
-        end = min(seg.capacity, seg.ready + self.window)
-        _zero(seg.fd, seg.ready, end)
-        os.fsync(seg.fd)  # the new extents and size: their journal commit is ours, not a writer's
-        with self._cond:
-            seg.ready, self._error = end, None
-
-    def _create(self) -> _Open:
-        self.files.folder.mkdir(parents=True, exist_ok=True)
-        segment = uuid.uuid4().hex
-        path = self.files.path(segment)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            slots, data_start = layout(self.capacity)
-            ready = min(self.capacity, data_start + self.window)
-            if ready <= data_start:
-                raise OSError("a blob segment too small for its slot table")
-            _zero(fd, 0, ready)
-            _pwrite_all(fd, _superblock(slots, data_start, self.capacity), 0)
-            os.fsync(fd)
-            fsync_dir(self.files.folder)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        seg = _Open(segment, fd, slots, data_start, self.capacity, ready, data_start)
-        with self._cond:
-            self._open[segment] = seg
-        return seg
