@@ -112,7 +112,10 @@ class SegmentWriter:
                 seg.tail += len(data)
                 self._cond.notify_all()  # the preparer zeroes further ahead
                 while seg.ready < offset + len(data):
-                    self._raise_error()
+                    if self._error is not None or self._closed:
+                        seg.writing -= 1
+                        self._release_if_done(seg)
+                        self._raise_error()
                     self._cond.wait(1.0)
         try:
             if offset is None:  # too large for what is left: a file of its own

@@ -106,7 +106,7 @@ def superblock(slots: int, data_start: int, capacity: int) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _readsuperblock(fd: int) -> tuple[int, int, int]:
+def _read_superblock(fd: int) -> tuple[int, int, int]:
     """(slots, data start, capacity); OSError when the file is not a segment."""
     raw = os.pread(fd, _SUPER.size + 4, 0)
     if len(raw) == _SUPER.size + 4 and zlib.crc32(raw[:_SUPER.size]) == struct.unpack_from(
@@ -192,10 +192,10 @@ class SegmentFiles:
         return self.folder / f"{segment}-{index}.dcm"
 
     def slot(self, fd: int, segment: str, index: int) -> Slot | None:
-        slots, _, _ = _readsuperblock(fd)
+        slots, _, _ = _read_superblock(fd)
         if index >= slots:
             return None
-        found = _decode_slot(os.pread(fd, _SLOT_SIZE, _PAGE + index * _SLOT_SIZE))
+        found = _decode_slot(os.pread(fd, _SLOT_SIZE, slot_position(index)))
         if found is None or (found.segment, found.index) != (segment, index):
             return None
         return found
@@ -244,7 +244,7 @@ class SegmentFiles:
             found = self.slot(fd, segment, index)
             if found is None or not found.live:
                 return
-            os.pwrite(fd, bytes([_DELETED]), _PAGE + index * _SLOT_SIZE + _STATE_AT)
+            os.pwrite(fd, bytes([_DELETED]), slot_position(index) + _STATE_AT)
             if found.kind == INLINE:
                 punch_hole(fd, found.offset, found.length)
             else:
@@ -269,7 +269,7 @@ class SegmentFiles:
     @staticmethod
     def _scan(fd: int, segment: str) -> Iterator[Slot]:
         try:
-            slots, _, _ = _readsuperblock(fd)
+            slots, _, _ = _read_superblock(fd)
         except OSError:
             return  # not a segment, or one whose superblock never became durable
         for first in range(0, slots, _SCAN):
