@@ -221,6 +221,12 @@ def test_limits_must_be_positive_integers(tmp_path, value):
     rejected(tmp_path, f"[limits]\nqido_max_limit = {value}\n", match="qido_max_limit")
 
 
+def test_blob_segments_are_at_least_one_mebibyte(tmp_path):
+    assert load(tmp_path, "[limits]\nblob_segment_bytes = 1048576\n").limits == Limits(
+        blob_segment_bytes=1048576)
+    rejected(tmp_path, "[limits]\nblob_segment_bytes = 65536\n", match="blob_segment_bytes")
+
+
 @pytest.mark.parametrize("text", ["limits = 5\n", "server = 5\n"])
 def test_sections_must_be_tables(tmp_path, text):
     rejected(tmp_path, text)
