@@ -59,7 +59,7 @@ class _Open:
     def usable(self) -> bool:
         """Whether a key may still be handed out here."""
         return (not self.retired and not self.failed and self.next_slot < self.slots
-                and len(self.reserved) < MAX_PENDING)
+                and len(self.reserved) + self.writing < MAX_PENDING)
 
     def full(self, margin: int) -> bool:
         """Whether the next key should go to the next segment."""

@@ -52,7 +52,10 @@ _STATE_AT = 6  # the state byte: 0 live, 1 deleted (not covered by the slot's CR
 _LIVE, _DELETED = 0, 1
 INLINE, EXTERNAL = 1, 2
 _SCAN = 1024  # slots read at a time; a zeroed run this long ends the table (see MAX_PENDING)
-MAX_PENDING = 512  # reserved, unwritten slots per segment: more rotate to a new segment
+# Slots handed out and not yet written (reserved, or being written) in one segment: never
+# more (the next key goes to the next segment), so fewer than _SCAN zeroed slots precede a
+# written one, even after a crash.
+MAX_PENDING = 512
 _ZEROS = bytes(1024**2)
 
 
@@ -222,7 +225,7 @@ class SegmentFiles:
             os.close(fd)
             return self.external(found.segment, found.index).open("rb")
         raw = _Slice(fd, found.offset, found.length, found.crc, key)
-        return io.BufferedReader(raw, buffer_size=256 * 1024)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
 
     def location(self, key: str) -> Location:
         found, fd = self._live(key)
