@@ -12,6 +12,7 @@ import subprocess
 import pydicom
 import requests
 
+from ricord_archive.blobstore import FileBlobStore
 from tests import dcmtk
 from tests.conftest import Archive
 
@@ -50,6 +51,11 @@ def test_rebuild_index_restores_a_dropped_index(make_archive, corpus):
 
     assert archive.stop() == 0
     shutil.rmtree(archive.data_dir / "pg")  # the index is gone; blobs and records remain
+    as_before = FileBlobStore(archive.data_dir / "blobs")  # one blob as archives stored it
+    [(key, _, _), *_] = as_before.walk()  # before segments: a file of its own
+    with as_before.open(key) as stream:
+        as_before.write(as_before.new_key(), stream.read())
+    as_before.delete(key)
     rebuilt = subprocess.run(archive.command("rebuild-index"), capture_output=True, text=True,
                              timeout=300)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
