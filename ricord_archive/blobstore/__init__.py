@@ -21,7 +21,8 @@ from ricord_archive.blobstore.segment_writer import SegmentWriter
 from ricord_archive.blobstore.segments import Location, fsync_dir, write_file
 from ricord_archive.config import Config
 
-# one file per blob (every blob before segments, and S3 objects) or a segment's slot
+# a blob of its own: a file (every blob before segments) or an S3 object; `segments.KEY`: a
+# segment's slot
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
 _RECORD = re.compile(r"^(sites|patients)/[A-Za-z0-9_.-]{1,100}\.json$")
 RECORDS = "records"  # the folder (prefix) of the allocation records, beside the blobs
@@ -66,7 +67,8 @@ class BlobStore(Protocol):
     def new_key(self) -> str: ...
 
     def write(self, key: str, data: bytes) -> None:
-        """Store `data` durably under `key` (a new key from `new_key`)."""
+        """Store `data` under `key` (a new key from `new_key`, written once); returns when
+        the bytes are durable against power loss."""
 
     def open(self, key: str, size: int | None = None) -> BinaryIO:
         """The blob as a seekable binary file (`size`, when known, saves a request)."""
