@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ricord_archive.blobstore import FileBlobStore
+from ricord_archive.blobstore import FileBlobStore, segment_writer
 from ricord_archive.blobstore import segments as seg
 
 MIB = 1024**2
@@ -266,3 +266,16 @@ def test_a_failed_flush_fails_the_write_and_retires_the_segment(store, monkeypat
     after = put(store, b"durable")  # never in the segment whose flush failed
     assert store.path(after) != store.path(key)
     assert store.open(after).read() == b"durable"
+
+
+def test_without_a_ready_segment_a_key_names_a_file_of_its_own(tmp_path, monkeypatch):
+    def no_space(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(segment_writer, "zero", no_space)  # the preparer cannot make one
+    store = FileBlobStore(tmp_path / "blobs", 4 * MIB)
+    key = put(store, b"stored the old way")
+    assert not seg.KEY.match(key)
+    assert store.open(key).read() == b"stored the old way"
+    assert store.local_file(key).offset == 0
+    store.close()

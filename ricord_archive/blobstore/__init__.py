@@ -143,7 +143,9 @@ class FileBlobStore:
                         if segment_bytes else None)
 
     def new_key(self) -> str:
-        return self._writer.new_key() if self._writer is not None else new_key()
+        """A segment slot's key; a file's of its own without segments, or while no segment
+        is ready (never blocks on zeroing, never fails: a write reports what went wrong)."""
+        return (self._writer.new_key() if self._writer is not None else None) or new_key()
 
     def settle(self) -> None:
         """Wait until the segment in use is zeroed ahead and the next one is ready

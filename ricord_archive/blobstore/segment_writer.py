@@ -84,14 +84,21 @@ class SegmentWriter:
         self._closed = False
         self._busy = False  # the preparer is zeroing
 
-    def new_key(self) -> str:
+    def new_key(self) -> str | None:
+        """A key naming a slot; None when no segment can take one (the preparer is behind or
+        failing): the caller then makes the key of a file of its own. Waits only for the
+        process's first segment (a few milliseconds, once)."""
         with self._cond:
             self._start()
             current = self._current
             if current is None or (current.full(self.capacity // 32) and (
                     self._spare is not None or not current.usable())):
-                current = self._rotate()  # waits only for a process's first segment, or when
-                # the preparer is behind and this one can take no more keys
+                while (current is None and self._spare is None and self._error is None
+                       and not self._closed):
+                    self._cond.wait(1.0)
+                if self._spare is None:
+                    return None
+                current = self._rotate(self._spare)
             index = current.next_slot
             current.next_slot += 1
             current.reserved.add(index)
@@ -156,19 +163,15 @@ class SegmentWriter:
                 seg.flushed, seg.flushing = target, False
                 self._cond.notify_all()
 
-    def _rotate(self) -> _Open:
-        """The spare becomes the current segment (waiting for it only when the preparer is
-        behind); the old one is closed once its writes are done."""
-        while self._spare is None:
-            self._raise_error()
-            self._cond.notify_all()
-            self._cond.wait(1.0)
+    def _rotate(self, spare: _Open) -> _Open:
+        """The spare becomes the current segment; the old one is closed once its writes are
+        done."""
         if self._current is not None:
             self._current.retired = True
             self._release_if_done(self._current)
-        self._current, self._spare = self._spare, None
+        self._current, self._spare = spare, None
         self._cond.notify_all()
-        return self._current
+        return spare
 
     def _release_if_done(self, seg: _Open) -> None:
         if seg.retired and not seg.writing and not seg.reserved and seg.id in self._open:
