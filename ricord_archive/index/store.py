@@ -1,7 +1,9 @@
 """Writes to the index: sites, pseudonymous patients, and one transaction per stored instance.
 
-Locks are always taken in the same order (site, then study, series, instance) so concurrent
-writers of one study queue instead of deadlocking.
+Locks are always taken in the same order (site; then study, series, instance, the study's
+modalities, the instance tally: migrations/009) so concurrent writers of one study queue instead
+of deadlocking. The related-object counts live in the instance tally, one row per series and
+session slot, so concurrent writers of one study or series do not wait for each other's commit.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ async def store_instance(
     blob_written: Awaitable[object],
 ) -> StoredRow:
     """Index one instance in one transaction (the `store_instance` function of
-    migrations/007) that commits only once `blob_written` (the durable write of the instance's
+    migrations/009) that commits only once `blob_written` (the durable write of the instance's
     blob, running meanwhile) has completed: the two overlap, and no committed row ever names
     a blob that is not on disk. A deadlock or serialization failure runs the transaction
     again (at most TRANSIENT_ATTEMPTS in all). If the write fails, the transaction rolls back
