@@ -10,8 +10,10 @@ archive runs it), migrates it with the archive's migrations and calls the archiv
 DICOM JSON sizes), by one sender, then by 4 concurrent senders of the same studies (each takes
 the next instance, as associations sending one study in parallel do). `--blob-ms` simulates
 the durable blob write the transaction waits for before it commits (0: already written).
-Prints ms per instance (wall time / N), the p50/p95 of one call, and WAL bytes per instance.
-Prints figures; asserts nothing.
+Prints ms per instance (wall time / N), the p50/p95 of one call, WAL bytes per instance, and
+the CPU time per instance of PostgreSQL (all its processes, from /proc) and of this client:
+on a shared machine the CPU figures move less than the wall times. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -110,6 +112,21 @@ async def blob_write(blob_ms: float) -> None:
         await asyncio.sleep(blob_ms / 1000)
 
 
+def server_cpu(pgdata: Path) -> float:
+    """CPU seconds used so far by the postmaster and its children (Linux /proc)."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        pid, fields = int(stat.parent.name), text[text.rindex(")") + 2:].split()
+        if pid == postmaster or int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def run(pool: asyncpg.Pool, site, patient, instances: list[NewInstance], senders: int,
               blob_ms: float) -> tuple[float, list[float], int]:
     """Store every instance with `senders` concurrent senders; (wall s, call times, WAL)."""
@@ -151,20 +168,24 @@ async def main(args: argparse.Namespace) -> None:
                 warm = [new_instance("9", n, args.per_study) for n in range(200)]
                 await run(pool, site, patient, warm, 1, 0)
                 print(f"{'senders':>7} {'blob ms':>7} {'ms/inst':>8} {'p50 ms':>7} "
-                      f"{'p95 ms':>7} {'WAL B/inst':>10}")
+                      f"{'p95 ms':>7} {'WAL B/inst':>10} {'PG CPU us':>9} {'py CPU us':>9}")
                 tag = 10
                 for blob_ms in args.blob_ms:
                     for senders in args.senders:
                         tag += 1
                         batch = [new_instance(str(tag), n, args.per_study)
                                  for n in range(args.instances)]
+                        cpu = server_cpu(embedded.pgdata), time.process_time()
                         wall, calls, wal = await run(pool, site, patient, batch, senders,
                                                      blob_ms)
+                        pg_cpu = server_cpu(embedded.pgdata) - cpu[0]
+                        py_cpu = time.process_time() - cpu[1]
                         calls.sort()
                         print(f"{senders:>7} {blob_ms:>7g} {wall * 1000 / len(batch):>8.3f} "
                               f"{statistics.median(calls) * 1000:>7.3f} "
                               f"{calls[int(len(calls) * 0.95)] * 1000:>7.3f} "
-                              f"{wal / len(batch):>10.0f}")
+                              f"{wal / len(batch):>10.0f} {pg_cpu * 1e6 / len(batch):>9.0f} "
+                              f"{py_cpu * 1e6 / len(batch):>9.0f}")
             finally:
                 await pool.close()
         finally:
