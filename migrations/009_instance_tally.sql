@@ -90,6 +90,10 @@ BEGIN
             IF NOT FOUND THEN  -- a concurrent transaction inserted it and has committed
                 SELECT pk, patient_pk, modalities INTO v_study
                 FROM study WHERE study_uid = p_study_uid;
+                IF NOT FOUND THEN  -- not in this snapshot (REPEATABLE READ): run again
+                    RAISE EXCEPTION 'study inserted concurrently'
+                        USING ERRCODE = 'serialization_failure';
+                END IF;
             END IF;
         END IF;
         IF v_study.patient_pk <> p_patient_pk THEN
@@ -107,6 +111,10 @@ BEGIN
             RETURNING pk, study_pk INTO v_series;
             IF NOT FOUND THEN
                 SELECT pk, study_pk INTO v_series FROM series WHERE series_uid = p_series_uid;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'series inserted concurrently'
+                        USING ERRCODE = 'serialization_failure';
+                END IF;
             END IF;
         END IF;
         IF v_series.study_pk <> v_study.pk THEN
@@ -138,5 +146,6 @@ BEGIN
         END IF;
         -- a concurrent writer stored the same instance first: report it as a duplicate
     END LOOP;
+    RAISE EXCEPTION 'instance inserted concurrently' USING ERRCODE = 'serialization_failure';
 END;
 $$;
