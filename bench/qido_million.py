@@ -86,14 +86,11 @@ async def load(url: str, instances: int) -> dict:
         for n in range(patient_count):
             site = n % SITES
             patients.append((base_patient + n + 1, sites[site], os.urandom(32),
-                             f"{200000 + site}-{n:06d}", -(1 + rng.randrange(3650)),
-                             STUDIES_PER_PATIENT, STUDIES_PER_PATIENT * SERIES_PER_STUDY,
-                             STUDIES_PER_PATIENT * SERIES_PER_STUDY * INSTANCES_PER_SERIES))
+                             f"{200000 + site}-{n:06d}", -(1 + rng.randrange(3650))))
         await conn.copy_records_to_table(
             "patient", records=patients,
-            columns=["pk", "site_id", "patient_key", "pseudonym", "date_offset_days",
-                     "num_studies", "num_series", "num_instances"])
-        studies, series_rows, instance_rows = [], [], []
+            columns=["pk", "site_id", "patient_key", "pseudonym", "date_offset_days"])
+        studies, series_rows, instance_rows, tally_rows = [], [], [], []
         base_study = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM study")
         base_series = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM series")
         base_instance = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM instance")
@@ -113,8 +110,7 @@ async def load(url: str, instances: int) -> dict:
             })
             studies.append((base_study + s + 1, patient[0], patient[1], study_uid, date,
                             dt.time(10, 15), f"A{s:015d}", f"S{s:07d}", "F", "064Y",
-                            [modality], SERIES_PER_STUDY,
-                            SERIES_PER_STUDY * INSTANCES_PER_SERIES, study_json))
+                            [modality], study_json))
             for k in range(SERIES_PER_STUDY):
                 se = s * SERIES_PER_STUDY + k
                 series_uid = _uid(2, base_series + se)
@@ -123,7 +119,9 @@ async def load(url: str, instances: int) -> dict:
                     "00200011": _text("IS", k + 1),
                 })
                 series_rows.append((base_series + se + 1, base_study + s + 1, series_uid,
-                                    modality, k + 1, INSTANCES_PER_SERIES, series_json))
+                                    modality, k + 1, series_json))
+                tally_rows.append((base_series + se + 1, 0, base_study + s + 1, patient[0],
+                                   INSTANCES_PER_SERIES))
                 for i in range(INSTANCES_PER_SERIES):
                     number = se * INSTANCES_PER_SERIES + i
                     sop_uid = _uid(3, base_instance + number)
@@ -142,12 +140,14 @@ async def load(url: str, instances: int) -> dict:
                     "study", records=studies,
                     columns=["pk", "patient_pk", "site_id", "study_uid", "study_date",
                              "study_time", "accession_number", "study_id", "patient_sex",
-                             "patient_age", "modalities", "num_series", "num_instances",
-                             "dicom_json"])
+                             "patient_age", "modalities", "dicom_json"])
                 await conn.copy_records_to_table(
                     "series", records=series_rows,
                     columns=["pk", "study_pk", "series_uid", "modality", "series_number",
-                             "num_instances", "dicom_json"])
+                             "dicom_json"])
+                await conn.copy_records_to_table(
+                    "instance_tally", records=tally_rows,
+                    columns=["series_pk", "slot", "study_pk", "patient_pk", "instances"])
                 await conn.copy_records_to_table(
                     "instance", records=instance_rows,
                     columns=["pk", "series_pk", "study_pk", "sop_uid", "sop_class_uid",
@@ -155,7 +155,7 @@ async def load(url: str, instances: int) -> dict:
                              "size_bytes", "sha256", "dicom_json"])
                 print(f"  loaded {(s + 1) * SERIES_PER_STUDY * INSTANCES_PER_SERIES:,} ...",
                       file=sys.stderr, end="\r")
-                studies, series_rows, instance_rows = [], [], []
+                studies, series_rows, instance_rows, tally_rows = [], [], [], []
         for table in ("patient", "study", "series", "instance"):
             await conn.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), "

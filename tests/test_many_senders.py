@@ -101,26 +101,27 @@ def test_one_study_from_forty_senders_at_once(make_archive, corpus):
     per_object = PASSES * (PYNETDICOM_SENDERS + STORESCU_SENDERS)
     assert len(flat) == SLICES * per_object + PASSES * STOW_SENDERS * SLICES // STOW_BATCH
 
-    [patient] = load.query(archive, "SELECT pseudonym, num_studies, num_series, "
-                           "num_instances FROM patient")
-    assert tuple(patient)[1:] == (1, 1, SLICES)
+    [patient] = load.query(archive, "SELECT pseudonym FROM patient")
     [study] = load.query(archive, """
-        SELECT st.num_series, st.num_instances, st.modalities,
-               (SELECT count(*) FROM instance WHERE study_pk = st.pk) AS rows
+        SELECT st.modalities, (SELECT count(*) FROM instance WHERE study_pk = st.pk) AS rows,
+               (SELECT count(*) FROM series WHERE study_pk = st.pk) AS series
         FROM study st""")
-    assert tuple(study) == (1, SLICES, ["CT"], SLICES)
-    [series] = load.query(archive, """
-        SELECT se.num_instances, (SELECT count(*) FROM instance WHERE series_pk = se.pk)
-        FROM series se""")
-    assert tuple(series) == (SLICES, SLICES)
+    assert tuple(study) == (["CT"], SLICES, 1)
+    # the counts QIDO-RS and C-FIND answer: the tally rows of the concurrent sessions add up
+    [tally] = load.query(archive, """
+        SELECT count(DISTINCT study_pk), count(DISTINCT series_pk), sum(instances)
+        FROM instance_tally""")
+    assert tuple(tally) == (1, 1, SLICES)
     indexed = load.indexed_instances(archive)
     assert len(indexed) == SLICES
     assert load.blob_problems(archive, indexed) == []
     # every re-send wrote a blob, found its instance stored, and deleted that blob again
     assert load.blob_keys_on_disk(archive) == {row.blob_key for row in indexed.values()}
-    qido = archive.client().search_for_studies(
-        search_filters={"PatientID": patient["pseudonym"]})
-    assert [s["00201208"]["Value"][0] for s in qido] == [SLICES]
+    client = archive.client()
+    [qido] = client.search_for_studies(search_filters={"PatientID": patient["pseudonym"]})
+    assert (qido["00201206"]["Value"], qido["00201208"]["Value"]) == ([1], [SLICES])
+    [qido] = client.search_for_series(qido["0020000D"]["Value"][0])
+    assert qido["00201209"]["Value"] == [SLICES]
 
 
 def test_deadlock_victim_transaction_is_run_again(make_archive, corpus):
@@ -142,20 +143,20 @@ def test_deadlock_victim_transaction_is_run_again(make_archive, corpus):
             await conn.execute("SELECT pg_reload_conf()")
             async with conn.transaction():
                 await conn.execute("SET LOCAL deadlock_timeout = '120s'")
-                await conn.execute("SELECT 1 FROM patient FOR UPDATE")
+                await conn.execute("LOCK TABLE instance_tally IN SHARE MODE")
                 sending = asyncio.ensure_future(
                     asyncio.to_thread(dcmtk.storescu, archive.dimse_port, [second]))
-                # wait until the archive's transaction holds the study row and waits for
-                # the patient row (its counters are updated last)
+                # wait until the archive's transaction has inserted its instance row and
+                # waits for the instance tally (its count is added last)
                 deadline = time.monotonic() + 60
                 while not await conn.fetchval(
                         "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> "
                         "pg_backend_pid()"):
                     assert time.monotonic() < deadline, "the archive never waited for a lock"
                     await asyncio.sleep(0.02)  # polling interval
-                # close the cycle: wait for the study row the archive's transaction holds;
-                # this returns once PostgreSQL has aborted that transaction
-                await conn.execute("UPDATE study SET updated_at = now()")
+                # close the cycle: wait for the instance table the archive's transaction
+                # wrote; this returns once PostgreSQL has aborted that transaction
+                await conn.execute("LOCK TABLE instance IN SHARE MODE")
             result = await sending
             await conn.execute("ALTER SYSTEM RESET deadlock_timeout")
             await conn.execute("SELECT pg_reload_conf()")
@@ -166,9 +167,9 @@ def test_deadlock_victim_transaction_is_run_again(make_archive, corpus):
     output = asyncio.run(scenario())
     assert load.storescu_outcomes(output) == {second: "Success"}, output
     assert "40P01" in archive.log()  # the retry said why it ran the transaction again
-    [study] = load.query(archive, "SELECT num_instances, (SELECT count(*) FROM instance) "
-                         "FROM study")
-    assert tuple(study) == (2, 2)
+    [counts] = load.query(archive, "SELECT (SELECT sum(instances) FROM instance_tally), "
+                          "(SELECT count(*) FROM instance)")
+    assert tuple(counts) == (2, 2)
 
 
 def test_concurrent_ingest_threads_do_not_change_pydicom_settings():

@@ -37,17 +37,23 @@ def _from(level: Level, *sql: str) -> str:
 
 
 _COLUMNS = {
-    Level.PATIENT: "p.num_studies, p.num_series, p.num_instances, "
-                   "(SELECT s.dicom_json FROM study s WHERE s.patient_pk = p.pk "
+    Level.PATIENT: "(SELECT s.dicom_json FROM study s WHERE s.patient_pk = p.pk "
                    "ORDER BY s.pk DESC LIMIT 1) AS study_json",
-    Level.STUDY: "st.dicom_json AS study_json, st.modalities, st.num_series, st.num_instances",
-    Level.SERIES: "st.dicom_json AS study_json, se.dicom_json AS series_json, st.study_uid, "
-                  "se.num_instances",
+    Level.STUDY: "st.dicom_json AS study_json, st.modalities",
+    Level.SERIES: "st.dicom_json AS study_json, se.dicom_json AS series_json, st.study_uid",
     Level.INSTANCE: "st.dicom_json AS study_json, se.dicom_json AS series_json, "
                     "i.dicom_json AS instance_json, st.study_uid, se.series_uid",
 }
 _ORDER = {
     Level.PATIENT: "p.pk", Level.STUDY: "st.pk", Level.SERIES: "se.pk", Level.INSTANCE: "i.pk",
+}
+# The related-object counts of a level (NumberOfStudyRelatedInstances and the like), summed from
+# the instance tally (migrations/009) for the rows of the page only: (tally column, counts).
+_COUNTS = {
+    Level.PATIENT: ("patient_pk", "count(DISTINCT t.study_pk) AS num_studies, "
+                                  "count(DISTINCT t.series_pk) AS num_series, "),
+    Level.STUDY: ("study_pk", "count(DISTINCT t.series_pk) AS num_series, "),
+    Level.SERIES: ("series_pk", ""),
 }
 COUNT_CAP = 10_000
 
@@ -62,10 +68,18 @@ def page_sql(query: Query) -> tuple[str, list]:
     """The SQL of one page (one row more than the limit, to see whether more exist)."""
     where, values = where_clause(query.conditions)
     level, n = query.level, len(values)
+    order, columns = _ORDER[level], _COLUMNS[level]
     sql = (
-        f"SELECT {_COLUMNS[level]} {_from(level, _COLUMNS[level], where)} WHERE {where} "
-        f"ORDER BY {_ORDER[level]} LIMIT ${n + 1} OFFSET ${n + 2}"
+        f"SELECT {order} AS page_key, {columns} {_from(level, columns, where)} WHERE {where} "
+        f"ORDER BY {order} LIMIT ${n + 1} OFFSET ${n + 2}"
     )
+    if level in _COUNTS:
+        key, counts = _COUNTS[level]
+        sql = (
+            f"SELECT page.*, counts.* FROM ({sql}) AS page, LATERAL (SELECT {counts}"
+            f"coalesce(sum(t.instances), 0) AS num_instances FROM instance_tally t "
+            f"WHERE t.{key} = page.page_key) AS counts ORDER BY page.page_key"
+        )
     return sql, [*values, query.limit + 1, query.offset]
 
 
