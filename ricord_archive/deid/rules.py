@@ -112,7 +112,11 @@ def shift_date(value: str, days: int) -> str:
     """Shift a DA value by `days`; '' for anything that is not a full valid date."""
     text = value.strip()
     try:
-        moved = dt.datetime.strptime(text, "%Y%m%d").date() + dt.timedelta(days=days)
+        if len(text) == 8 and text.isascii() and text.isdigit():  # what strptime reads so
+            day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        else:
+            day = dt.datetime.strptime(text, "%Y%m%d").date()
+        moved = day + dt.timedelta(days=days)
     except (ValueError, OverflowError):  # OverflowError: shifted before year 1 or after 9999
         return ""
     return moved.strftime("%Y%m%d")
@@ -287,6 +291,13 @@ class Inserted:
     only_if_present: bool = False
 
 
+_METHOD_CODES = tuple(
+    (Inserted(0x00080100, "SH", option.code), Inserted(0x00080102, "SH", "DCM"),
+     Inserted(0x00080104, "LO", option.meaning))
+    for option in DECLARED_OPTIONS
+)
+
+
 def inserted(context: DeidContext, originals: Originals) -> list[Inserted]:
     """The pseudonyms and de-identification attributes, in tag order."""
     keys, siteid = context.keys, context.siteid
@@ -306,11 +317,7 @@ def inserted(context: DeidContext, originals: Originals) -> list[Inserted]:
         Inserted(0x00120040, "LO", context.pseudonym),  # ClinicalTrialSubjectID
         Inserted(0x00120062, "CS", "YES"),  # PatientIdentityRemoved
         Inserted(0x00120063, "LO", f"ricord-archive {__version__} PS3.15 E.1-1"),
-        Inserted(METHOD_CODE_SEQUENCE, "SQ", [
-            [Inserted(0x00080100, "SH", option.code), Inserted(0x00080102, "SH", "DCM"),
-             Inserted(0x00080104, "LO", option.meaning)]
-            for option in DECLARED_OPTIONS
-        ]),
+        Inserted(METHOD_CODE_SEQUENCE, "SQ", _METHOD_CODES),
         # Provenance where RICORD tooling (the RSNA Anonymizer) looks for it: every odd group
         # is removed first, so the block's creator takes the first slot, (0013,0010).
         Inserted(PRIVATE_GROUP << 16 | 0x0010, "LO", PRIVATE_CREATOR),

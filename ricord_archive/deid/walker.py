@@ -295,28 +295,48 @@ class _Walker:
         if existing is None and attribute.only_if_present:
             return
         vr = existing.vr if existing is not None else attribute.vr
-        if vr == "SQ":
-            chunks: list = []
-            size = 0
-            documents = []
-            for members in attribute.value or ():
-                item: dict[int, _Out] = {}
-                for member in members:
-                    self.insert(item, member)
-                body, body_size, document = _assemble(sorted(item.values(),
-                                                             key=lambda o: o.tag))
-                chunks += [item_header(body_size), *body]
-                size += 8 + body_size
-                documents.append(document)
-            # a sequence already there keeps its length form, as pydicom keeps it
-            undefined = existing is not None and existing.undefined
-            out[attribute.tag] = self.sequence_out(attribute.tag, chunks, size, documents,
-                                                   undefined)
-            return
-        if len(vr) != 2 or (attribute.value is not None and not isinstance(attribute.value, str)):
+        # a sequence already there keeps its length form, as pydicom keeps it
+        undefined = existing is not None and existing.undefined
+        encoded, value, json = _inserted(attribute.tag, vr, attribute.value, self.implicit,
+                                         undefined)
+        out[attribute.tag] = _Out(attribute.tag, vr, [encoded], len(encoded), json, value,
+                                  undefined=undefined)
+
+
+@lru_cache(maxsize=4096)
+def _inserted(tag: int, vr: str, value: str | tuple | None, implicit: bool, undefined: bool
+              ) -> tuple[bytes, bytes | None, dict | None]:
+    """An inserted attribute, encoded (header and value), its value and its JSON. The same
+    few values recur object after object, so they are encoded once (the JSON is shared: it
+    is only ever serialized)."""
+    if vr != "SQ":
+        if len(vr) != 2 or (value is not None and not isinstance(value, str)):
             raise Unhandled("inserted value")
-        out[attribute.tag] = self.encoded(attribute.tag, vr, vr,
-                                          encode_text(vr, attribute.value), None)
+        raw = encode_text(vr, value)
+        try:
+            json = render(tag, vr, raw, None)
+        except Exception:
+            json = None
+        return header(tag, None if implicit else vr, len(raw)) + raw, raw, json
+    items = []
+    documents: list[dict] | None = []
+    for members in value or ():
+        body = []
+        document: dict | None = {}
+        for member in sorted(members, key=lambda m: m.tag):
+            encoded, _, json = _inserted(member.tag, member.vr, member.value, implicit, False)
+            body.append(encoded)
+            if json is None or document is None:
+                document = None
+            else:
+                document[f"{member.tag:08X}"] = json
+        joined = b"".join(body)
+        items.append(item_header(len(joined)) + joined)
+        documents = None if document is None or documents is None else [*documents, document]
+    content = b"".join(items)
+    head = header(tag, None if implicit else "SQ", UNDEFINED if undefined else len(content))
+    encoded = head + content + (SEQUENCE_END if undefined else b"")
+    return encoded, None, None if documents is None else {"vr": "SQ", "Value": documents}
 
 
 def _assemble(out: list[_Out]) -> tuple[list, int, dict | None]:
