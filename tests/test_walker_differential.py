@@ -282,7 +282,8 @@ _TOP = [
     ("StationName", "SH"), ("ReferringPhysicianName", "PN"), ("ImageComments", "LT"),
     ("InstitutionAddress", "ST"), ("StudyDescription", "LO"), ("ICCProfile", "OB"),
     ("RedPaletteColorLookupTableData", "OW"), ("StationAETitle", "AE"),
-    ("PatientIdentityRemoved", "CS"), ("StudyID", "SH"),
+    ("PatientIdentityRemoved", "CS"), ("StudyID", "SH"), ("PixelRepresentation", "US"),
+    ("SmallestImagePixelValue", "US"), ("LargestImagePixelValue", "SS"),
     (0x00089999, "UN"),  # an even attribute no dictionary knows
 ]
 _ITEM = [
@@ -305,6 +306,9 @@ def _elements(draw, ds: Dataset, pool: list, text: st.SearchStrategy[str], count
             ds.add_new(tag, vr, None)
             continue
         values = draw(st.lists(_value(vr, text), min_size=1, max_size=3 if shape == "many" else 1))
+        if name == "PixelRepresentation":
+            ds.PixelRepresentation = draw(st.sampled_from([0, 1]))
+            continue
         if shape == "odd" and vr not in ("OB", "OW", "UN", "US", "SS", "UL", "FL", "FD"):
             raw = "\\".join(str(v) for v in values).encode("latin-1", "replace")
             if len(raw) % 2 == 0:
