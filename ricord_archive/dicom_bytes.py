@@ -15,8 +15,6 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from ricord_archive.deid.rules import decision_vr
-
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF
@@ -273,11 +271,6 @@ def encode_text(vr: str, values: str | list[str] | None) -> bytes:
 def strings(raw: bytes) -> list[str]:
     """A text value (AS, CS, DA, DT, TM, UI) split as pydicom reads it, trailing padding off."""
     return raw.decode("latin-1").rstrip(" \x00").split("\\")
-
-
-def decision(element: Element) -> str:
-    """The VR the de-identification rules decide by."""
-    return decision_vr(element.vr, element.tag)
 
 
 def file_meta(sop_class_uid: str, sop_uid: str, syntax: str, implementation_uid: str,
