@@ -114,7 +114,7 @@ def tokenize(data: bytes) -> Parsed:
             syntax = data[element.vstart:element.vend].decode("latin-1").rstrip(" \x00")
         elif element.vr == "SQ" or element.undefined:
             raise Unhandled("file meta")
-    if syntax is None or meta_end != pos:
+    if syntax is None or meta_end not in (None, pos):  # the group length, if any, must fit
         raise Unhandled("file meta")
     implicit, compressed = _syntax(syntax)
     reader = _Reader(data, implicit)

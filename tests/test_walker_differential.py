@@ -182,6 +182,8 @@ def test_phi_corpus_objects_take_the_walker_and_match(tmp_path):
         implicit = pydicom.dcmread(BytesIO(data))
         implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         check(_bytes_of(implicit), expect_fast=True, expect_bytes=True)
+        assert data[132:136] == b"\x02\x00\x00\x00"  # a file meta without its group length
+        check(data[:132] + data[144:], expect_fast=True, expect_bytes=True)
 
 
 def test_phi_trap_objects_take_the_walker_and_match(tmp_path):
