@@ -11,12 +11,14 @@ from __future__ import annotations
 from functools import lru_cache
 from struct import Struct
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 PIXEL_DATA = 0x7FE00010
+_CHARSET = 0x00080005
 UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _SEQUENCE_END_BYTES = b"\xfe\xff\xdd\xe0"
@@ -179,6 +181,8 @@ class _Reader:
             if tag <= last:
                 raise Unhandled("tags out of order")
             last = tag
+            if tag == _CHARSET:
+                _check_charset(data[element.vstart:element.vend])
             pos = self._value(element, end, depth)
             elements.append(element)
         if delimited:
@@ -234,6 +238,16 @@ class _Reader:
                     raise Unhandled("item past the end")
                 members, pos = self.dataset(pos + 8, pos + 8 + length, False, depth + 1)
                 items.append(Item(members, False))
+
+
+def _check_charset(raw: bytes) -> None:
+    """pydicom reads every data set's Specific Character Set as it reads the data set, and
+    fails the whole object on one it cannot look up."""
+    names = strings(raw)
+    try:
+        convert_encodings(names[0] if len(names) == 1 else names)
+    except Exception as exc:
+        raise Unhandled("character set") from exc
 
 
 def header(tag: int, vr: str | None, length: int) -> bytes:

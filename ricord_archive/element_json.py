@@ -130,4 +130,6 @@ def single_value(vr: str, raw: bytes) -> str | int | None:
     values = split(text)
     if len(values) != 1:
         raise ValueError("multi-valued")
+    if vr == "IS" and not _IS.match(values[0]):  # pydicom may refuse to read it as a number
+        raise ValueError("not a plain integer")
     return values[0]
