@@ -110,7 +110,9 @@ def tokenize(data: bytes) -> Parsed:
     pos, syntax, meta_end = 132, None, None
     while pos + 8 <= end and data[pos:pos + 2] == b"\x02\x00":
         element, pos = _explicit(data, pos, end)
-        if element.tag == 0x00020000 and element.vr == "UL" and element.vend - element.vstart == 4:
+        if element.tag == 0x00020000:
+            if element.vr != "UL" or element.vend - element.vstart != 4:
+                raise Unhandled("file meta")
             meta_end = pos + _UL.unpack_from(data, element.vstart)[0]
         elif element.tag == 0x00020010:
             syntax = data[element.vstart:element.vend].decode("latin-1").rstrip(" \x00")

@@ -38,6 +38,10 @@ def _split_stripped(text: str) -> list[str]:  # AS CS DA DT TM UI: trailing padd
     return text.rstrip(" \x00").split("\\")
 
 
+def _uids(text: str) -> list[str]:  # UI: and each UID stripped, as pydicom's UID class does
+    return [value.strip() for value in text.rstrip(" \x00").split("\\")]
+
+
 def _split_each(text: str) -> list[str]:  # SH LO UC: each value's trailing padding off
     return [value.rstrip("\x00 ") for value in text.split("\\")]
 
@@ -48,7 +52,7 @@ def _single(text: str) -> list[str]:  # ST LT UT: one value
 
 _TEXT: dict[str, Callable[[str], list[str]]] = {
     "AS": _split_stripped, "CS": _split_stripped, "DA": _split_stripped,
-    "DT": _split_stripped, "TM": _split_stripped, "UI": _split_stripped,
+    "DT": _split_stripped, "TM": _split_stripped, "UI": _uids,
     "SH": _split_each, "LO": _split_each, "UC": _split_each,
     "ST": _single, "LT": _single, "UT": _single,
     "UR": lambda text: [text.rstrip()],

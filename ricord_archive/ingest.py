@@ -213,6 +213,10 @@ def pydicom_admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> 
         return Admission(*uids, admit(dataset, site), None, kept)
     except RefusedObject as exc:
         return Admission(*uids, None, exc, None)
+    except ArchiveError:
+        raise
+    except Exception as exc:  # pydicom decodes values lazily: a broken value surfaces here
+        raise InvalidObject(f"unprocessable DICOM object ({type(exc).__name__})") from exc
 
 
 def prepare_object(

@@ -307,7 +307,7 @@ def _elements(draw, ds: Dataset, pool: list, text: st.SearchStrategy[str], count
               encoding: str) -> None:
     for name, vr in draw(st.lists(st.sampled_from(pool), max_size=count, unique=True)):
         tag = Tag(name)
-        shape = draw(st.sampled_from(["one", "one", "many", "empty", "odd"]))
+        shape = draw(st.sampled_from(["one", "one", "many", "empty", "odd", "spaced"]))
         if shape == "empty":
             ds.add_new(tag, vr, None)
             continue
@@ -316,8 +316,10 @@ def _elements(draw, ds: Dataset, pool: list, text: st.SearchStrategy[str], count
             ds.PixelRepresentation = draw(st.sampled_from([0, 1]))
             continue
         textual = vr not in ("OB", "OW", "UN", "US", "SS", "UL", "FL", "FD")
-        if textual and (shape == "odd" or vr in ("IS", "DS")):  # as encoded, even if invalid
+        if textual and (shape in ("odd", "spaced") or vr in ("IS", "DS")):  # even if invalid
             raw = "\\".join(str(v) for v in values).encode(encoding, "replace")
+            if shape == "spaced":  # white space around the value, which some VRs drop
+                raw = b" \t" + raw + b"\t"
             if (len(raw) % 2 == 0) == (shape == "odd") and len(raw) > 1:
                 raw = raw[:-1] if shape == "odd" else raw + b" "
             ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
