@@ -30,7 +30,7 @@ from ricord_archive import dicom_io
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
-from ricord_archive.deid.engine import DeidentificationError
+from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
 from ricord_archive.deid.policy import check_acceptable, check_values
 from ricord_archive.deid.walker import Walked, admitted, walk
 from ricord_archive.dicom_bytes import Parsed, Unhandled, tokenize
@@ -99,7 +99,7 @@ def _admit_parsed(parsed: Parsed, site: SiteConfig) -> Admission:
     try:
         check_values(values.sop_class_uid, values.burned_in_annotation, site.sop_classes)
         if not values.patient_id:
-            raise RefusedObject(str(DeidentificationError(_NO_PATIENT_ID)), "no-patient-id")
+            raise RefusedObject(NO_PATIENT_ID, "no-patient-id")
     except RefusedObject as exc:
         return Admission(*uids, None, exc, None)
     return Admission(*uids, values.patient_id, None, parsed)
@@ -169,9 +169,6 @@ class Admission:
     # The parsed object (the walker's tokens, or pydicom's dataset when kept for a next step
     # in-process); None when refused.
     dataset: Parsed | Dataset | None
-
-
-_NO_PATIENT_ID = "the object has no PatientID (0010,0020)"
 
 
 def fast_admission(data: bytes, limit: int, site: SiteConfig) -> Admission | None:

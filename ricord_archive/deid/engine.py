@@ -26,8 +26,11 @@ from ricord_archive.deid.rules import (
     shift_datetime,
 )
 
-__all__ = ["DeidContext", "DeidentificationError", "cap_age", "deidentify", "patient_id_of",
-           "shift_date", "shift_datetime"]
+__all__ = ["NO_PATIENT_ID", "DeidContext", "DeidentificationError", "cap_age", "deidentify",
+           "patient_id_of", "shift_date", "shift_datetime"]
+
+
+NO_PATIENT_ID = "the object has no PatientID (0010,0020)"
 
 
 def patient_id_of(dataset: Dataset) -> str:
@@ -35,7 +38,7 @@ def patient_id_of(dataset: Dataset) -> str:
     value = dataset.get("PatientID")
     text = str(value).strip() if value is not None else ""
     if not text:
-        raise DeidentificationError("the object has no PatientID (0010,0020)")
+        raise DeidentificationError(NO_PATIENT_ID)
     return text
 
 
