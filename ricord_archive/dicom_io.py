@@ -38,10 +38,14 @@ def configure_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
-def parse(data: bytes, max_bytes: int) -> Dataset:
-    """Parse a DICOM Part 10 object (preamble optional, file meta required)."""
+def check_size(data: bytes, max_bytes: int) -> None:
     if len(data) > max_bytes:
         raise ObjectTooLarge(f"object of {len(data)} bytes exceeds the limit of {max_bytes}")
+
+
+def parse(data: bytes, max_bytes: int) -> Dataset:
+    """Parse a DICOM Part 10 object (preamble optional, file meta required)."""
+    check_size(data, max_bytes)
     try:
         dataset = pydicom.dcmread(BytesIO(data), force=False)
         meta = dataset.file_meta

@@ -6,6 +6,7 @@ Computed once at ingest and stored, so metadata and query answers are reads, not
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,15 +122,22 @@ def _as_int(value: Any) -> int | None:
 
 
 def index_record(dataset: Dataset) -> InstanceRecord:
+    return record_of(lambda keyword: dataset.get(keyword))
+
+
+def record_of(value: Callable[[str], Any]) -> InstanceRecord:
+    """The index record from `value(keyword)`, a top-level value as pydicom gives it (None
+    when absent)."""
+
     def text(keyword: str) -> str | None:
-        value = dataset.get(keyword)
-        return str(value).strip() or None if value not in (None, "") else None
+        found = value(keyword)
+        return str(found).strip() or None if found not in (None, "") else None
 
     return InstanceRecord(
-        study_uid=str(dataset.StudyInstanceUID),
-        series_uid=str(dataset.SeriesInstanceUID),
-        sop_uid=str(dataset.SOPInstanceUID),
-        sop_class_uid=str(dataset.SOPClassUID),
+        study_uid=str(value("StudyInstanceUID")),
+        series_uid=str(value("SeriesInstanceUID")),
+        sop_uid=str(value("SOPInstanceUID")),
+        sop_class_uid=str(value("SOPClassUID")),
         modality=text("Modality"),
         study_date=_as_date(text("StudyDate")),
         study_time=_as_time(text("StudyTime")),

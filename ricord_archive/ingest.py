@@ -4,6 +4,11 @@ parse (bounded) -> de-identify -> serialize -> write the blob, and meanwhile one
 transaction that commits only after the blob is durable -> result. Success is returned only
 after the commit; if the transaction fails the new blob is deleted.
 A crash can leave an orphan blob, never an index row without its blob.
+
+The hot path is the byte walker (`dicom_bytes.tokenize`, `deid.walker.walk`): one pass over the
+encoded object, run inline on the event loop (it takes well under a millisecond). An object it
+does not handle takes the pydicom path (`dicom_io.parse`, `deidentify`, `dicom_io.serialize`),
+in the executor as before; such an object is never refused for it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from ricord_archive import dicom_io
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
-from ricord_archive.deid.engine import DeidentificationError
-from ricord_archive.deid.policy import check_acceptable
+from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
+from ricord_archive.deid.policy import check_acceptable, check_values
+from ricord_archive.deid.walker import Walked, admitted, walk
+from ricord_archive.dicom_bytes import Parsed, Unhandled, tokenize
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import (
     SERIES_TAGS,
     STUDY_TAGS,
+    InstanceRecord,
     index_record,
     instance_path,
     subset,
@@ -85,6 +93,18 @@ def admit(dataset: Dataset, site: SiteConfig) -> str:
         raise RefusedObject(str(exc), "no-patient-id") from exc
 
 
+def _admit_parsed(parsed: Parsed, site: SiteConfig) -> Admission:
+    values = admitted(parsed)
+    uids = (values.sop_class_uid, values.sop_uid, values.study_uid)
+    try:
+        check_values(values.sop_class_uid, values.burned_in_annotation, site.sop_classes)
+        if not values.patient_id:
+            raise RefusedObject(NO_PATIENT_ID, "no-patient-id")
+    except RefusedObject as exc:
+        return Admission(*uids, None, exc, None)
+    return Admission(*uids, values.patient_id, None, parsed)
+
+
 def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]:
     """CPU work: de-identify, serialize, and compute what the index stores (blob key left empty)
     and the bytes to write."""
@@ -107,17 +127,33 @@ def describe(
     pixel data at `pixels`); the blob key is left empty."""
     record = index_record(dataset)
     document = to_json(dataset, instance_path(record.study_uid, record.series_uid, record.sop_uid))
+    return _new_instance(record, str(dataset.file_meta.TransferSyntaxUID), data, pixels,
+                         document, hashlib.sha256(data).digest())
+
+
+def _new_instance(
+    record: InstanceRecord, syntax: str, data: bytes, pixels: PixelDataLocation | None,
+    document: dict[str, Any], sha256: bytes,
+) -> NewInstance:
     return NewInstance(
         record=record,
-        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        transfer_syntax_uid=syntax,
         blob_key="",
         size_bytes=len(data),
-        sha256=hashlib.sha256(data).digest(),
+        sha256=sha256,
         pixel_data=pixels,
         study_json=orjson.dumps(subset(document, STUDY_TAGS)),
         series_json=orjson.dumps(subset(document, SERIES_TAGS)),
         instance_json=orjson.dumps(document),
     )
+
+
+def describe_walked(walked: Walked, sha256: bytes | None = None) -> NewInstance:
+    """`describe` of an object the byte walker de-identified; the SHA-256 is computed here
+    unless given (b"": left for the caller to fill in)."""
+    digest = hashlib.sha256(walked.data).digest() if sha256 is None else sha256
+    return _new_instance(walked.record, walked.transfer_syntax, walked.data, walked.pixels,
+                         walked.document, digest)
 
 
 @dataclass(frozen=True)
@@ -130,12 +166,42 @@ class Admission:
     study_uid: str
     patient_id: str | None  # None when refused
     refusal: RefusedObject | None
-    dataset: Dataset | None  # the parsed object, kept when the next step runs in-process
+    # The parsed object (the walker's tokens, or pydicom's dataset when kept for a next step
+    # in-process); None when refused.
+    dataset: Parsed | Dataset | None
+
+
+def fast_admission(data: bytes, limit: int, site: SiteConfig) -> Admission | None:
+    """Admission from the walker's tokens; None when the object takes the pydicom path."""
+    dicom_io.check_size(data, limit)
+    try:
+        return _admit_parsed(tokenize(data), site)
+    except Exception as exc:
+        _fallback(exc)
+        return None
+
+
+def _fallback(exc: Exception) -> None:
+    """Log that the pydicom path takes an object (the reason names no value)."""
+    if isinstance(exc, Unhandled):
+        log.debug("object takes the pydicom path: %s", exc)
+    else:  # a fault of the walker: pydicom is the reference, it decides
+        log.warning("the byte walker failed (%s); the pydicom path takes the object",
+                    type(exc).__name__)
 
 
 def admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> Admission:
-    """Parse (bounded) and apply the acceptance policy; the parsed dataset is kept if `keep`
-    (not across a process boundary: it would be pickled)."""
+    """Parse (bounded) and apply the acceptance policy: by the byte walker when it handles the
+    object, else by pydicom, whose parsed dataset is kept if `keep` (not across a process
+    boundary: it would be pickled)."""
+    fast = fast_admission(data, limit, site)
+    if fast is None:
+        return pydicom_admission(data, limit, site, keep)
+    return fast if keep else replace(fast, dataset=None)
+
+
+def pydicom_admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> Admission:
+    """`admission` by pydicom alone."""
     dataset = dicom_io.parse(data, limit)
     uids = (str(dataset.SOPClassUID), str(dataset.SOPInstanceUID).strip(),
             str(dataset.StudyInstanceUID).strip())
@@ -144,20 +210,52 @@ def admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> Admissio
         return Admission(*uids, admit(dataset, site), None, kept)
     except RefusedObject as exc:
         return Admission(*uids, None, exc, None)
+    except ArchiveError:
+        raise
+    except Exception as exc:  # pydicom decodes values lazily: a broken value surfaces here
+        raise InvalidObject(f"unprocessable DICOM object ({type(exc).__name__})") from exc
 
 
 def prepare_object(
-    source: bytes | Dataset, limit: int, context: DeidContext
+    source: bytes | Parsed | Dataset, limit: int, context: DeidContext
 ) -> tuple[NewInstance, bytes]:
-    """`prepare` of the object's bytes (parsed here, e.g. in a worker process) or of the
-    dataset already parsed by `admission`."""
+    """`prepare` of the object's bytes (parsed here by pydicom, e.g. in a worker process), or
+    of what `admission` parsed: the walker's tokens (the pydicom path if the walker gives up
+    on them) or a pydicom dataset."""
+    if isinstance(source, Parsed):
+        walked = walk_or_none(source, context)
+        if walked is not None:
+            return describe_walked(walked), walked.data
+        source = source.data
     return prepare(dicom_io.parse(source, limit) if isinstance(source, bytes) else source,
                    context)
 
 
+def walk_or_none(parsed: Parsed, context: DeidContext) -> Walked | None:
+    """The walker's de-identification, or None when the pydicom path must take the object."""
+    try:
+        return walk(parsed, context)
+    except Exception as exc:
+        _fallback(exc)
+        return None
+
+
+def _settle(future: asyncio.Future[bytes], digest: bytes | None,
+            error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(digest or b"")
+
+
 class IngestService:
-    """Runs the pipeline. CPU and disk work goes to `executor` (a process pool, so
-    de-identification uses every core and never holds the event loop's GIL), else threads."""
+    """Runs the pipeline. The byte walker's work runs inline on the event loop (cheaper than
+    handing it to a process pool, where pickling the object both ways alone costs the loop
+    about as much: bench/ingest_cpu.py); the SHA-256 is computed in the blob-write thread.
+    Objects the walker does not handle go to `executor` (a process pool, so pydicom uses every
+    core and never holds the event loop's GIL), else threads."""
 
     def __init__(
         self, pool: asyncpg.Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
@@ -179,9 +277,12 @@ class IngestService:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
-        admitted = await self._run(
-            admission, data, limit, self.config.site_named(site.name), self.executor is None
-        )
+        site_config = self.config.site_named(site.name)
+        admitted = fast_admission(data, limit, site_config)  # inline: a tenth of a millisecond
+        if admitted is None:
+            admitted = await self._run(
+                pydicom_admission, data, limit, site_config, self.executor is None
+            )
         try:
             return await self._store_admitted(data, admitted, site, study_uid)
         except ArchiveError as exc:  # name the object by the UID it would have had here
@@ -202,6 +303,18 @@ class IngestService:
                 self._patients.clear()
             self._patients[(site.id, patient_key)] = cached
         return cached
+
+    def _hash_and_write(self, key: str, blob: bytes, hashed: asyncio.Future[bytes]) -> None:
+        """In the blob-write thread: the SHA-256 (hashlib lets go of the GIL on large
+        buffers), handed to the loop at once, then the durable write."""
+        loop = hashed.get_loop()
+        try:
+            digest = hashlib.sha256(blob).digest()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, hashed, None, exc)
+            raise
+        loop.call_soon_threadsafe(_settle, hashed, digest, None)
+        self.blobs.write(key, blob)
 
     async def _discard(self, written: asyncio.Future[None], key: str) -> None:
         """Remove the blob of an instance that was not indexed, once its write has ended."""
@@ -237,12 +350,29 @@ class IngestService:
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
             self.config.project_name,
         )
-        new, blob = await self._run(
-            prepare_object, admitted.dataset or data, self.config.limits.max_object_bytes,
-            context,
-        )
-        new = replace(new, blob_key=self.blobs.new_key())
-        written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, new.blob_key, blob))
+        walked = None
+        if isinstance(admitted.dataset, Parsed):  # the hot path, inline on the loop
+            walked = walk_or_none(admitted.dataset, context)
+        key = self.blobs.new_key()
+        if walked is not None:
+            blob = walked.data
+            hashed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            written = asyncio.ensure_future(
+                asyncio.to_thread(self._hash_and_write, key, blob, hashed)
+            )
+            try:
+                digest = await hashed
+            except BaseException:
+                await self._discard(written, key)
+                raise
+            new = replace(describe_walked(walked, digest), blob_key=key)
+        else:
+            source = admitted.dataset if isinstance(admitted.dataset, Dataset) else data
+            new, blob = await self._run(
+                prepare_object, source, self.config.limits.max_object_bytes, context,
+            )
+            new = replace(new, blob_key=key)
+            written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, key, blob))
         try:
             row = await store_instance(
                 self.pool, site, patient, new, self.config.duplicates, written

@@ -1,4 +1,5 @@
-"""Which objects the archive accepts at all. Pure: decides from the parsed dataset.
+"""Which objects the archive accepts at all. Pure: decides from the parsed dataset
+(or, on the byte walker's path, from the two values it needs).
 
 Some objects cannot be made safe by header de-identification, so they are refused whatever a
 site allows: images flagged with burned-in annotation, Secondary Capture and Ultrasound images
@@ -64,8 +65,14 @@ def sop_class_uids(names: Iterable[str]) -> frozenset[str]:
 
 def check_acceptable(dataset: Dataset, accepted: frozenset[str]) -> None:
     """Raise a RefusedObject (with its reason label) when the object must not enter."""
-    uid = str(dataset.get("SOPClassUID", "")).strip()
-    if str(dataset.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+    check_values(str(dataset.get("SOPClassUID", "")),
+                 str(dataset.get("BurnedInAnnotation", "") or ""), accepted)
+
+
+def check_values(sop_class_uid: str, burned_in_annotation: str, accepted: frozenset[str]) -> None:
+    """`check_acceptable` on the object's SOP Class UID and BurnedInAnnotation as text."""
+    uid = sop_class_uid.strip()
+    if burned_in_annotation.strip().upper() == "YES":
         raise NotAuthorized(
             "refused: the image is flagged with burned-in annotation (BurnedInAnnotation YES)",
             "burned-in-annotation",

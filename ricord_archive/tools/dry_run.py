@@ -1,11 +1,11 @@
 """`ricord-archive deid`: de-identify files offline exactly as ingest would, as a dry run.
 
-Each file goes through ingest's own pure steps (`dicom_io.parse`, `ingest.admit`,
-`ingest.prepare`), so UIDs, accession numbers and study IDs come out as the archive will make
-them. Pseudonyms are read from the index, never allocated: a patient the index already knows at
-the site gets its pseudonym and date offset; any other gets a provisional pseudonym
-`<SITEID>-DRYRUN-<n>` (numbered in order of first appearance) and a provisional date offset
-from a keyed hash, stable from one dry run to the next.
+Each file goes through ingest's own pure steps (`ingest.admission`, `ingest.prepare_object`:
+the byte walker, or pydicom for what the walker does not handle), so UIDs, accession numbers
+and study IDs come out as the archive will make them. Pseudonyms are read from the index, never
+allocated: a patient the index already knows at the site gets its pseudonym and date offset; any
+other gets a provisional pseudonym `<SITEID>-DRYRUN-<n>` (numbered in order of first appearance)
+and a provisional date offset from a keyed hash, stable from one dry run to the next.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from pathlib import Path
 import asyncpg
 from tqdm import tqdm
 
-from ricord_archive import dicom_io
 from ricord_archive.archive import open_index
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring
 from ricord_archive.errors import ArchiveError, RefusedObject
 from ricord_archive.index.reads import patients_by_key
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS, Site
-from ricord_archive.ingest import admit, prepare
+from ricord_archive.ingest import admission, prepare_object
 from ricord_archive.secret import load_secret
 from ricord_archive.tools import ToolError, indexed_site
 
@@ -152,13 +151,16 @@ class DryRun:
             self.unreadable += 1
             self._skip(path, f"unreadable: {exc.strerror}")
             return
+        limit = self.config.limits.max_object_bytes
         try:
-            dataset = dicom_io.parse(raw, self.config.limits.max_object_bytes)
-            patient_id = admit(dataset, self.site_config)
-            pseudonym, offset = await self.pseudonyms.of(patient_id)
+            admitted = admission(raw, limit, self.site_config, True)
+            if admitted.refusal is not None:
+                raise admitted.refusal
+            assert admitted.patient_id is not None
+            pseudonym, offset = await self.pseudonyms.of(admitted.patient_id)
             context = DeidContext(self.pseudonyms.site.siteid, pseudonym, offset,
                                   self.pseudonyms.keys, self.config.project_name)
-            _, data = prepare(dataset, context)
+            _, data = prepare_object(admitted.dataset or raw, limit, context)
         except RefusedObject as exc:
             self.refused[exc.reason] += 1
             self._skip(path, f"refused ({exc.reason}): {exc.message}")
