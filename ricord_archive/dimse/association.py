@@ -10,7 +10,6 @@ are read: a C-CANCEL for the request, the responses to a C-GET's C-STORE sub-ope
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -123,6 +122,10 @@ class Association:
                 how = await self._serve()
         except PeerGone:
             pass
+        except Exception as exc:  # a fault of ours: the peer gets an A-ABORT, the log no value
+            log.error("association with %s failed: %s", self.stream.peer, type(exc).__name__)
+            how = "aborted"
+            await self.stream.abort(REASON_NOT_SPECIFIED)
         except asyncio.CancelledError:  # the server stops: abort what is left
             how = "aborted"
             await self._end_tasks()
@@ -310,8 +313,13 @@ class Association:
 
     async def _run_request(self, handler: Handler, primitive: Any,
                            context: PresentationContext) -> None:
-        with contextlib.suppress(PeerGone):
+        try:
             await handler(self, primitive, context)
+        except PeerGone:
+            pass
+        except Exception as exc:  # a fault of ours: the peer gets an A-ABORT, the log no value
+            log.error("association with %s failed: %s", self.stream.peer, type(exc).__name__)
+            await self.stream.abort(REASON_NOT_SPECIFIED)
 
     def _done(self, message_id: int, task: asyncio.Task[None]) -> None:
         if self._tasks.get(message_id) is task:

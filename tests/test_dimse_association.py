@@ -1,0 +1,234 @@
+"""The association on raw sockets: DIMSE messages fragmented every way PS3.8 allows, a C-CANCEL
+read while its C-FIND is in progress, the peer's Maximum Length respected in every response,
+and a P-DATA-TF on a context that was never accepted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import struct
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_CANCEL_RQ, C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu_primitives import P_DATA
+
+from tests import dcmtk
+from tests.conftest import Archive
+from tests.phi_corpus import PhiCorpus
+
+DEADLINE = 30.0
+VERIFICATION, STUDY_FIND = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.2.2.1"
+CT_STORAGE, EXPLICIT_LE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+A_ASSOCIATE_AC, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x02, 0x04, 0x05, 0x06, 0x07
+CONTEXTS = {1: VERIFICATION, 3: STUDY_FIND, 5: CT_STORAGE}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Archive:
+    base = tmp_path_factory.mktemp("association")
+    archive = Archive(base / "data", base / "archive.log").start()
+    yield archive
+    archive.stop()
+
+
+@pytest.fixture(scope="module")
+def study(archive, tmp_path_factory) -> list[pydicom.Dataset]:
+    """Three CT slices of one study, stored with storescu."""
+    corpus = PhiCorpus(seed=13, out_dir=tmp_path_factory.mktemp("association-corpus"))
+    files = corpus.study(corpus.patient(), dt.date(2022, 5, 6), slices=3)
+    assert dcmtk.storescu(archive.dimse_port, files).returncode == 0
+    return [pydicom.dcmread(f) for f in files]
+
+
+def pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", len(data) + 2, context_id, control) + data
+
+
+def associate_rq(max_pdu: int) -> bytes:
+    contexts = b"".join(
+        item(0x20, bytes([cid, 0, 0, 0]) + item(0x30, uid.encode()) + item(0x40, EXPLICIT_LE
+                                                                           .encode()))
+        for cid, uid in CONTEXTS.items()
+    )
+    body = (
+        struct.pack(">HH", 1, 0) + b"RICORD".ljust(16) + b"RAWSCU".ljust(16) + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1") + contexts
+        + item(0x50, item(0x51, struct.pack(">L", max_pdu)))
+    )
+    return pdu(0x01, body)
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("closed by the archive")
+        data += chunk
+    return data
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = recv_exactly(sock, 6)
+    return header[0], recv_exactly(sock, struct.unpack(">L", header[2:])[0])
+
+
+def associated(archive: Archive, max_pdu: int = 0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", archive.dimse_port), timeout=DEADLINE)
+    sock.sendall(associate_rq(max_pdu))
+    pdu_type, _ = read_pdu(sock)
+    assert pdu_type == A_ASSOCIATE_AC
+    return sock
+
+
+def release(sock: socket.socket) -> None:
+    sock.sendall(pdu(A_RELEASE_RQ, bytes(4)))
+    assert read_pdu(sock)[0] == A_RELEASE_RP
+    sock.close()
+
+
+def encoded(message: type[DIMSEMessage], primitive) -> tuple[bytes, bytes]:
+    """A message's command set and data set, encoded (pynetdicom)."""
+    msg = message()
+    msg.primitive_to_message(primitive)
+    fragments = [d.presentation_data_value_list[0][1] for d in msg.encode_msg(1, 0)]
+    return fragments[0][1:], b"".join(f[1:] for f in fragments[1:])
+
+
+def responses(sock: socket.socket, count: int) -> tuple[list[Dataset], list[int]]:
+    """`count` DIMSE messages from the archive (command sets, identifiers decoded), and the
+    length of every P-DATA-TF PDU they came in."""
+    messages, lengths = [], []
+    message = DIMSEMessage()
+    while len(messages) < count:
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA_TF
+        lengths.append(len(body))
+        offset = 0
+        while offset < len(body):
+            length, context_id = struct.unpack_from(">LB", body, offset)
+            data = P_DATA()
+            data.presentation_data_value_list = [[context_id, body[offset + 5:offset + 4 + length]]]
+            offset += 4 + length
+            if message.decode_msg(data):
+                messages.append(message)
+                message = DIMSEMessage()
+    return [m.message_to_primitive() for m in messages], lengths
+
+
+def find_request(message_id: int, level: str = "STUDY", **keys: str) -> tuple[bytes, bytes]:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    request = C_FIND()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = STUDY_FIND
+    request.Priority = 2
+    request.Identifier = BytesIO(encode(identifier, False, True))
+    return encoded(C_FIND_RQ, request)
+
+
+def test_a_c_store_fragmented_over_many_pdvs_and_pdus(archive, study, tmp_path):
+    """The command set in three fragments, each in a P-DATA-TF of its own; the data set in 40
+    fragments, five to a P-DATA-TF."""
+    corpus = PhiCorpus(seed=14, out_dir=tmp_path)
+    dataset = pydicom.dcmread(corpus.study(corpus.patient(), dt.date(2022, 7, 8), slices=1)[0])
+    request = C_STORE()
+    request.MessageID = 9
+    request.AffectedSOPClassUID = dataset.SOPClassUID
+    request.AffectedSOPInstanceUID = dataset.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(encode(dataset, False, True))
+    command, data = encoded(C_STORE_RQ, request)
+    third, size = len(command) // 3 + 1, len(data) // 40 + 1
+    commands = [command[i:i + third] for i in range(0, len(command), third)]
+    pieces = [data[i:i + size] for i in range(0, len(data), size)]
+    assert len(commands) == 3 and len(pieces) == 40
+    sock = associated(archive)
+    for n, piece in enumerate(commands):
+        sock.sendall(pdu(P_DATA_TF, pdv(5, 0x03 if n == 2 else 0x01, piece)))
+    for start in range(0, 40, 5):
+        sock.sendall(pdu(P_DATA_TF, b"".join(
+            pdv(5, 0x02 if n == 39 else 0x00, pieces[n]) for n in range(start, start + 5)
+        )))
+    [response], _ = responses(sock, 1)
+    release(sock)
+    assert (response.Status, response.MessageIDBeingRespondedTo) == (0x0000, 9)
+    found = archive.client().search_for_studies(search_filters={"PatientID": ""})
+    assert len(found) == 2  # the module's study, and this one
+
+
+def test_a_c_cancel_read_while_its_c_find_is_in_progress(archive, study):
+    """The C-CANCEL arrives with the C-FIND it cancels: the find answers Cancel, no match."""
+    command, identifier = find_request(7, StudyInstanceUID="")
+    cancel = C_CANCEL()
+    cancel.MessageIDBeingRespondedTo = 7
+    cancel_command, _ = encoded(C_CANCEL_RQ, cancel)
+    sock = associated(archive)
+    sock.sendall(pdu(P_DATA_TF, pdv(3, 0x03, command) + pdv(3, 0x02, identifier))
+                 + pdu(P_DATA_TF, pdv(3, 0x03, cancel_command)))
+    [final], _ = responses(sock, 1)
+    assert (final.Status, final.MessageIDBeingRespondedTo) == (0xFE00, 7)
+    # the association goes on: the same query, not cancelled, finds the study
+    command, identifier = find_request(8, StudyInstanceUID="")
+    sock.sendall(pdu(P_DATA_TF, pdv(3, 0x03, command) + pdv(3, 0x02, identifier)))
+    statuses = []
+    while not statuses or statuses[-1] == 0xFF00:
+        [answer], _ = responses(sock, 1)
+        statuses.append(answer.Status)
+    release(sock)
+    assert statuses[-1] == 0x0000 and len(statuses) >= 2
+
+
+def test_responses_respect_the_peer_maximum_length(archive, study):
+    """A peer accepting P-DATA-TF PDUs of 64 bytes: every response comes in PDUs no longer,
+    and decodes to what was asked."""
+    sock = associated(archive, max_pdu=64)
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = VERIFICATION
+    command, _ = encoded(C_ECHO_RQ, echo)
+    sock.sendall(pdu(P_DATA_TF, pdv(1, 0x03, command)))
+    [echoed], echo_lengths = responses(sock, 1)
+    command, identifier = find_request(
+        2, StudyInstanceUID="", PatientID="", ModalitiesInStudy="",
+        NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries="",
+    )
+    sock.sendall(pdu(P_DATA_TF, pdv(3, 0x03, command) + pdv(3, 0x02, identifier)))
+    found, find_lengths = [], []
+    while not found or found[-1].Status == 0xFF00:
+        [answer], lengths = responses(sock, 1)
+        found.append(answer)
+        find_lengths += lengths
+    release(sock)
+    assert echoed.Status == 0x0000
+    assert max(echo_lengths + find_lengths) <= 64
+    *pending, final = found
+    assert pending and final.Status == 0x0000
+    assert len(find_lengths) > 2 * len(found)  # each answer needed several PDUs
+    answers = [decode(p.Identifier, False, True) for p in pending]
+    assert study[0].PatientID not in {a.PatientID for a in answers}  # the pseudonym only
+    assert [a.ModalitiesInStudy for a in answers] == ["CT"] * len(answers)
+    assert 3 in {a.NumberOfStudyRelatedInstances for a in answers}
+
+
+def test_p_data_on_a_context_never_accepted_is_aborted(archive, study):
+    sock = associated(archive)
+    with sock:
+        sock.sendall(pdu(P_DATA_TF, pdv(99, 0x03, bytes(12))))
+        assert read_pdu(sock)[0] == A_ABORT
+    assert dcmtk.echoscu(archive.dimse_port).returncode == 0
