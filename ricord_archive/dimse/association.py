@@ -14,16 +14,12 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    P_DATA,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
@@ -31,6 +27,18 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from ricord_archive.dimse.commands import (
+    C_CANCEL_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    Message,
+    decode_command,
+    encode_command,
+    fragments,
+    has_dataset,
+)
 from ricord_archive.dimse.pdu_guard import (
     INVALID_PARAMETER_VALUE,
     P_DATA_TF,
@@ -50,8 +58,7 @@ log = logging.getLogger(__name__)
 A_ASSOCIATE_RQ_TYPE, A_RELEASE_RQ, A_ABORT = 0x01, 0x05, 0x07
 _A_RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-C_CANCEL_RQ = 0x0FFF
-LONG_RUNNING = frozenset({0x0010, 0x0020, 0x0021})  # C-GET, C-FIND, C-MOVE requests
+LONG_RUNNING = frozenset({C_GET_RQ, C_FIND_RQ, C_MOVE_RQ})
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,8 @@ class Rejection:
     reason: str
 
 
-# The handler of a DIMSE request: (association, request primitive, its presentation context).
-Handler = Callable[["Association", Any, PresentationContext], Awaitable[None]]
+# The handler of a DIMSE request: (association, request, its presentation context).
+Handler = Callable[["Association", Message, PresentationContext], Awaitable[None]]
 
 
 class Acceptor(Protocol):
@@ -106,7 +113,9 @@ class Association:
         self.peer_max_pdu = 0  # the requestor's Maximum Length (0: unlimited)
         self.established = False
         self.importing = False  # the calling AE title is one an import session expects
-        self._message: DIMSEMessage | None = None
+        self._command: list[bytes] = []  # the fragments of the message being received
+        self._data: list[bytes] = []
+        self._message: Message | None = None  # its command, once complete
         self._tasks: dict[int, asyncio.Task[None]] = {}  # long-running requests by message ID
         self._cancelled: set[int] = set()
         self._responses: dict[int, asyncio.Future[Any]] = {}  # our requests by message ID
@@ -266,55 +275,70 @@ class Association:
     async def _fragment(self, context_id: int, value: bytes) -> bool:
         """Add one presentation data value to the message being received; dispatch the message
         once complete. False when the association was aborted."""
-        if self._message is None:
-            self._message = DIMSEMessage()
-        data = P_DATA()
-        data.presentation_data_value_list = [[context_id, value]]
-        try:
-            complete = self._message.decode_msg(data)
-        except Exception as exc:
-            log.info("DIMSE peer %s: undecodable DIMSE message (%s): A-ABORT", self.stream.peer,
-                     type(exc).__name__)
-            await self.stream.abort(INVALID_PARAMETER_VALUE)
-            return False
-        if not complete:
+        control, data = value[0], value[1:]
+        if control & 0x01:  # command
+            if self._message is not None:
+                return await self._malformed("a command fragment within a data set")
+            self._command.append(data)
+            if not control & 0x02:
+                return True
+            try:
+                command = decode_command(b"".join(self._command))
+            except ValueError:
+                return await self._malformed("an undecodable command set")
+            self._command = []
+            message = Message(context_id, command)
+            if has_dataset(command):
+                self._message = message
+                return True
+            return await self._dispatch(message)
+        if self._message is None or context_id != self._message.context_id:
+            return await self._malformed("a data set fragment without its command")
+        self._data.append(data)
+        if not control & 0x02:
             return True
         message, self._message = self._message, None
+        message.dataset, self._data = b"".join(self._data), []
         return await self._dispatch(message)
 
-    async def _dispatch(self, message: DIMSEMessage) -> bool:
-        field = int(message.command_set.CommandField)
-        primitive = message.message_to_primitive()
+    async def _malformed(self, what: str) -> bool:
+        log.info("DIMSE peer %s sent %s: A-ABORT", self.stream.peer, what)
+        await self.stream.abort(INVALID_PARAMETER_VALUE)
+        return False
+
+    async def _dispatch(self, message: Message) -> bool:
+        command = message.command
+        field = command["CommandField"]
         if field & 0x8000:  # a response to a request of ours
-            future = self._responses.pop(int(primitive.MessageIDBeingRespondedTo or 0), None)
+            future = self._responses.pop(command.get("MessageIDBeingRespondedTo", -1), None)
             if future is not None and not future.done():
-                future.set_result(primitive)
+                future.set_result(command)
             return True
         if field == C_CANCEL_RQ:
-            cancelled = int(primitive.MessageIDBeingRespondedTo or 0)
+            cancelled = command.get("MessageIDBeingRespondedTo", -1)
             if cancelled in self._tasks:
                 self._cancelled.add(cancelled)
             return True
-        context = self.contexts[message.context_id]  # type: ignore[index]
         handler = self.acceptor.handlers.get(field)
-        if handler is None:
+        if handler is None or "MessageID" not in command:
             log.info("DIMSE peer %s: unsupported command 0x%04X: A-ABORT", self.stream.peer,
                      field)
             await self.stream.abort(UNEXPECTED_PDU)
             return False
+        context = self.contexts[message.context_id]
         if field not in LONG_RUNNING:
-            await handler(self, primitive, context)
+            await handler(self, message, context)
             return True
-        message_id = int(primitive.MessageID)
-        task = asyncio.create_task(self._run_request(handler, primitive, context))
+        message_id = command["MessageID"]
+        task = asyncio.create_task(self._run_request(handler, message, context))
         self._tasks[message_id] = task
         task.add_done_callback(lambda _: self._done(message_id, task))
         return True
 
-    async def _run_request(self, handler: Handler, primitive: Any,
+    async def _run_request(self, handler: Handler, message: Message,
                            context: PresentationContext) -> None:
         try:
-            await handler(self, primitive, context)
+            await handler(self, message, context)
         except PeerGone:
             pass
         except Exception as exc:  # a fault of ours: the peer gets an A-ABORT, the log no value
@@ -332,14 +356,23 @@ class Association:
 
     # --- messages out -------------------------------------------------------------------------
 
-    async def send(self, message: type[DIMSEMessage], primitive: Any, context_id: int) -> None:
+    async def send(self, command: dict[str, Any], context_id: int,
+                   dataset: bytes | None = None) -> None:
         """Send a DIMSE message in P-DATA-TF PDUs no longer than the peer's Maximum Length."""
-        encoded = message()
-        encoded.primitive_to_message(primitive)
-        for data in encoded.encode_msg(context_id, self.peer_max_pdu):
-            for cid, value in data.presentation_data_value_list:
-                self.stream.write(p_data_tf(cid, value))
+        encoded = encode_command(command, dataset is not None)
+        for value in fragments(encoded, dataset, self.peer_max_pdu):
+            self.stream.write(p_data_tf(context_id, value))
         await self.stream.drain()
+
+    async def respond(self, request: Message, context: PresentationContext, status: int,
+                      dataset: bytes | None = None, **fields: Any) -> None:
+        """The response to `request` (its command field with the response bit)."""
+        await self.send({
+            "AffectedSOPClassUID": request.command.get("AffectedSOPClassUID"),
+            "CommandField": request.command["CommandField"] | 0x8000,
+            "MessageIDBeingRespondedTo": request.command["MessageID"],
+            "Status": status, **fields,
+        }, context.context_id, dataset)
 
     async def send_c_store(
         self, context: PresentationContext, sop_class_uid: str, sop_instance_uid: str,
@@ -347,20 +380,18 @@ class Association:
     ) -> int | None:
         """A C-STORE request on this association (a C-GET's sub-operation): the status the peer
         answered, None when it answered nothing within the DIMSE timeout."""
-        self._message_id = self._message_id % 0xFFFF + 1
-        request = C_STORE()
-        request.MessageID = self._message_id
-        request.AffectedSOPClassUID = sop_class_uid
-        request.AffectedSOPInstanceUID = sop_instance_uid
-        request.Priority = 0x0002
-        request.DataSet = BytesIO(dataset)
+        self._message_id = message_id = self._message_id % 0xFFFF + 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._responses[self._message_id] = future
-        await self.send(C_STORE_RQ, request, context.context_id)  # type: ignore[arg-type]
+        self._responses[message_id] = future
+        await self.send({
+            "AffectedSOPClassUID": sop_class_uid, "CommandField": C_STORE_RQ,
+            "MessageID": message_id, "Priority": 0x0002,
+            "AffectedSOPInstanceUID": sop_instance_uid,
+        }, context.context_id, dataset)
         try:
             async with asyncio.timeout(self.timeouts.dimse):
                 response = await future
         except TimeoutError:
-            self._responses.pop(request.MessageID, None)
+            self._responses.pop(message_id, None)
             return None
-        return int(response.Status) if response.Status is not None else None
+        return response.get("Status")

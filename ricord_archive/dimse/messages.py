@@ -12,12 +12,13 @@ from pynetdicom.presentation import PresentationContext
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
-def decoded(data: BytesIO | None, context: PresentationContext) -> Dataset:
+def decoded(data: bytes | None, context: PresentationContext) -> Dataset:
     """A request's identifier (ValueError when there is none)."""
     if data is None:
         raise ValueError("no identifier")
     syntax = context.transfer_syntax[0]
-    return decode(data, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    return decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+                  syntax.is_deflated)
 
 
 def encoded(dataset: Dataset, context: PresentationContext) -> bytes:
@@ -27,11 +28,6 @@ def encoded(dataset: Dataset, context: PresentationContext) -> bytes:
     if data is None:
         raise ValueError("the data set cannot be encoded in the context's transfer syntax")
     return data
-
-
-def identifier(dataset: Dataset, context: PresentationContext) -> BytesIO:
-    """A response's identifier."""
-    return BytesIO(encoded(dataset, context))
 
 
 def part10(sop_class_uid: str, sop_instance_uid: str, context: PresentationContext,

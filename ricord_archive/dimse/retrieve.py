@@ -21,8 +21,6 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association as ScuAssociation
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, DIMSEMessage
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
@@ -36,7 +34,8 @@ from ricord_archive import audit
 from ricord_archive.config import Config, MoveDestination
 from ricord_archive.dimse import audit as dimse_audit
 from ricord_archive.dimse.association import Association
-from ricord_archive.dimse.messages import decoded, encoded, identifier
+from ricord_archive.dimse.commands import Message
+from ricord_archive.dimse.messages import decoded, encoded
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.index.reads import StoredInstance
@@ -115,30 +114,29 @@ class SubOperations:
 class _Responder:
     """The responses to one C-GET or C-MOVE request."""
 
-    def __init__(self, association: Association, request: C_GET | C_MOVE,
-                 context: PresentationContext, message: type[DIMSEMessage]) -> None:
+    def __init__(self, association: Association, request: Message,
+                 context: PresentationContext) -> None:
         self.association = association
         self.request = request
         self.context = context
-        self.message = message
 
     async def respond(self, status: int, progress: SubOperations | None = None) -> None:
-        response = type(self.request)()
-        response.MessageIDBeingRespondedTo = self.request.MessageID
-        response.AffectedSOPClassUID = self.request.AffectedSOPClassUID
-        response.Status = status
         progress = progress or SubOperations(0)
-        if status in (STATUS_PENDING, STATUS_CANCEL):
-            response.NumberOfRemainingSuboperations = progress.remaining
-        response.NumberOfCompletedSuboperations = progress.completed
-        response.NumberOfFailedSuboperations = progress.failed
-        response.NumberOfWarningSuboperations = progress.warning
+        failed = None
         if status != STATUS_PENDING and (progress.failed or progress.warning
                                          or status == STATUS_CANCEL):
             failed = Dataset()
             failed.FailedSOPInstanceUIDList = progress.failed_uids
-            response.Identifier = identifier(failed, self.context)
-        await self.association.send(self.message, response, self.context.context_id)
+        await self.association.respond(
+            self.request, self.context, status,
+            None if failed is None else encoded(failed, self.context),
+            NumberOfRemainingSuboperations=(
+                progress.remaining if status in (STATUS_PENDING, STATUS_CANCEL) else None
+            ),
+            NumberOfCompletedSuboperations=progress.completed,
+            NumberOfFailedSuboperations=progress.failed,
+            NumberOfWarningSuboperations=progress.warning,
+        )
 
 
 class RetrieveHandlers:
@@ -153,9 +151,9 @@ class RetrieveHandlers:
         self.query = query
         self.retrieve = retrieve
 
-    async def on_get(self, association: Association, request: C_GET,
+    async def on_get(self, association: Association, request: Message,
                      context: PresentationContext) -> None:
-        responder = _Responder(association, request, context, C_GET_RSP)
+        responder = _Responder(association, request, context)
         found = await self._matches(request, context, "C-GET")
         self.audit.record(dimse_audit.transfer(association, self.config, "C-GET", found))
         if isinstance(found, int):
@@ -167,11 +165,11 @@ class RetrieveHandlers:
 
         await self._sub_operations(responder, found, send)
 
-    async def on_move(self, association: Association, request: C_MOVE,
+    async def on_move(self, association: Association, request: Message,
                       context: PresentationContext) -> None:
-        responder = _Responder(association, request, context, C_MOVE_RSP)
+        responder = _Responder(association, request, context)
         destination = self.config.move_destination(
-            str(request.MoveDestination or "").strip(), association.calling_aet
+            request.command.get("MoveDestination", ""), association.calling_aet
         )
         if destination is None:
             log.info("C-MOVE refused: move destination unknown")
@@ -193,7 +191,7 @@ class RetrieveHandlers:
 
         async def send(item: StoredInstance, blob: Blob) -> int | None:
             return await self._store_there(sub, item, blob, association.calling_aet,
-                                           int(request.MessageID))
+                                           request.command["MessageID"])
 
         try:
             await self._sub_operations(responder, found, send)
@@ -202,7 +200,7 @@ class RetrieveHandlers:
 
     async def _sub_operations(self, responder: _Responder, found: Found, send: Any) -> None:
         progress = SubOperations(len(found))
-        message_id = int(responder.request.MessageID)
+        message_id = responder.request.command["MessageID"]
         for item, blob in found:
             if responder.association.is_cancelled(message_id):
                 await responder.respond(STATUS_CANCEL, progress)
@@ -211,12 +209,12 @@ class RetrieveHandlers:
             await responder.respond(STATUS_PENDING, progress)
         await responder.respond(progress.final_status(), progress)
 
-    async def _matches(self, request: C_GET | C_MOVE, context: PresentationContext,
+    async def _matches(self, request: Message, context: PresentationContext,
                        name: str) -> Found | int:
         """The stored instances the identifier names, or the failure status to answer."""
         try:
-            return await self._resolve(decoded(request.Identifier, context),
-                                       str(request.AffectedSOPClassUID))
+            return await self._resolve(decoded(request.dataset, context),
+                                       request.command.get("AffectedSOPClassUID", ""))
         except ArchiveError as exc:
             log.info("%s refused: %s", name, exc.message)
             return exc.dimse_status

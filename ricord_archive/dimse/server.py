@@ -18,8 +18,6 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AllStoragePresentationContexts, build_context
-from pynetdicom.dimse_messages import C_ECHO_RSP, C_FIND_RSP, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -31,8 +29,16 @@ from ricord_archive import audit
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dimse import audit as dimse_audit
 from ricord_archive.dimse.association import Association, Handler, Rejection, Timeouts
+from ricord_archive.dimse.commands import (
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    Message,
+)
 from ricord_archive.dimse.listener import start_listeners
-from ricord_archive.dimse.messages import decoded, identifier, part10
+from ricord_archive.dimse.messages import decoded, encoded, part10
 from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
 from ricord_archive.dimse.security import AllowedAddresses
 from ricord_archive.dimse.transport import PduStream, PeerGone
@@ -52,7 +58,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_IDENTIFIER_MISMATCH = 0xA900
-C_STORE_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_ECHO_RQ = 0x0001, 0x0020, 0x0010, 0x0021, 0x0030
 
 # Stored as received: uncompressed, deflated and the common compressed transfer syntaxes.
 TRANSFER_SYNTAXES = [
@@ -192,24 +197,20 @@ class DimseServer:
 
     # --- C-ECHO, C-STORE ------------------------------------------------------------------
 
-    async def _on_echo(self, association: Association, request: C_ECHO,
+    async def _on_echo(self, association: Association, request: Message,
                        context: PresentationContext) -> None:
-        response = C_ECHO()
-        response.MessageIDBeingRespondedTo = request.MessageID
-        response.AffectedSOPClassUID = request.AffectedSOPClassUID
-        response.Status = STATUS_SUCCESS
-        await association.send(C_ECHO_RSP, response, context.context_id)
+        await association.respond(request, context, STATUS_SUCCESS)
 
-    async def _on_store(self, association: Association, request: C_STORE,
+    async def _on_store(self, association: Association, request: Message,
                         context: PresentationContext) -> None:
-        data = part10(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, context,
-                      request.DataSet.getvalue() if request.DataSet is not None else b"")
-        response = C_STORE()
-        response.MessageIDBeingRespondedTo = request.MessageID
-        response.AffectedSOPClassUID = request.AffectedSOPClassUID
-        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
-        response.Status = await self._store(association, data)
-        await association.send(C_STORE_RSP, response, context.context_id)
+        command = request.command
+        sop_class, sop_instance = (command.get("AffectedSOPClassUID", ""),
+                                   command.get("AffectedSOPInstanceUID", ""))
+        status = await self._store(
+            association, part10(sop_class, sop_instance, context, request.dataset or b"")
+        )
+        await association.respond(request, context, status,
+                                  AffectedSOPInstanceUID=sop_instance)
 
     async def _store(self, association: Association, data: bytes) -> int:
         study = await self._session_study(association, data)
@@ -263,21 +264,17 @@ class DimseServer:
 
     # --- C-FIND ---------------------------------------------------------------------------
 
-    async def _on_find(self, association: Association, request: C_FIND,
+    async def _on_find(self, association: Association, request: Message,
                        context: PresentationContext) -> None:
         async def respond(status: int, found: Dataset | None = None) -> None:
-            response = C_FIND()
-            response.MessageIDBeingRespondedTo = request.MessageID
-            response.AffectedSOPClassUID = request.AffectedSOPClassUID
-            response.Status = status
-            if found is not None:
-                response.Identifier = identifier(found, context)
-            await association.send(C_FIND_RSP, response, context.context_id)
+            await association.respond(request, context, status,
+                                      None if found is None else encoded(found, context))
 
         try:
-            keys = decoded(request.Identifier, context)
+            keys = decoded(request.dataset, context)
             level = _LEVELS.get(str(keys.get("QueryRetrieveLevel", "")).strip().upper())
-            study_root = request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind
+            study_root = (request.command.get("AffectedSOPClassUID")
+                          == StudyRootQueryRetrieveInformationModelFind)
             if level is None or (study_root and level is Level.PATIENT):
                 log.info("C-FIND refused: unsupported query level for this information model")
                 await respond(STATUS_IDENTIFIER_MISMATCH)
@@ -289,7 +286,7 @@ class DimseServer:
             )
             answers = (_response(keys, Dataset.from_json(d)) for d in result.documents)
             for answer in answers:
-                if association.is_cancelled(request.MessageID):
+                if association.is_cancelled(request.command["MessageID"]):
                     await respond(STATUS_CANCEL)
                     return
                 await respond(STATUS_PENDING, answer)
