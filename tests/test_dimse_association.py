@@ -1,6 +1,7 @@
 """The association on raw sockets: DIMSE messages fragmented every way PS3.8 allows, a C-CANCEL
 read while its C-FIND is in progress, the peer's Maximum Length respected in every response,
-and a P-DATA-TF on a context that was never accepted."""
+and a P-DATA-TF on a context that was never accepted; the command set codec against
+pynetdicom's."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ from io import BytesIO
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom.dimse_messages import C_CANCEL_RQ, C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_STORE
+from pynetdicom.dimse_messages import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    DIMSEMessage,
+)
+from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
 
+from ricord_archive.dimse.commands import decode_command, encode_command
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.phi_corpus import PhiCorpus
@@ -232,3 +241,33 @@ def test_p_data_on_a_context_never_accepted_is_aborted(archive, study):
         sock.sendall(pdu(P_DATA_TF, pdv(99, 0x03, bytes(12))))
         assert read_pdu(sock)[0] == A_ABORT
     assert dcmtk.echoscu(archive.dimse_port).returncode == 0
+
+
+@pytest.mark.parametrize("message", ["store", "find", "move"])
+def test_command_sets_match_pynetdicom(message):
+    """The archive's command codec and pynetdicom's (through pydicom) agree both ways."""
+    if message == "store":
+        primitive, cls, fields = C_STORE(), C_STORE_RQ, {
+            "CommandField": 0x0001, "MessageID": 3, "Priority": 2,
+            "AffectedSOPClassUID": CT_STORAGE, "AffectedSOPInstanceUID": "2.25.12345",
+        }
+        primitive.DataSet = BytesIO(b"\x08\x00\x16\x00")
+    elif message == "find":
+        primitive, cls, fields = C_FIND(), C_FIND_RQ, {
+            "CommandField": 0x0020, "MessageID": 65535, "Priority": 0,
+            "AffectedSOPClassUID": STUDY_FIND,
+        }
+        primitive.Identifier = BytesIO(b"\x08\x00\x52\x00")
+    else:
+        primitive, cls, fields = C_MOVE(), C_MOVE_RQ, {
+            "CommandField": 0x0021, "MessageID": 1, "Priority": 1,
+            "AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.2.2.2", "MoveDestination": "DEST",
+        }
+        primitive.Identifier = BytesIO(b"\x08\x00\x52\x00")
+    for keyword, value in fields.items():
+        if keyword != "CommandField":
+            setattr(primitive, keyword, value)
+    theirs, _ = encoded(cls, primitive)
+    assert decode_command(theirs) == {**fields, "CommandDataSetType": 0x0001}
+    ours = encode_command(fields, has_dataset=True)
+    assert decode(BytesIO(ours), True, True) == decode(BytesIO(theirs), True, True)

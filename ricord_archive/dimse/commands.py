@@ -58,7 +58,7 @@ class Message:
 def encode_command(command: Mapping[str, Any], has_dataset: bool) -> bytes:
     """The command set, with its group length and CommandDataSetType; None values are left
     out. KeyError for a keyword that is no command element."""
-    fields = {**command, "CommandDataSetType": 0x0000 if has_dataset else _NO_DATA_SET}
+    fields = {**command, "CommandDataSetType": 0x0001 if has_dataset else _NO_DATA_SET}
     elements = []
     for keyword, value in fields.items():
         if value is None:
