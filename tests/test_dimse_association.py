@@ -26,6 +26,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import P_DATA
 
 from ricord_archive.dimse.commands import decode_command, encode_command
+from ricord_archive.dimse.retrieve import data_set_bytes
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.phi_corpus import PhiCorpus
@@ -271,3 +272,14 @@ def test_command_sets_match_pynetdicom(message):
     assert decode_command(theirs) == {**fields, "CommandDataSetType": 0x0001}
     ours = encode_command(fields, has_dataset=True)
     assert decode(BytesIO(ours), True, True) == decode(BytesIO(theirs), True, True)
+
+
+def test_a_c_get_sends_the_stored_data_set_unparsed(tmp_path):
+    """What follows the file meta of a Part 10 file, byte for byte; None for other layouts."""
+    corpus = PhiCorpus(seed=15, out_dir=tmp_path)
+    path = corpus.study(corpus.patient(), dt.date(2022, 9, 10), slices=1)[0]
+    data = path.read_bytes()
+    dataset = pydicom.dcmread(path)
+    assert data_set_bytes(data) == encode(dataset, False, True)
+    assert data_set_bytes(data[:128] + b"XXXX" + data[132:]) is None
+    assert data_set_bytes(data[:150]) is None  # the file meta cut short

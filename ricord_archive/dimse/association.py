@@ -111,6 +111,7 @@ class Association:
         self.called_aet = ""
         self.contexts: dict[int, PresentationContext] = {}
         self.peer_max_pdu = 0  # the requestor's Maximum Length (0: unlimited)
+        self.admitted = False  # counted against the association limit
         self.established = False
         self.importing = False  # the calling AE title is one an import session expects
         self._command: list[bytes] = []  # the fragments of the message being received

@@ -267,6 +267,16 @@ class RetrieveHandlers:
                           blob: Blob) -> int | None:
         """A C-GET's sub-operation: a C-STORE request on the requestor's association."""
         contexts = sending_contexts(association.contexts.values(), item.sop_class_uid)
+        stored = contexts.get(item.transfer_syntax_uid)
+        if stored is not None:  # the stored data set as it is, unparsed
+            try:
+                data = data_set_bytes(await self.retrieve.stored_bytes(blob))
+            except Exception as exc:
+                log.error("instance %s not sent: %s", item.sop_uid, type(exc).__name__)
+                return None
+            if data is not None:
+                return await association.send_c_store(stored, item.sop_class_uid,
+                                                      item.sop_uid, data)
         dataset = await self._dataset(item, blob, contexts)
         if dataset is None:
             return None
@@ -323,6 +333,15 @@ def sending_contexts(
         str(context.transfer_syntax[0]): context for context in contexts
         if context.abstract_syntax == sop_class_uid and context.as_scu
     }
+
+
+def data_set_bytes(part10: bytes) -> bytes | None:
+    """The data set of a Part 10 file as written by the archive (preamble, DICM, file meta
+    starting with its group length): what follows the file meta; None for another layout."""
+    if part10[128:132] != b"DICM" or part10[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    end = 144 + int.from_bytes(part10[140:144], "little")
+    return part10[end:] if end <= len(part10) else None
 
 
 def store_contexts(found: list[tuple[StoredInstance, Blob]]) -> list[PresentationContext]:

@@ -157,17 +157,12 @@ class DimseServer:
 
     async def admit(self, association: Association) -> Rejection | None:
         """None to accept; else the rejection: a site's AE title from an address it may not
-        use, too many associations, or a calling AE title the archive does not know."""
+        use, a calling AE title the archive does not know, or too many associations."""
         calling, peer = association.calling_aet, f"{association.address}:{association.port}"
         if not self._addresses.allows(calling, association.address):
             log.warning("association from %s rejected: calling AE title %r is not allowed from "
                         "this address", peer, calling)
             return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-allowed-from-address")
-        established = sum(a.established for a in self._connections.values())
-        if established >= self.config.limits.max_associations:
-            log.warning("association from %s rejected: %d associations already (local limit)",
-                        peer, established)
-            return Rejection(*_LOCAL_LIMIT, "local-limit-exceeded")
         importing = await self._importing_aets()
         configured = [a for s in self.config.sites for a in s.aets]
         if (not self.config.accept_any_calling_aet and calling not in configured
@@ -175,6 +170,12 @@ class DimseServer:
             log.warning("association from %s rejected (calling AE title %r not recognised or "
                         "not allowed)", peer, calling)
             return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-recognised")
+        admitted = sum(a.admitted for a in self._connections.values())
+        if admitted >= self.config.limits.max_associations:
+            log.warning("association from %s rejected: %d associations already (local limit)",
+                        peer, admitted)
+            return Rejection(*_LOCAL_LIMIT, "local-limit-exceeded")
+        association.admitted = True  # counted from now on: no await since the count
         association.importing = calling in importing
         return None
 
