@@ -285,7 +285,11 @@ class DimseServer:
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
                 params, self.query.search(level, params, None, _QUERY_LIMIT),
             )
-            answers = (_response(keys, Dataset.from_json(d)) for d in result.documents)
+            wanted = [f"{element.tag:08X}" for element in keys]
+            answers = (  # only the requested attributes of each match become a Dataset
+                _response(keys, Dataset.from_json({t: d[t] for t in wanted if t in d}))
+                for d in result.documents
+            )
             for answer in answers:
                 if association.is_cancelled(request.command["MessageID"]):
                     await respond(STATUS_CANCEL)
