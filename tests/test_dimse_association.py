@@ -1,7 +1,6 @@
 """The association on raw sockets: DIMSE messages fragmented every way PS3.8 allows, a C-CANCEL
 read while its C-FIND is in progress, the peer's Maximum Length respected in every response,
-and a P-DATA-TF on a context that was never accepted; the command set codec against
-pynetdicom's."""
+and a command on a context not for it; the command set codec against pynetdicom's."""
 
 from __future__ import annotations
 
@@ -236,10 +235,16 @@ def test_responses_respect_the_peer_maximum_length(archive, study):
     assert 3 in {a.NumberOfStudyRelatedInstances for a in answers}
 
 
-def test_p_data_on_a_context_never_accepted_is_aborted(archive, study):
+@pytest.mark.parametrize("context_id", [99, 3], ids=["never-accepted", "query-context"])
+def test_a_command_on_a_context_not_for_it_is_aborted(archive, study, context_id):
+    """A C-ECHO on a context that was never accepted, or on the C-FIND context."""
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = VERIFICATION
+    command, _ = encoded(C_ECHO_RQ, echo)
     sock = associated(archive)
     with sock:
-        sock.sendall(pdu(P_DATA_TF, pdv(99, 0x03, bytes(12))))
+        sock.sendall(pdu(P_DATA_TF, pdv(context_id, 0x03, command)))
         assert read_pdu(sock)[0] == A_ABORT
     assert dcmtk.echoscu(archive.dimse_port).returncode == 0
 

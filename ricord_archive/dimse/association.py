@@ -79,7 +79,7 @@ class Acceptor(Protocol):
     """What an association asks of the server that accepted its connection."""
 
     contexts: list[PresentationContext]
-    handlers: Mapping[int, Handler]
+    handlers: Mapping[int, tuple[Handler, frozenset[str]]]  # by command: the abstract syntaxes
 
     async def admit(self, association: Association) -> Rejection | None: ...
     def accepted(self, association: Association) -> None: ...
@@ -320,13 +320,14 @@ class Association:
             if cancelled in self._tasks:
                 self._cancelled.add(cancelled)
             return True
-        handler = self.acceptor.handlers.get(field)
-        if handler is None or "MessageID" not in command:
-            log.info("DIMSE peer %s: unsupported command 0x%04X: A-ABORT", self.stream.peer,
-                     field)
+        context = self.contexts[message.context_id]
+        handler, abstract_syntaxes = self.acceptor.handlers.get(field, (None, frozenset()))
+        if (handler is None or "MessageID" not in command
+                or context.abstract_syntax not in abstract_syntaxes):
+            log.info("DIMSE peer %s: command 0x%04X unsupported on its presentation context: "
+                     "A-ABORT", self.stream.peer, field)
             await self.stream.abort(UNEXPECTED_PDU)
             return False
-        context = self.contexts[message.context_id]
         if field not in LONG_RUNNING:
             await handler(self, message, context)
             return True

@@ -46,6 +46,12 @@ from ricord_archive.retrieve import Blob, RetrieveService
 
 log = logging.getLogger(__name__)
 
+GET_MODELS = frozenset({
+    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+})
+MOVE_MODELS = frozenset({
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+})
 RETRIEVE_MODELS = (
     PatientRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,

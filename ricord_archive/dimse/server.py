@@ -39,7 +39,12 @@ from ricord_archive.dimse.commands import (
 )
 from ricord_archive.dimse.listener import start_listeners
 from ricord_archive.dimse.messages import decoded, encoded, part10
-from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
+from ricord_archive.dimse.retrieve import (
+    GET_MODELS,
+    MOVE_MODELS,
+    RETRIEVE_MODELS,
+    RetrieveHandlers,
+)
 from ricord_archive.dimse.security import AllowedAddresses
 from ricord_archive.dimse.transport import PduStream, PeerGone
 from ricord_archive.errors import ArchiveError, StorageUnavailable
@@ -111,9 +116,15 @@ class DimseServer:
         self.audit = trail
         self.contexts = supported_contexts()
         retrieve_handlers = RetrieveHandlers(config, query, retrieve, trail)
-        self.handlers: dict[int, Handler] = {
-            C_ECHO_RQ: self._on_echo, C_STORE_RQ: self._on_store, C_FIND_RQ: self._on_find,
-            C_GET_RQ: retrieve_handlers.on_get, C_MOVE_RQ: retrieve_handlers.on_move,
+        storage = frozenset(c.abstract_syntax for c in AllStoragePresentationContexts)
+        finds = frozenset({StudyRootQueryRetrieveInformationModelFind,
+                           PatientRootQueryRetrieveInformationModelFind})
+        self.handlers: dict[int, tuple[Handler, frozenset[str]]] = {
+            C_ECHO_RQ: (self._on_echo, frozenset({Verification})),
+            C_STORE_RQ: (self._on_store, storage),
+            C_FIND_RQ: (self._on_find, finds),
+            C_GET_RQ: (retrieve_handlers.on_get, GET_MODELS),
+            C_MOVE_RQ: (retrieve_handlers.on_move, MOVE_MODELS),
         }
         self._addresses = AllowedAddresses(config.sites)
         self._association_audit = dimse_audit.AssociationAudit(trail, config)
