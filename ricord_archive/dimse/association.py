@@ -114,8 +114,8 @@ class Association:
         self.admitted = False  # counted against the association limit
         self.established = False
         self.importing = False  # the calling AE title is one an import session expects
-        self._command: list[bytes] = []  # the fragments of the message being received
-        self._data: list[bytes] = []
+        self._command: list[memoryview] = []  # the fragments of the message being received
+        self._data: list[memoryview] = []
         self._message: Message | None = None  # its command, once complete
         self._tasks: dict[int, asyncio.Task[None]] = {}  # long-running requests by message ID
         self._cancelled: set[int] = set()
@@ -273,7 +273,7 @@ class Association:
 
     # --- messages in --------------------------------------------------------------------------
 
-    async def _fragment(self, context_id: int, value: bytes) -> bool:
+    async def _fragment(self, context_id: int, value: memoryview) -> bool:
         """Add one presentation data value to the message being received; dispatch the message
         once complete. False when the association was aborted."""
         control, data = value[0], value[1:]

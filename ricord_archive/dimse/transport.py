@@ -101,9 +101,9 @@ class PduStream:
         self.writer.close()
 
 
-def pdvs(body: bytes) -> list[tuple[int, bytes]] | None:
-    """The presentation data values of a P-DATA-TF body, (context ID, control header + data);
-    None when the items do not add up to the body."""
+def pdvs(body: bytes) -> list[tuple[int, memoryview]] | None:
+    """The presentation data values of a P-DATA-TF body, (context ID, control header + data),
+    views of the body; None when the items do not add up to the body."""
     values = []
     view = memoryview(body)
     offset = 0
@@ -114,7 +114,7 @@ def pdvs(body: bytes) -> list[tuple[int, bytes]] | None:
         end = offset + 4 + length
         if length < 2 or end > len(body):
             return None
-        values.append((context_id, bytes(view[offset + 5:end])))
+        values.append((context_id, view[offset + 5:end]))
         offset = end
     return values or None
 
