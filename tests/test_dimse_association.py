@@ -1,6 +1,7 @@
 """The association on raw sockets: DIMSE messages fragmented every way PS3.8 allows, a C-CANCEL
 read while its C-FIND is in progress, the peer's Maximum Length respected in every response,
-and a command on a context not for it; the command set codec against pynetdicom's."""
+and a command on a context not for it; the command set and file meta codecs against
+pynetdicom's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from io import BytesIO
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -21,10 +23,11 @@ from pynetdicom.dimse_messages import (
     DIMSEMessage,
 )
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_MOVE, C_STORE
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import create_file_meta, decode, encode, encode_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 
 from ricord_archive.dimse.commands import decode_command, encode_command
+from ricord_archive.dimse.messages import part10
 from ricord_archive.dimse.retrieve import data_set_bytes
 from tests import dcmtk
 from tests.conftest import Archive
@@ -288,3 +291,13 @@ def test_a_c_get_sends_the_stored_data_set_unparsed(tmp_path):
     assert data_set_bytes(data) == encode(dataset, False, True)
     assert data_set_bytes(data[:128] + b"XXXX" + data[132:]) is None
     assert data_set_bytes(data[:150]) is None  # the file meta cut short
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+@pytest.mark.parametrize("sop_uid", ["2.25.1234", "2.25.12345"])  # odd and even lengths
+def test_the_part10_file_meta_is_pynetdicoms(syntax, sop_uid):
+    context = build_context(CT_STORAGE, syntax)
+    meta = create_file_meta(sop_class_uid=CT_STORAGE, sop_instance_uid=sop_uid,
+                            transfer_syntax=context.transfer_syntax[0])
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + b"DATA"
+    assert part10(CT_STORAGE, sop_uid, context, b"DATA") == expected
