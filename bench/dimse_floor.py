@@ -1,6 +1,7 @@
 """The DIMSE floor: storescu sending N small CT objects (64x64) on one association to the
 archive, then C-FIND latency at STUDY level (50 C-FINDs on one pynetdicom association, and 20
-findscu processes). Prints figures; a fresh data directory each run.
+findscu processes), then getscu of every study. Prints figures; a fresh data directory each
+run.
 
     python bench/dimse_floor.py [--count 200] [--runs 1] [--repo PATH] [--orthanc | --null]
                                 [--work DIR]
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import socket
 import statistics
@@ -23,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import ours
 from corpus import generate
 from orthanc import Orthanc, build_shim, dcmtk_env, dcmtk_tool
 from pynetdicom.presentation import PresentationContext
-from workloads import cfind_association, findscu_latency, storescu
+from workloads import CALLING_AET, cfind_association, findscu_latency, storescu
 
 from ricord_archive.dimse.association import Association, Rejection, Timeouts
 from ricord_archive.dimse.commands import C_STORE_RQ, Message
@@ -50,6 +53,8 @@ def run(count: int, work: Path, corpus: Path, orthanc: bool) -> dict[str, float]
         on_association = cfind_association(target, {"studies": STUDY_KEYS}, 50, 30)
         latencies, matches = on_association["studies"]
         per_process = findscu_latency(target, STUDY_KEYS, 20, 30)
+        # Orthanc as configured by bench/orthanc.py refuses C-GET
+        retrieved = float("nan") if orthanc else c_get(target, work / "got")
     finally:
         if orthanc:
             target.stop()
@@ -61,7 +66,30 @@ def run(count: int, work: Path, corpus: Path, orthanc: bool) -> dict[str, float]
         "cfind_assoc_ms": statistics.median(latencies),
         "cfind_matches": matches,
         "findscu_ms": statistics.median(per_process),
+        "get_inst_s": retrieved,
     }
+
+
+def c_get(target: object, folder: Path) -> float:
+    """inst/s of getscu fetching every study (one process and association per study)."""
+    with urllib.request.urlopen(f"{target.dicomweb}/studies", timeout=60) as answer:
+        studies = [s["0020000D"]["Value"][0] for s in json.load(answer)]
+    shutil.rmtree(folder, ignore_errors=True)
+    count = 0
+    started = time.perf_counter()
+    for n, study in enumerate(studies):
+        out = folder / str(n)
+        out.mkdir(parents=True)
+        subprocess.run(
+            [dcmtk_tool("getscu"), "-S", "-aet", CALLING_AET, "-aec", target.aet, "-od",
+             str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(target.dimse_port)], env=dcmtk_env(), capture_output=True, check=True,
+            timeout=300,
+        )
+        count += len(list(out.iterdir()))
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    return count / elapsed
 
 
 class NullAcceptor:
@@ -136,7 +164,8 @@ def main() -> int:
         print(f"{name}: {args.count} CT 64x64 on one association "
               f"{figures['store_inst_s']:.0f} inst/s; C-FIND STUDY ({figures['cfind_matches']:.0f}"
               f" matches) median {figures['cfind_assoc_ms']:.2f} ms on one association, "
-              f"{figures['findscu_ms']:.1f} ms per findscu process", flush=True)
+              f"{figures['findscu_ms']:.1f} ms per findscu process; C-GET "
+              f"{figures['get_inst_s']:.0f} inst/s", flush=True)
     return 0
 
 
