@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -80,6 +79,8 @@ _UNIQUE_KEYS = (
 )
 _UID_TAGS = ("0020000D", "0020000E", "00080018")  # study, series, instance
 Found = list[tuple[StoredInstance, Blob]]
+# one C-STORE sub-operation: the status the storage SCP answered, None when it did not
+SubOperation = Callable[[StoredInstance, Blob], Awaitable[int | None]]
 
 
 class TooManyMatches(ArchiveError):
@@ -204,7 +205,8 @@ class RetrieveHandlers:
         finally:
             await asyncio.to_thread(_release, sub)
 
-    async def _sub_operations(self, responder: _Responder, found: Found, send: Any) -> None:
+    async def _sub_operations(self, responder: _Responder, found: Found, send: SubOperation
+                              ) -> None:
         progress = SubOperations(len(found))
         message_id = responder.request.command["MessageID"]
         for item, blob in found:
