@@ -1,11 +1,12 @@
 """The association on raw sockets: DIMSE messages fragmented every way PS3.8 allows, a C-CANCEL
 read while its C-FIND is in progress, the peer's Maximum Length respected in every response,
-and a command on a context not for it; the command set and file meta codecs against
-pynetdicom's."""
+a command on a context not for it, an association outlasting the stop's grace period; the
+command set and file meta codecs against pynetdicom's."""
 
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import socket
 import struct
 from io import BytesIO
@@ -301,3 +302,11 @@ def test_the_part10_file_meta_is_pynetdicoms(syntax, sop_uid):
                             transfer_syntax=context.transfer_syntax[0])
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + b"DATA"
     assert part10(CT_STORAGE, sop_uid, context, b"DATA") == expected
+
+
+def test_a_stop_aborts_an_association_that_outlasts_the_grace_period(make_archive):
+    archive = make_archive("grace", "[server]\nprocesses = 1\n[limits]\nshutdown_grace = 1\n")
+    with associated(archive) as held:  # associated, then silent
+        archive.process.send_signal(signal.SIGTERM)
+        assert read_pdu(held)[0] == A_ABORT
+    assert archive.process.wait(timeout=120) == 0
