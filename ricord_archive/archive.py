@@ -172,9 +172,9 @@ async def serve(
             config.limits.http_header_timeout, config.limits.http_send_timeout,
         ), tls, shared_ports)
         dimse = DimseServer(
-            config, ingest, query, services.retrieve, ImportSessions(pool, keys), loop, trail
+            config, ingest, query, services.retrieve, ImportSessions(pool, keys), trail
         )
-        await asyncio.to_thread(dimse.start, shared_ports)
+        await dimse.start(shared_ports)
         if worker_of is not None:
             readiness.ready = True
             if ready_fd is not None:
@@ -226,7 +226,7 @@ async def _serve_until(
         readiness.ready = False
         http.close()  # no new connections; runner.cleanup() ends those open once idle
         await asyncio.gather(
-            asyncio.to_thread(dimse.stop), runner.cleanup(),
+            dimse.stop(), runner.cleanup(),
             *([workers.stop()] if workers is not None else []),
         )
         if executor is not None:

@@ -1,105 +1,70 @@
-"""The archive's DIMSE listeners: pynetdicom association servers whose connections have a
-socket timeout, incoming PDU length checks and, on the TLS port, a handshake that runs in the
-connection's own thread.
-
-pynetdicom's server accepts sockets without a timeout (a peer stalling in the middle of a PDU
-holds its thread forever) and performs the TLS handshake in the thread that accepts every
-connection (a peer that never finishes its handshake stops the port). Here the accepting thread
-only accepts.
-"""
+"""The archive's DIMSE listeners on the event loop: the DIMSE port, and the DICOM TLS port when
+`[tls]` is configured (its handshake in the connection's own task, within the network timeout,
+so a peer that never finishes one holds nothing but its own connection)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
-import threading
-from typing import Any
-
-from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
+from collections.abc import Awaitable, Callable
 
 from ricord_archive.config import Config
-from ricord_archive.dimse.pdu_guard import GuardedSocket, GuardedSSLSocket, PduLimits
+from ricord_archive.dimse.pdu_guard import PduLimits
 from ricord_archive.dimse.security import tls_context
+from ricord_archive.dimse.transport import PduStream
 
 log = logging.getLogger(__name__)
 
-
-class GuardedAssociationServer(ThreadedAssociationServer):
-    """An association server whose connections are GuardedSockets (or GuardedSSLSockets)."""
-
-    def __init__(
-        self, *args: Any, pdu_limits: PduLimits, socket_timeout: float,
-        tls: ssl.SSLContext | None = None, shared_port: bool = False, **kwargs: Any,
-    ) -> None:
-        self.pdu_limits = pdu_limits
-        self.socket_timeout = socket_timeout
-        self.tls = tls
-        self.shared_port = shared_port
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        """With `shared_port`, the archive's other server processes listen on it too."""
-        if self.shared_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept only: the TLS handshake happens in the connection's thread."""
-        return self.socket.accept()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Guard the connection (and secure it on the TLS port), then run the association."""
-        peer = f"{client_address[0]}:{client_address[1]}"
-        request.settimeout(self.socket_timeout)
-        guarded: GuardedSocket | GuardedSSLSocket
-        if self.tls is None:
-            guarded = GuardedSocket.adopt(request)
-        else:
-            try:
-                guarded = self.tls.wrap_socket(request, server_side=True)
-            except (OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or type(exc).__name__
-                log.warning("DICOM TLS handshake with %s failed: %s", peer, reason)
-                self.shutdown_request(request)
-                return
-        guarded.limit_pdus(self.pdu_limits, peer)
-        super().finish_request(guarded, client_address)
+# A connection ready for PDUs: (stream, peer address, peer port).
+Connected = Callable[[PduStream, str, int], Awaitable[None]]
+_READ_BUFFER = 1024**2  # StreamReader pauses the socket beyond twice this
 
 
-def serve(
-    ae: AE, address: tuple[str, int], handlers: list[Any], pdu_limits: PduLimits,
-    socket_timeout: float, tls: ssl.SSLContext | None = None, shared_port: bool = False,
-) -> GuardedAssociationServer:
-    """Start a listener in a daemon thread, as `AE.start_server(block=False)` does."""
-    if tls is not None:
-        tls.sslsocket_class = GuardedSSLSocket  # wrap_socket() then returns guarded sockets
-    server = ae.make_server(
-        address, evt_handlers=handlers, server_class=GuardedAssociationServer,
-        pdu_limits=pdu_limits, socket_timeout=socket_timeout, tls=tls, shared_port=shared_port,
-    )
-    threading.Thread(
-        target=server.serve_forever, name=f"DimseListener@{address[1]}", daemon=True
-    ).start()
-    # AE.shutdown() and server.shutdown() expect every server of the AE in this list
-    ae._servers.append(server)
-    return server
-
-
-def start_listeners(
-    ae: AE, config: Config, handlers: list[Any], shared_port: bool = False
-) -> list[GuardedAssociationServer]:
-    """The DIMSE port, and the DICOM TLS port when `[tls]` is configured; with `shared_port`
-    both are shared with the archive's other server processes."""
+async def start_listeners(
+    config: Config, connected: Connected, shared_port: bool = False
+) -> list[asyncio.Server]:
+    """Listen on the DIMSE port and the TLS port; with `shared_port` alongside the archive's
+    other server processes (SO_REUSEPORT)."""
     context = tls_context(config.tls) if config.tls is not None else None  # fail before listening
-    limits = PduLimits(config.limits.max_pdu_bytes)
-    timeout = config.limits.network_timeout
-    servers = [serve(ae, (config.dimse_host, config.dimse_port), handlers, limits, timeout,
-                     shared_port=shared_port)]
+    servers = [await _listen(config, config.dimse_port, connected, None, shared_port)]
     if config.tls is not None:
-        servers.append(serve(ae, (config.dimse_host, config.tls.port), handlers, limits,
-                             timeout, context, shared_port))
+        try:
+            servers.append(await _listen(config, config.tls.port, connected, context,
+                                         shared_port))
+        except BaseException:
+            servers[0].close()
+            raise
         log.info("DICOM TLS on %s:%d (client certificates %s)", config.dimse_host,
                  config.tls.port, "required" if config.tls.require_client_cert else "optional")
     return servers
+
+
+async def _listen(
+    config: Config, port: int, connected: Connected, tls: ssl.SSLContext | None,
+    shared_port: bool,
+) -> asyncio.Server:
+    limits = PduLimits(config.limits.max_pdu_bytes)
+    timeout = config.limits.network_timeout
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address, peer_port = writer.get_extra_info("peername")[:2]
+        peer = f"{address}:{peer_port}"
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # Nagle off: every response would wait for an ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                await writer.start_tls(tls, ssl_handshake_timeout=timeout)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                log.warning("DICOM TLS handshake with %s failed: %s", peer, reason)
+                writer.close()
+                return
+        await connected(PduStream(reader, writer, limits, peer, timeout), address, peer_port)
+
+    return await asyncio.start_server(
+        on_connection, config.dimse_host, port, reuse_port=shared_port or None,
+        limit=_READ_BUFFER,
+    )

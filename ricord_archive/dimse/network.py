@@ -1,4 +1,5 @@
-"""What every association of the archive needs, accepted or requested."""
+"""What the archive's pynetdicom associations need (those it requests: C-MOVE to a destination,
+imports from a PACS)."""
 
 from __future__ import annotations
 

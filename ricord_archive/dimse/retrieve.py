@@ -2,34 +2,39 @@
 
 Thin: the identifier's unique keys go to the query engine, the matches to the retrieve service,
 which reads each instance as stored when the peer accepted the stored transfer syntax and
-re-encodes it otherwise. pynetdicom sends the C-STORE sub-operations, the pending responses
-with their counts, and the final status (0xB000 with FailedSOPInstanceUIDList when some
-sub-operations failed); C-CANCEL is checked before every instance.
+re-encodes it otherwise. A C-GET sends its C-STORE sub-operations on the same association; a
+C-MOVE on an association of its own with the destination (a pynetdicom SCU, in a thread).
+Pending responses carry the counts, the final status lists the failed instances (0xB000, or
+0xA702 when all failed); a C-CANCEL is honoured before every instance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import build_context, evt
-from pynetdicom.association import Association
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
-    Verification,
 )
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 from ricord_archive import audit
-from ricord_archive.config import Config
+from ricord_archive.config import Config, MoveDestination
 from ricord_archive.dimse import audit as dimse_audit
+from ricord_archive.dimse.association import Association
+from ricord_archive.dimse.commands import Message
+from ricord_archive.dimse.messages import decoded, encoded
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.index.reads import StoredInstance
@@ -39,8 +44,13 @@ from ricord_archive.query import QueryService
 from ricord_archive.retrieve import Blob, RetrieveService
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
+GET_MODELS = frozenset({
+    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+})
+MOVE_MODELS = frozenset({
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+})
 RETRIEVE_MODELS = (
     PatientRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
@@ -51,6 +61,9 @@ _PATIENT_ROOT = (
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_UNABLE_TO_PROCESS = 0xC000
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+STATUS_SUB_OPERATIONS_FAILED = 0xA702
+STATUS_SOME_FAILED = 0xB000
 _MATCH_LIMIT = 65_535  # sub-operation counts are US: no retrieve can send more
 _MAX_CONTEXTS = 128
 
@@ -65,71 +78,151 @@ _UNIQUE_KEYS = (
     (Level.SERIES, "SeriesInstanceUID"), (Level.INSTANCE, "SOPInstanceUID"),
 )
 _UID_TAGS = ("0020000D", "0020000E", "00080018")  # study, series, instance
+Found = list[tuple[StoredInstance, Blob]]
+# one C-STORE sub-operation: the status the storage SCP answered, None when it did not
+SubOperation = Callable[[StoredInstance, Blob], Awaitable[int | None]]
 
 
 class TooManyMatches(ArchiveError):
     dimse_status = 0xA701  # Refused: out of resources, unable to calculate number of matches
 
 
+@dataclass
+class SubOperations:
+    """The C-STORE sub-operations of one retrieve: counts and failed instances."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def record(self, sop_uid: str, status: int | None) -> None:
+        """One sub-operation's outcome (None: no answer, or not sent at all)."""
+        self.remaining -= 1
+        category = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Failure",))[0] if (
+            status is not None) else "Failure"
+        if category == STATUS_SUCCESS:
+            self.completed += 1
+        elif category == STATUS_WARNING:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(sop_uid)
+
+    def final_status(self) -> int:
+        if not self.failed and not self.warning:
+            return 0x0000
+        if not self.completed and not self.warning:
+            return STATUS_SUB_OPERATIONS_FAILED
+        return STATUS_SOME_FAILED
+
+
+class _Responder:
+    """The responses to one C-GET or C-MOVE request."""
+
+    def __init__(self, association: Association, request: Message,
+                 context: PresentationContext) -> None:
+        self.association = association
+        self.request = request
+        self.context = context
+
+    async def respond(self, status: int, progress: SubOperations | None = None) -> None:
+        progress = progress or SubOperations(0)
+        failed = None
+        if status != STATUS_PENDING and (progress.failed or progress.warning
+                                         or status == STATUS_CANCEL):
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = progress.failed_uids
+        await self.association.respond(
+            self.request, self.context, status,
+            None if failed is None else encoded(failed, self.context),
+            NumberOfRemainingSuboperations=(
+                progress.remaining if status in (STATUS_PENDING, STATUS_CANCEL) else None
+            ),
+            NumberOfCompletedSuboperations=progress.completed,
+            NumberOfFailedSuboperations=progress.failed,
+            NumberOfWarningSuboperations=progress.warning,
+        )
+
+
 class RetrieveHandlers:
-    """EVT_C_GET and EVT_C_MOVE handlers; `call` runs a service coroutine on the archive's
-    event loop and waits for it (handlers run in pynetdicom's association threads)."""
+    """The C-GET and C-MOVE request handlers."""
 
     def __init__(
         self, config: Config, query: QueryService, retrieve: RetrieveService,
-        call: Callable[[Coroutine[Any, Any, Any]], Any],
         trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
         self.audit = trail
         self.config = config
         self.query = query
         self.retrieve = retrieve
-        self._call = call
 
-    def on_get(self, event: evt.Event) -> Iterator[Any]:
-        found = self._matches(event, "C-GET")
-        self.audit.record(dimse_audit.transfer(event.assoc, self.config, "C-GET", found))
+    async def on_get(self, association: Association, request: Message,
+                     context: PresentationContext) -> None:
+        responder = _Responder(association, request, context)
+        found = await self._matches(request, context, "C-GET")
+        self.audit.record(dimse_audit.transfer(association, self.config, "C-GET", found))
         if isinstance(found, int):
-            yield 1  # pynetdicom answers a failure only after a count of sub-operations
-            yield found, None
+            await responder.respond(found)
             return
-        yield len(found)
-        yield from self._sub_operations(event, found, lambda: event.assoc)
 
-    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        async def send(item: StoredInstance, blob: Blob) -> int | None:
+            return await self._store_here(association, item, blob)
+
+        await self._sub_operations(responder, found, send)
+
+    async def on_move(self, association: Association, request: Message,
+                      context: PresentationContext) -> None:
+        responder = _Responder(association, request, context)
         destination = self.config.move_destination(
-            event.move_destination or "", event.assoc.requestor.ae_title
+            request.command.get("MoveDestination", ""), association.calling_aet
         )
         if destination is None:
             log.info("C-MOVE refused: move destination unknown")
-            self.audit.record(dimse_audit.transfer(event.assoc, self.config, "C-MOVE", None))
-            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            self.audit.record(dimse_audit.transfer(association, self.config, "C-MOVE", None))
+            await responder.respond(STATUS_MOVE_DESTINATION_UNKNOWN)
             return
-        found = self._matches(event, "C-MOVE")
+        found = await self._matches(request, context, "C-MOVE")
         self.audit.record(dimse_audit.transfer(
-            event.assoc, self.config, "C-MOVE", found, destination.aet
+            association, self.config, "C-MOVE", found, destination.aet
         ))
-        if isinstance(found, int):
-            # pynetdicom answers a failure only after associating with the destination
-            yield destination.host, destination.port, {"contexts": [build_context(Verification)]}
-            yield 1
-            yield found, None
+        if isinstance(found, int) or not found:
+            await responder.respond(found if isinstance(found, int) else 0x0000)
             return
-        opened: list[Association] = []
-        yield destination.host, destination.port, {
-            "contexts": store_contexts(found),
-            "evt_handlers": [
-                (evt.EVT_CONN_OPEN, no_delay),
-                (evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc)),
-            ],
-        }
-        yield len(found)
-        yield from self._sub_operations(event, found, lambda: opened[0])
+        sub = await asyncio.to_thread(self._associate, destination, found)
+        if sub is None:
+            log.info("C-MOVE: no association with the move destination")
+            await responder.respond(STATUS_MOVE_DESTINATION_UNKNOWN)
+            return
 
-    def _matches(self, event: evt.Event, name: str) -> list[tuple[StoredInstance, Blob]] | int:
+        async def send(item: StoredInstance, blob: Blob) -> int | None:
+            return await self._store_there(sub, item, blob, association.calling_aet,
+                                           request.command["MessageID"])
+
+        try:
+            await self._sub_operations(responder, found, send)
+        finally:
+            await asyncio.to_thread(_release, sub)
+
+    async def _sub_operations(self, responder: _Responder, found: Found, send: SubOperation
+                              ) -> None:
+        progress = SubOperations(len(found))
+        message_id = responder.request.command["MessageID"]
+        for item, blob in found:
+            if responder.association.is_cancelled(message_id):
+                await responder.respond(STATUS_CANCEL, progress)
+                return
+            progress.record(item.sop_uid, await send(item, blob))
+            await responder.respond(STATUS_PENDING, progress)
+        await responder.respond(progress.final_status(), progress)
+
+    async def _matches(self, request: Message, context: PresentationContext,
+                       name: str) -> Found | int:
         """The stored instances the identifier names, or the failure status to answer."""
         try:
-            return self._resolve(event.identifier, event.request.AffectedSOPClassUID)
+            return await self._resolve(decoded(request.dataset, context),
+                                       request.command.get("AffectedSOPClassUID", ""))
         except ArchiveError as exc:
             log.info("%s refused: %s", name, exc.message)
             return exc.dimse_status
@@ -137,9 +230,7 @@ class RetrieveHandlers:
             log.error("%s failed: %s", name, type(exc).__name__)
             return STATUS_UNABLE_TO_PROCESS
 
-    def _resolve(
-        self, identifier: Dataset, sop_class_uid: str
-    ) -> list[tuple[StoredInstance, Blob]]:
+    async def _resolve(self, identifier: Dataset, sop_class_uid: str) -> Found:
         """The stored instances the identifier's unique keys name, by the query engine."""
         level = _LEVELS.get(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
         patient_root = sop_class_uid in _PATIENT_ROOT
@@ -159,9 +250,7 @@ class RetrieveHandlers:
         # PATIENT level: the patient's studies (PatientID is the pseudonym the archive gave)
         search_level = max(level, Level.STUDY)
         # on the primary, like the bytes: a read replica may not have what was just stored
-        result = self._call(
-            self.query.search(search_level, params, None, _MATCH_LIMIT, fresh=True)
-        )
+        result = await self.query.search(search_level, params, None, _MATCH_LIMIT, fresh=True)
         if result.more:
             raise TooManyMatches("too many matches for one retrieve")
         depth = search_level - Level.STUDY + 1
@@ -169,35 +258,98 @@ class RetrieveHandlers:
             tuple(document[tag]["Value"][0] for tag in _UID_TAGS[:depth])
             for document in result.documents
         ]
-        return self._call(self.retrieve.in_scopes(scopes))
+        return await self.retrieve.in_scopes(scopes)
 
-    def _sub_operations(
-        self, event: evt.Event, found: list[tuple[StoredInstance, Blob]],
-        store_association: Callable[[], Association],
-    ) -> Iterator[tuple[int, Dataset | None]]:
-        for item, blob in found:
-            if event.is_cancelled:
-                yield STATUS_CANCEL, None
-                return
-            accepted = accepted_syntaxes(store_association(), item.sop_class_uid)
-            yield STATUS_PENDING, self._dataset(item, blob, accepted)
-
-    def _dataset(self, item: StoredInstance, blob: Blob, accepted: set[str]) -> Dataset:
+    async def _dataset(self, item: StoredInstance, blob: Blob,
+                       accepted: Iterable[str]) -> Dataset | None:
+        """The instance to send in an accepted transfer syntax; None when it cannot be."""
         try:
-            return self._call(self.retrieve.for_sending(item, blob, accepted))
+            return await self.retrieve.for_sending(item, blob, set(accepted))
         except ArchiveError as exc:
             log.info("instance %s not sent: %s", item.sop_uid, exc.message)
         except Exception as exc:
             log.error("instance %s not sent: %s", item.sop_uid, type(exc).__name__)
-        return _unsendable(item)
+        return None
+
+    async def _store_here(self, association: Association, item: StoredInstance,
+                          blob: Blob) -> int | None:
+        """A C-GET's sub-operation: a C-STORE request on the requestor's association."""
+        contexts = sending_contexts(association.contexts.values(), item.sop_class_uid)
+        stored = contexts.get(item.transfer_syntax_uid)
+        if stored is not None:  # the stored data set as it is, unparsed
+            try:
+                data = data_set_bytes(await self.retrieve.stored_bytes(blob))
+            except Exception as exc:
+                log.error("instance %s not sent: %s", item.sop_uid, type(exc).__name__)
+                return None
+            if data is not None:
+                return await association.send_c_store(stored, item.sop_class_uid,
+                                                      item.sop_uid, data)
+        dataset = await self._dataset(item, blob, contexts)
+        if dataset is None:
+            return None
+        context = contexts.get(str(dataset.file_meta.TransferSyntaxUID))
+        if context is None:
+            return None
+        try:
+            data = await asyncio.to_thread(encoded, dataset, context)
+        except Exception as exc:
+            log.error("instance %s not sent: %s", item.sop_uid, type(exc).__name__)
+            return None
+        return await association.send_c_store(context, item.sop_class_uid, item.sop_uid, data)
+
+    async def _store_there(self, sub: ScuAssociation, item: StoredInstance, blob: Blob,
+                           originator: str, originator_id: int) -> int | None:
+        """A C-MOVE's sub-operation: a C-STORE request on the association with the
+        destination."""
+        contexts = sending_contexts(sub.accepted_contexts, item.sop_class_uid)
+        dataset = await self._dataset(item, blob, contexts)
+        if dataset is None:
+            return None
+        try:
+            status = await asyncio.to_thread(
+                sub.send_c_store, dataset, originator_aet=originator, originator_id=originator_id,
+            )
+        except Exception as exc:
+            log.error("instance %s not sent: %s", item.sop_uid, type(exc).__name__)
+            return None
+        return int(status.Status) if "Status" in status else None
+
+    def _associate(self, destination: MoveDestination, found: Found) -> ScuAssociation | None:
+        """An association with the move destination (blocking: pynetdicom)."""
+        ae = AE(ae_title=self.config.ae_title)
+        limits = self.config.limits
+        ae.acse_timeout, ae.dimse_timeout = limits.acse_timeout, limits.dimse_timeout
+        ae.network_timeout = limits.network_timeout
+        sub = ae.associate(
+            destination.host, destination.port, store_contexts(found),
+            ae_title=destination.aet, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+        )
+        return sub if sub.is_established else None
 
 
-def accepted_syntaxes(association: Association, sop_class_uid: str) -> set[str]:
-    """The transfer syntaxes the peer accepted for us to send this SOP class in."""
+def _release(sub: ScuAssociation) -> None:
+    if sub.is_established:
+        sub.release()
+
+
+def sending_contexts(
+    contexts: Iterable[PresentationContext], sop_class_uid: str
+) -> dict[str, PresentationContext]:
+    """The contexts the peer accepted for us to send this SOP class in, by transfer syntax."""
     return {
-        str(context.transfer_syntax[0]) for context in association.accepted_contexts
+        str(context.transfer_syntax[0]): context for context in contexts
         if context.abstract_syntax == sop_class_uid and context.as_scu
     }
+
+
+def data_set_bytes(part10: bytes) -> bytes | None:
+    """The data set of a Part 10 file as written by the archive (preamble, DICM, file meta
+    starting with its group length): what follows the file meta; None for another layout."""
+    if part10[128:132] != b"DICM" or part10[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    end = 144 + int.from_bytes(part10[140:144], "little")
+    return part10[end:] if end <= len(part10) else None
 
 
 def store_contexts(found: list[tuple[StoredInstance, Blob]]) -> list[PresentationContext]:
@@ -215,15 +367,6 @@ def store_contexts(found: list[tuple[StoredInstance, Blob]]) -> list[Presentatio
         log.warning("C-MOVE: %d presentation contexts needed, %d proposed", len(contexts),
                     _MAX_CONTEXTS)
     return contexts[:_MAX_CONTEXTS]
-
-
-def _unsendable(item: StoredInstance) -> Dataset:
-    """A stand-in that pynetdicom cannot send (no transfer syntax), so the sub-operation fails
-    and the instance is named in FailedSOPInstanceUIDList."""
-    dataset = Dataset()
-    dataset.SOPClassUID = item.sop_class_uid
-    dataset.SOPInstanceUID = item.sop_uid
-    return dataset
 
 
 def _text(value: object) -> str:

@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import ssl
 
-from pynetdicom import evt
-
 from ricord_archive.config import ConfigError, Network, SiteConfig, TlsConfig
-
-log = logging.getLogger(__name__)
-
-# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised
-_REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -34,8 +26,8 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 class AllowedAddresses:
-    """Rejects an association whose calling AE title belongs to a site listing `addresses`
-    when it comes from elsewhere (A-ASSOCIATE-RJ, calling AE title not recognised)."""
+    """Whether a calling AE title may associate from an address: a site listing `addresses`
+    allows its AE titles from those networks only."""
 
     def __init__(self, sites: tuple[SiteConfig, ...]) -> None:
         self._networks: dict[str, tuple[Network, ...]] = {
@@ -53,16 +45,3 @@ class AllowedAddresses:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in networks)
-
-    def on_requested(self, event: evt.Event) -> None:
-        """EVT_REQUESTED: reject before negotiation, as pynetdicom rejects an unknown AE."""
-        assoc = event.assoc
-        calling_aet = str(assoc.requestor.primitive.calling_ae_title)
-        if self.allows(calling_aet, assoc.requestor.address):
-            return
-        log.warning(
-            "association from %s:%s rejected: calling AE title %r is not allowed from this "
-            "address", assoc.requestor.address, assoc.requestor.port, calling_aet.strip(),
-        )
-        assoc.acse.send_reject(*_REJECT_CALLING_AET)
-        assoc.kill()

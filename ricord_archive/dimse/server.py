@@ -1,8 +1,6 @@
-"""The DIMSE adapter: C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE SCP over pynetdicom. Thin.
-
-pynetdicom runs each association in its own thread; handlers hand the work to the services on
-the archive's event loop and wait for the answer, so a C-STORE is acknowledged only after the
-index transaction has committed.
+"""The DIMSE adapter: C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE SCP on the archive's event loop.
+Thin: handlers await the services directly, so a C-STORE is acknowledged only after the index
+transaction has committed.
 
 Objects arrive for the site of their calling AE title, except during a PACS import: an
 association from a calling AE title that an import session expects (in the index, shared by
@@ -13,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-import weakref
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from io import BytesIO
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.association import Association
+from pynetdicom import AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -32,10 +28,25 @@ from pynetdicom.sop_class import (
 from ricord_archive import audit
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dimse import audit as dimse_audit
-from ricord_archive.dimse.listener import GuardedAssociationServer, start_listeners
-from ricord_archive.dimse.network import no_delay
-from ricord_archive.dimse.retrieve import RETRIEVE_MODELS, RetrieveHandlers
+from ricord_archive.dimse.association import Association, Handler, Rejection, Timeouts
+from ricord_archive.dimse.commands import (
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    Message,
+)
+from ricord_archive.dimse.listener import start_listeners
+from ricord_archive.dimse.messages import decoded, encoded, part10
+from ricord_archive.dimse.retrieve import (
+    GET_MODELS,
+    MOVE_MODELS,
+    RETRIEVE_MODELS,
+    RetrieveHandlers,
+)
 from ricord_archive.dimse.security import AllowedAddresses
+from ricord_archive.dimse.transport import PduStream, PeerGone
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.imports import ImportSessions, SessionStudy
 from ricord_archive.ingest import IngestService
@@ -44,7 +55,6 @@ from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATUS_SUCCESS = 0x0000
 STATUS_PENDING = 0xFF00
@@ -53,7 +63,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_IDENTIFIER_MISMATCH = 0xA900
-_SERVICE_TIMEOUT = 300
 
 # Stored as received: uncompressed, deflated and the common compressed transfer syntaxes.
 TRANSFER_SYNTAXES = [
@@ -72,119 +81,183 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 _QUERY_LIMIT = 100_000
+# A-ASSOCIATE-RJ (result, source, diagnostic): permanent, by the service user, calling AE title
+# not recognised; transient, by the presentation layer, local limit exceeded
+_UNKNOWN_CALLING_AET = (0x01, 0x01, 0x03)
+_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
-class _ArchiveAE(AE):
-    """An AE whose accepted calling AE titles are read at each association request: the
-    configured sites' and those of active import sessions."""
-
-    def __init__(self, ae_title: str, calling_aets: Callable[[], list[str]]) -> None:
-        super().__init__(ae_title=ae_title)
-        self._calling_aets = calling_aets
-
-    @property
-    def require_calling_aet(self) -> list[str]:
-        return self._calling_aets()
+def supported_contexts() -> list[PresentationContext]:
+    """What the archive accepts: storage in both roles (a C-GET requestor takes the SCP role
+    to receive what it asked for), verification, query and retrieve."""
+    contexts = []
+    for storage in AllStoragePresentationContexts:
+        context = build_context(storage.abstract_syntax, TRANSFER_SYNTAXES)
+        context.scu_role = context.scp_role = True
+        contexts.append(context)
+    for model in (Verification, StudyRootQueryRetrieveInformationModelFind,
+                  PatientRootQueryRetrieveInformationModelFind, *RETRIEVE_MODELS):
+        contexts.append(build_context(model))
+    return contexts
 
 
 class DimseServer:
+    """The DIMSE listeners of one server process and the associations they accepted."""
+
     def __init__(
         self, config: Config, ingest: IngestService, query: QueryService,
-        retrieve: RetrieveService, sessions: ImportSessions, loop: asyncio.AbstractEventLoop,
+        retrieve: RetrieveService, sessions: ImportSessions,
         trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
         self.config = config
         self.ingest = ingest
         self.query = query
         self.sessions = sessions
-        self.loop = loop
-        self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call)
-        self._servers: list[GuardedAssociationServer] = []
         self.audit = trail
-        self.retrieve_handlers = RetrieveHandlers(config, query, retrieve, self._call, trail)
-        # associations from a calling AE title an import session expected when they opened
-        self._importing: weakref.WeakSet[Association] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self.contexts = supported_contexts()
+        retrieve_handlers = RetrieveHandlers(config, query, retrieve, trail)
+        storage = frozenset(c.abstract_syntax for c in AllStoragePresentationContexts)
+        finds = frozenset({StudyRootQueryRetrieveInformationModelFind,
+                           PatientRootQueryRetrieveInformationModelFind})
+        self.handlers: dict[int, tuple[Handler, frozenset[str]]] = {
+            C_ECHO_RQ: (self._on_echo, frozenset({Verification})),
+            C_STORE_RQ: (self._on_store, storage),
+            C_FIND_RQ: (self._on_find, finds),
+            C_GET_RQ: (retrieve_handlers.on_get, GET_MODELS),
+            C_MOVE_RQ: (retrieve_handlers.on_move, MOVE_MODELS),
+        }
+        self._addresses = AllowedAddresses(config.sites)
+        self._association_audit = dimse_audit.AssociationAudit(trail, config)
+        limits = config.limits
+        self._timeouts = Timeouts(limits.network_timeout, limits.acse_timeout,
+                                  limits.dimse_timeout)
+        self._servers: list[asyncio.Server] = []
+        self._connections: dict[asyncio.Task[None], Association] = {}
 
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(_SERVICE_TIMEOUT)
-
-    def start(self, shared_port: bool = False) -> None:
+    async def start(self, shared_port: bool = False) -> None:
         """Listen; with `shared_port`, alongside the archive's other server processes."""
-        ae = _ArchiveAE(self.config.ae_title, self._calling_aets)
-        limits = self.config.limits
-        ae.maximum_pdu_size = limits.max_pdu_bytes
-        ae.maximum_associations = limits.max_associations  # beyond: rejected, local limit
-        ae.network_timeout = limits.network_timeout
-        ae.acse_timeout = limits.acse_timeout
-        ae.dimse_timeout = limits.dimse_timeout
-        for context in AllStoragePresentationContexts:
-            # both roles: a C-GET requestor takes the SCP role to receive what it asked for
-            ae.add_supported_context(
-                context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True
-            )
-        ae.add_supported_context(Verification)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
-        for model in RETRIEVE_MODELS:
-            ae.add_supported_context(model)
-        handlers = [
-            (evt.EVT_CONN_OPEN, no_delay),
-            (evt.EVT_REQUESTED, AllowedAddresses(self.config.sites).on_requested),
-            (evt.EVT_REJECTED, _log_rejection),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_C_GET, self.retrieve_handlers.on_get),
-            (evt.EVT_C_MOVE, self.retrieve_handlers.on_move),
-            *dimse_audit.AssociationAudit(self.audit, self.config).handlers(),
-        ]
-        # the DIMSE port, and the TLS port when configured
-        self._servers = start_listeners(ae, self.config, handlers, shared_port)
+        self._servers = await start_listeners(self.config, self._connected, shared_port)
 
-    def stop(self) -> None:
-        """Stop accepting associations, let those in progress finish (within the grace
-        period, the event loop still serving them), then abort what is left."""
+    async def stop(self) -> None:
+        """Stop accepting associations, let those in progress finish within the grace period,
+        then abort what is left."""
         servers, self._servers = self._servers, []
         for server in servers:
-            server.shutdown()
-        deadline = time.monotonic() + self.config.limits.shutdown_grace
-        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the association threads while they finish
-        for association in (a for s in servers for a in s.active_associations):
-            association.abort()
+            server.close()
+        tasks = set(self._connections)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.config.limits.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
-    def _calling_aets(self) -> list[str]:
-        """Calling AE titles accepted now ([]: any): the sites', and while sites are
-        configured, those that active import sessions expect objects from."""
-        if self.config.accept_any_calling_aet:
-            return []
+    async def _connected(self, stream: PduStream, address: str, port: int) -> None:
+        association = Association(stream, self, address, port, self.config.limits.max_pdu_bytes,
+                                  self._timeouts)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = association
+        try:
+            await association.run()
+        except asyncio.CancelledError:
+            pass  # stopping: the association was aborted
+        finally:
+            del self._connections[task]
+
+    # --- association requests (the Acceptor of dimse.association) ------------------------
+
+    async def admit(self, association: Association) -> Rejection | None:
+        """None to accept; else the rejection: a site's AE title from an address it may not
+        use, a calling AE title the archive does not know, or too many associations."""
+        calling, peer = association.calling_aet, f"{association.address}:{association.port}"
+        if not self._addresses.allows(calling, association.address):
+            log.warning("association from %s rejected: calling AE title %r is not allowed from "
+                        "this address", peer, calling)
+            return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-allowed-from-address")
+        importing = await self._importing_aets()
         configured = [a for s in self.config.sites for a in s.aets]
+        if (not self.config.accept_any_calling_aet and calling not in configured
+                and calling not in importing):
+            log.warning("association from %s rejected (calling AE title %r not recognised or "
+                        "not allowed)", peer, calling)
+            return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-recognised")
+        admitted = sum(a.admitted for a in self._connections.values())
+        if admitted >= self.config.limits.max_associations:
+            log.warning("association from %s rejected: %d associations already (local limit)",
+                        peer, admitted)
+            return Rejection(*_LOCAL_LIMIT, "local-limit-exceeded")
+        association.admitted = True  # counted from now on: no await since the count
+        association.importing = calling in importing
+        return None
+
+    async def _importing_aets(self) -> list[str]:
+        """The calling AE titles active import sessions expect objects from."""
         try:
-            return configured + self._call(self.sessions.calling_aets())
+            return await self.sessions.calling_aets()
         except Exception as exc:
             log.warning("import sessions unavailable: %s", type(exc).__name__)
-            return configured
+            return []
 
-    def _on_accepted(self, event: evt.Event) -> None:
+    def accepted(self, association: Association) -> None:
+        self._association_audit.accepted(association)
+
+    def rejected(self, association: Association, rejection: Rejection) -> None:
+        self._association_audit.rejected(association, rejection.reason)
+
+    def closed(self, association: Association, how: str) -> None:
+        self._association_audit.closed(association, how)
+
+    # --- C-ECHO, C-STORE ------------------------------------------------------------------
+
+    async def _on_echo(self, association: Association, request: Message,
+                       context: PresentationContext) -> None:
+        await association.respond(request, context, STATUS_SUCCESS)
+
+    async def _on_store(self, association: Association, request: Message,
+                        context: PresentationContext) -> None:
+        command = request.command
+        sop_class, sop_instance = (command.get("AffectedSOPClassUID", ""),
+                                   command.get("AffectedSOPInstanceUID", ""))
+        status = await self._store(
+            association, part10(sop_class, sop_instance, context, request.dataset or b"")
+        )
+        await association.respond(request, context, status,
+                                  AffectedSOPInstanceUID=sop_instance)
+
+    async def _store(self, association: Association, data: bytes) -> int:
+        study = await self._session_study(association, data)
+        site: SiteConfig | None = (
+            self.config.site_for_aet(association.calling_aet) if study is None
+            else self.config.site_named(study.site_name)
+        )
+        if site is None:
+            log.info("C-STORE refused: the calling AE title belongs to no site")
+            self.audit.record(dimse_audit.refused_without_site(association, self.config))
+            return STATUS_NOT_AUTHORIZED
         try:
-            importing = event.assoc.requestor.ae_title in self._call(self.sessions.calling_aets())
+            result = await audit.storing(
+                self.audit, dimse_audit.actor(association, self.config), "C-STORE", site.name,
+                self.ingest.store(data, site.name),
+            )
+        except ArchiveError as exc:
+            log.info("C-STORE refused: %s", exc.message)
+            await self._count(study, "failed" if isinstance(exc, StorageUnavailable)
+                              else "refused")
+            return exc.dimse_status
         except Exception as exc:
-            log.warning("import sessions unavailable: %s", type(exc).__name__)
-            return
-        if importing:
-            with self._lock:
-                self._importing.add(event.assoc)
+            log.error("C-STORE failed: %s", type(exc).__name__)
+            await self._count(study, "failed")
+            return STATUS_OUT_OF_RESOURCES
+        await self._count(study, "duplicates" if result.duplicate else "stored")
+        return result.warning or STATUS_SUCCESS
 
-    def _session_study(self, event: evt.Event) -> SessionStudy | None:
+    async def _session_study(self, association: Association, data: bytes) -> SessionStudy | None:
         """The import session expecting this object's study from its calling AE title."""
-        with self._lock:
-            if event.assoc not in self._importing:
-                return None
+        if not association.importing:
+            return None
         try:
-            study_uid = str(event.dataset.get("StudyInstanceUID", "") or "").strip()
-            study = self._call(self.sessions.study(event.assoc.requestor.ae_title, study_uid))
+            study_uid = _study_uid(data)
+            study = await self.sessions.study(association.calling_aet, study_uid)
         except Exception as exc:
             log.warning("import session lookup failed: %s", type(exc).__name__)
             return None
@@ -193,67 +266,65 @@ class DimseServer:
             return None
         return study
 
-    def _count(self, study: SessionStudy | None, outcome: str) -> None:
+    async def _count(self, study: SessionStudy | None, outcome: str) -> None:
         if study is None:
             return
         try:
-            self._call(self.sessions.count(study, outcome))
+            await self.sessions.count(study, outcome)
         except Exception as exc:
             log.warning("could not count an import outcome: %s", type(exc).__name__)
 
-    def _on_store(self, event: evt.Event) -> int:
-        study = self._session_study(event)
-        site: SiteConfig | None = (
-            self.config.site_for_aet(event.assoc.requestor.ae_title) if study is None
-            else self.config.site_named(study.site_name)
-        )
-        if site is None:
-            log.info("C-STORE refused: the calling AE title belongs to no site")
-            self.audit.record(dimse_audit.refused_without_site(event.assoc, self.config))
-            return STATUS_NOT_AUTHORIZED
-        try:
-            result = self._call(audit.storing(
-                self.audit, dimse_audit.actor(event.assoc, self.config), "C-STORE", site.name,
-                self.ingest.store(event.encoded_dataset(include_meta=True), site.name),
-            ))
-        except ArchiveError as exc:
-            log.info("C-STORE refused: %s", exc.message)
-            self._count(study, "failed" if isinstance(exc, StorageUnavailable) else "refused")
-            return exc.dimse_status
-        except Exception as exc:
-            log.error("C-STORE failed: %s", type(exc).__name__)
-            self._count(study, "failed")
-            return STATUS_OUT_OF_RESOURCES
-        self._count(study, "duplicates" if result.duplicate else "stored")
-        return result.warning or STATUS_SUCCESS
+    # --- C-FIND ---------------------------------------------------------------------------
 
-    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        identifier = event.identifier
-        level = _LEVELS.get(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
-        study_root = event.request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind
-        if level is None or (study_root and level is Level.PATIENT):
-            log.info("C-FIND refused: unsupported query level for this information model")
-            yield STATUS_IDENTIFIER_MISMATCH, None
-            return
-        params = _find_parameters(identifier)
+    async def _on_find(self, association: Association, request: Message,
+                       context: PresentationContext) -> None:
+        async def respond(status: int, found: Dataset | None = None) -> None:
+            await association.respond(request, context, status,
+                                      None if found is None else encoded(found, context))
+
         try:
-            result = self._call(audit.querying(
-                self.audit, dimse_audit.actor(event.assoc, self.config), "C-FIND", level, params,
-                self.query.search(level, params, None, _QUERY_LIMIT),
-            ))
+            keys = decoded(request.dataset, context)
+            level = _LEVELS.get(str(keys.get("QueryRetrieveLevel", "")).strip().upper())
+            study_root = (request.command.get("AffectedSOPClassUID")
+                          == StudyRootQueryRetrieveInformationModelFind)
+            if level is None or (study_root and level is Level.PATIENT):
+                log.info("C-FIND refused: unsupported query level for this information model")
+                await respond(STATUS_IDENTIFIER_MISMATCH)
+                return
+            params = _find_parameters(keys)
+            result = await audit.querying(
+                self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
+                params, self.query.search(level, params, None, _QUERY_LIMIT),
+            )
+            wanted = [f"{element.tag:08X}" for element in keys]
+            answers = (  # only the requested attributes of each match become a Dataset
+                _response(keys, Dataset.from_json({t: d[t] for t in wanted if t in d}))
+                for d in result.documents
+            )
+            for answer in answers:
+                if association.is_cancelled(request.command["MessageID"]):
+                    await respond(STATUS_CANCEL)
+                    return
+                await respond(STATUS_PENDING, answer)
+                await asyncio.sleep(0)  # read what arrived meanwhile: a C-CANCEL
+        except PeerGone:
+            raise
         except ArchiveError as exc:
             log.info("C-FIND refused: %s", exc.message)
-            yield exc.dimse_status, None
+            await respond(exc.dimse_status)
             return
         except Exception as exc:
             log.error("C-FIND failed: %s", type(exc).__name__)
-            yield STATUS_UNABLE_TO_PROCESS, None
+            await respond(STATUS_UNABLE_TO_PROCESS)
             return
-        for document in result.documents:
-            if event.is_cancelled:
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, _response(identifier, Dataset.from_json(document))
+        await respond(STATUS_SUCCESS)
+
+
+def _study_uid(data: bytes) -> str:
+    """The Study Instance UID of a Part 10 object (the import session it belongs to)."""
+    dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True,
+                              specific_tags=["StudyInstanceUID"])
+    return str(dataset.get("StudyInstanceUID", "") or "").strip()
 
 
 _LEVELS = {
@@ -318,11 +389,3 @@ def _requested(requested: Dataset, found: Dataset) -> Dataset:
         else:
             subset.add(found[element.tag])
     return subset
-
-
-def _log_rejection(event: evt.Event) -> None:
-    log.warning(
-        "association from %s:%s rejected (calling AE title %r not recognised or not allowed)",
-        event.assoc.requestor.address, event.assoc.requestor.port,
-        event.assoc.requestor.ae_title,
-    )

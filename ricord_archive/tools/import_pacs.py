@@ -218,17 +218,17 @@ class PacsImport:
         finally:
             await sessions.close(self.session)
             if listener is not None:
-                await asyncio.to_thread(listener.stop)
+                await listener.stop()
 
     async def _listen(self) -> DimseServer | None:
         port = self.request.listen_port or self.config.dimse_port
         services = self.services
         server = DimseServer(
             replace(self.config, dimse_port=port), services.ingest, services.query,
-            services.retrieve, services.sessions, asyncio.get_running_loop(), services.audit,
+            services.retrieve, services.sessions, services.audit,
         )
         try:
-            await asyncio.to_thread(server.start)
+            await server.start()
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise ToolError(f"cannot listen on port {port}: {exc.strerror}") from exc
