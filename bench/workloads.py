@@ -25,6 +25,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+from ricord_archive.dimse import reactor_checkpoint
+
 CALLING_AET = "BENCH"
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_DICOM_PLAIN = 'multipart/related; type="application/dicom"'
@@ -32,6 +34,7 @@ ACCEPT_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syn
 TIMEOUT = aiohttp.ClientTimeout(total=300)
 
 logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+reactor_checkpoint.install()  # pynetdicom would lose responses that come back at once
 
 
 class WorkloadError(RuntimeError):

@@ -1,8 +1,8 @@
 """The one ingest pipeline, for C-STORE and STOW-RS alike.
 
-parse (bounded) -> de-identify -> serialize -> write the blob, and meanwhile one index
-transaction that commits only after the blob is durable -> result. Success is returned only
-after the commit; if the transaction fails the new blob is deleted.
+parse (bounded) -> de-identify -> serialize -> durable blob write -> one index statement in a
+transaction of its own, run once the blob is durable -> result. Success is returned only after
+the commit; if the transaction fails the new blob is deleted.
 A crash can leave an orphan blob, never an index row without its blob.
 
 The hot path is the byte walker (`dicom_bytes.tokenize`, `deid.walker.walk`): one pass over the

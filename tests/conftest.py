@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from ricord_archive.dimse import reactor_checkpoint
 from tests.phi_corpus import PhiCorpus
 
 START_DEADLINE = 90.0
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+# The tests' pynetdicom clients: without it they lose responses that come back at once.
+reactor_checkpoint.install()
 
 
 def free_port() -> int:
