@@ -24,6 +24,7 @@ from ricord_archive.blobstore import (
     is_file_key,
     new_key,
 )
+from ricord_archive.blobstore.ranged import RangedFile
 from ricord_archive.config import S3Config
 
 _MULTIPART_ABOVE = 64 * 1024**2  # bytes: larger objects are uploaded in parts
@@ -96,47 +97,16 @@ class S3BlobStore:
         raise ValueError("an S3 blob store has no temporary files")
 
 
-class _RangeReader(io.RawIOBase):
+class _RangeReader(RangedFile):
     """A seekable read-only file over one object: each read is a ranged GET."""
 
     def __init__(self, store: S3Store, key: str, size: int) -> None:
-        self._store, self._key, self._size, self._position = store, key, size, 0
-        self.name = key  # pydicom names a dataset read from a file-like object after it
+        super().__init__(key, size)
+        self._store, self._key = store, key
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def readall(self) -> bytes:
-        """The rest of the object in one GET (RawIOBase's would ask 8 KB at a time)."""
-        if self._position >= self._size:
-            return b""
+    def _read(self, start: int, length: int) -> bytes:
         with _as_os_errors():
-            data = obstore.get_range(self._store, self._key, start=self._position,
-                                     length=self._size - self._position)
-        self._position = self._size
-        return bytes(data)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        length = min(len(buffer), self._size - self._position)
-        if length <= 0:
-            return 0
-        with _as_os_errors():
-            data = obstore.get_range(self._store, self._key, start=self._position, length=length)
-        view = memoryview(data)
-        buffer[: len(view)] = view
-        self._position += len(view)
-        return len(view)
+            return bytes(obstore.get_range(self._store, self._key, start=start, length=length))
 
 
 @contextlib.contextmanager

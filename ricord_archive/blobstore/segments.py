@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from ricord_archive.blobstore.ranged import RangedFile
+
 KEY = re.compile(r"^s/([0-9a-f]{32})/(0|[1-9][0-9]{0,8})$")
 _NAME = re.compile(r"^([0-9a-f]{32})\.seg$")
 
@@ -346,54 +348,30 @@ class SegmentFiles:
             os.close(fd)
 
 
-class _Slice(io.RawIOBase):
+class _Slice(RangedFile):
     """One blob's bytes in a segment as a seekable read-only file (offset 0: its first byte).
     Reading it whole from the start checks the bytes' CRC-32 (OSError when they differ)."""
 
     def __init__(self, fd: int, base: int, length: int, crc: int, key: str) -> None:
-        self._fd, self._base, self._length, self._crc, self._position = fd, base, length, crc, 0
-        self.name = key  # pydicom names a dataset read from a file-like object after it
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = max(0, base + offset)
-        return self._position
+        super().__init__(key, length)
+        self._fd, self._base, self._crc = fd, base, crc
 
     def readall(self) -> bytes:
-        start = self._position
-        data = self._pread(self._length - start)
-        if start == 0 and zlib.crc32(data) != self._crc:
+        whole = self._position == 0
+        data = super().readall()
+        if whole and zlib.crc32(data) != self._crc:
             raise OSError("a blob's bytes differ from their checksum")
         return data
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._pread(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def _pread(self, wanted: int) -> bytes:
-        wanted = min(wanted, self._length - self._position)
-        if wanted <= 0:
-            return b""
-        parts, at = [], self._base + self._position
-        while wanted > 0:
-            chunk = os.pread(self._fd, wanted, at)
+    def _read(self, start: int, length: int) -> bytes:
+        parts, at = [], self._base + start
+        while length > 0:
+            chunk = os.pread(self._fd, length, at)
             if not chunk:
                 raise OSError("a blob's segment is shorter than its slot says")
             parts.append(chunk)
-            at, wanted = at + len(chunk), wanted - len(chunk)
-        data = b"".join(parts)
-        self._position += len(data)
-        return data
+            at, length = at + len(chunk), length - len(chunk)
+        return b"".join(parts)
 
     def close(self) -> None:
         if not self.closed:
