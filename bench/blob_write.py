@@ -1,8 +1,8 @@
 """Durable blob writes: one file per blob (temporary file, fsync, rename, folder fsync) against
 segment files (append, one fdatasync shared by concurrent writers). Prints ms per write (wall
 time over all writes) and the median latency of one write, for 10 KB and 527 KB objects and
-1 and 4 concurrent writers. `segments` writes to a segment zeroed before use (every segment
-but a process's first); `first-seg` to a process's first segment, zeroed while it is used.
+1 and 4 concurrent writers. `segments` writes to a segment reserved before use (every segment
+but a process's first); `first-seg` to a process's first segment, reserved while it is used.
 
     python bench/blob_write.py [--dir DIR] [--writes N] [--segment-mib M]
 """

@@ -272,7 +272,7 @@ def test_without_a_ready_segment_a_key_names_a_file_of_its_own(tmp_path, monkeyp
     def no_space(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(segment_writer, "zero", no_space)  # the preparer cannot make one
+    monkeypatch.setattr(segment_writer, "reserve", no_space)  # the preparer cannot make one
     store = FileBlobStore(tmp_path / "blobs", 4 * MIB)
     key = put(store, b"stored the old way")
     assert not seg.KEY.match(key)

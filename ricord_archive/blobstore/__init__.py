@@ -144,12 +144,12 @@ class FileBlobStore:
 
     def new_key(self) -> str:
         """A segment slot's key; a file's of its own without segments, or while no segment
-        is ready (never blocks on zeroing, never fails: a write reports what went wrong)."""
+        is ready (never blocks on reserving space, never fails: a write reports what went wrong)."""
         return (self._writer.new_key() if self._writer is not None else None) or new_key()
 
     def settle(self) -> None:
-        """Wait until the segment in use is zeroed ahead and the next one is ready
-        (benchmarks: no zeroing while they measure)."""
+        """Wait until the segment in use is reserved ahead and the next one is ready
+        (benchmarks: no reserving while they measure)."""
         if self._writer is not None:
             self._writer.settle()
 

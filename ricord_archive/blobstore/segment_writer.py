@@ -1,6 +1,6 @@
 """The appending side of the segment blob store (`segments`), one per process: hands out
 slots, appends, flushes in groups, and keeps (in a background thread) the current segment
-zeroed ahead of its writers and the next one ready."""
+reserved ahead of its writers and the next one ready."""
 
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ from ricord_archive.blobstore.segments import (
     layout,
     parse_key,
     pwrite_all,
+    reserve,
     slot_bytes,
     slot_position,
     superblock,
     write_file,
-    zero,
 )
 
-_WINDOW = 16 * 1024**2  # bytes zeroed (and fsynced) at a time, ahead of the writers
-_FIRST_WINDOW = 1024**2  # zeroed when a segment is made (a process's first key waits for it)
+_WINDOW = 16 * 1024**2  # bytes reserved (and fsynced) at a time, ahead of the writers
+_FIRST_WINDOW = 1024**2  # reserved when a segment is made (a process's first key waits for it)
 MIN_SEGMENT_BYTES = 1024**2
 
 
@@ -44,7 +44,7 @@ class _Open:
     slots: int
     data_start: int
     capacity: int
-    ready: int  # bytes zeroed and fsynced
+    ready: int  # bytes reserved and fsynced
     tail: int  # where the next blob's bytes go
     next_slot: int = 0
     reserved: set[int] = field(default_factory=set)  # slots handed out, not yet written
@@ -68,7 +68,7 @@ class _Open:
 
 class SegmentWriter:
     """The appending side, one per process: reserves slots, appends, flushes in groups, and
-    keeps (in a background thread) the current segment zeroed ahead and the next one ready."""
+    keeps (in a background thread) the current segment reserved ahead and the next one ready."""
 
     def __init__(self, files: SegmentFiles, tmp: Path, capacity: int) -> None:
         if capacity < MIN_SEGMENT_BYTES:
@@ -82,7 +82,7 @@ class SegmentWriter:
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         self._closed = False
-        self._busy = False  # the preparer is zeroing
+        self._busy = False  # the preparer is reserving
 
     def new_key(self) -> str | None:
         """A key naming a slot; None when no segment can take one (the preparer is behind or
@@ -117,7 +117,7 @@ class SegmentWriter:
                 seg.filled = True  # the next key goes to the next segment
             else:
                 seg.tail += len(data)
-                self._cond.notify_all()  # the preparer zeroes further ahead
+                self._cond.notify_all()  # the preparer reserves further ahead
                 while seg.ready < offset + len(data):
                     if self._error is not None or self._closed:
                         seg.writing -= 1
@@ -215,12 +215,12 @@ class SegmentWriter:
     # the preparer (a background thread)
 
     def _job(self) -> _Open | bool:
-        """The segment to zero further, True to create the next one, False: nothing to do.
+        """The segment to reserve further, True to create the next one, False: nothing to do.
         In this order: a segment a writer waits for; the current one when less than a window
-        is zeroed ahead of its tail; creating the next one; the rest of the next one once the
-        current one is half used. So a process that writes little zeroes little, and every
-        segment but a process's first is wholly zeroed before use: no fdatasync of a writer
-        then has to wait for the journal commit of zeroing in its file."""
+        is reserved ahead of its tail; creating the next one; the rest of the next one once the
+        current one is half used. So a process that writes little reserves little, and every
+        segment but a process's first is wholly reserved before use: no fdatasync of a writer
+        has to commit the allocation or the size of its file."""
         for seg in self._open.values():
             if seg.ready < seg.tail:  # a writer waits for it (even in a retired segment)
                 return seg
@@ -263,7 +263,7 @@ class SegmentWriter:
 
     def _extend(self, seg: _Open) -> None:
         end = min(seg.capacity, seg.ready + self.window)
-        zero(seg.fd, seg.ready, end)
+        reserve(seg.fd, seg.ready, end)
         os.fsync(seg.fd)  # the new extents and size: their journal commit is ours, not a writer's
         with self._cond:
             seg.ready, self._error = end, None
@@ -276,10 +276,10 @@ class SegmentWriter:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             slots, data_start = layout(self.capacity)
-            ready = min(self.capacity, data_start + _FIRST_WINDOW)  # then zeroed further
+            ready = min(self.capacity, data_start + _FIRST_WINDOW)  # then reserved further
             if ready <= data_start:
                 raise OSError("a blob segment too small for its slot table")
-            zero(fd, 0, ready)
+            reserve(fd, 0, ready)
             pwrite_all(fd, superblock(slots, data_start, self.capacity), 0)
             os.fsync(fd)
             fsync_dir(self.files.folder)
