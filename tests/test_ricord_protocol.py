@@ -1,6 +1,6 @@
 """The archive's PS3.15 table against the RICORD de-identification protocol's attribute list.
 
-The RICORD protocol (Appendix I of /work/shared/reference/ricord_deid_protocol.txt) lists an
+The RICORD protocol (Appendix I of tests/data/ricord_deid_protocol.txt) lists an
 action per attribute; what it does not list it keeps, except groups 0032 to 4008, private
 groups, curves and overlays, which it removes whole. Where RICORD is weaker than PS3.15 (it keeps
 descriptions, some UIDs and the birth time, shifts the birth date, removes references), the
@@ -22,8 +22,7 @@ from pydicom.uid import CTImageStorage
 from ricord_archive.deid import DeidContext, Keyring, deidentify
 from ricord_archive.deid.table import profile_table
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PROTOCOL = SHARED / "reference" / "ricord_deid_protocol.txt"
+PROTOCOL = Path(__file__).resolve().parent / "data" / "ricord_deid_protocol.txt"
 SITE = "100001"
 KEYS = Keyring(b"ricord-protocol-test-secret-0123")
 ORIGINAL_UID = "1.2.826.0.1.3680043.10.1234.5.6.7"
@@ -50,9 +49,6 @@ def tag_text(tag: int) -> str:
 
 
 def protocol_text() -> str:
-    if not PROTOCOL.is_file():
-        pytest.fail(f"the RICORD protocol is missing: {PROTOCOL} (the shared reference data "
-                    "must sit beside the repository, as ../shared)")
     return PROTOCOL.read_text(encoding="utf-8")
 
 
