@@ -240,16 +240,6 @@ def walk_or_none(parsed: Parsed, context: DeidContext) -> Walked | None:
         return None
 
 
-def _settle(future: asyncio.Future[bytes], digest: bytes | None,
-            error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(digest or b"")
-
-
 class IngestService:
     """Runs the pipeline. The byte walker's work runs inline on the event loop (cheaper than
     handing it to a process pool, where pickling the object both ways alone costs the loop
@@ -304,17 +294,12 @@ class IngestService:
             self._patients[(site.id, patient_key)] = cached
         return cached
 
-    def _hash_and_write(self, key: str, blob: bytes, hashed: asyncio.Future[bytes]) -> None:
+    def _hash_and_write(self, key: str, blob: bytes) -> bytes:
         """In the blob-write thread: the SHA-256 (hashlib lets go of the GIL on large
-        buffers), handed to the loop at once, then the durable write."""
-        loop = hashed.get_loop()
-        try:
-            digest = hashlib.sha256(blob).digest()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, hashed, None, exc)
-            raise
-        loop.call_soon_threadsafe(_settle, hashed, digest, None)
+        buffers) and the durable write; the digest."""
+        digest = hashlib.sha256(blob).digest()
         self.blobs.write(key, blob)
+        return digest
 
     async def _discard(self, written: asyncio.Future[None], key: str) -> None:
         """Remove the blob of an instance that was not indexed, once its write has ended."""
@@ -354,31 +339,26 @@ class IngestService:
         if isinstance(admitted.dataset, Parsed):  # the hot path, inline on the loop
             walked = walk_or_none(admitted.dataset, context)
         key = self.blobs.new_key()
+        written: asyncio.Future[bytes | None]
         if walked is not None:
-            blob = walked.data
-            hashed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             written = asyncio.ensure_future(
-                asyncio.to_thread(self._hash_and_write, key, blob, hashed)
+                asyncio.to_thread(self._hash_and_write, key, walked.data)
             )
-            try:
-                digest = await hashed
-            except BaseException:
-                await self._discard(written, key)
-                raise
-            new = replace(describe_walked(walked, digest), blob_key=key)
         else:
             source = admitted.dataset if isinstance(admitted.dataset, Dataset) else data
             new, blob = await self._run(
                 prepare_object, source, self.config.limits.max_object_bytes, context,
             )
-            new = replace(new, blob_key=key)
             written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, key, blob))
         try:
+            if walked is not None:  # the index statement waits for the durable write anyway
+                new = describe_walked(walked, await written)
+            new = replace(new, blob_key=key)
             row = await store_instance(
                 self.pool, site, patient, new, self.config.duplicates, written
             )
         except BaseException as exc:
-            await self._discard(written, new.blob_key)
+            await self._discard(written, key)
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc
