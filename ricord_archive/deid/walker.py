@@ -61,6 +61,7 @@ _PIXEL_REPRESENTATION = 0x00280103
 _PIXEL_TAGS = frozenset(int(tag, 16) for tag in PIXEL_DATA_TAGS)
 _MAPPED_VRS = frozenset({"UI", "DA", "DT", "AS"})
 _PREAMBLE = bytes(128) + b"DICM"
+_RECURRING_SIZE = 64  # text and number values up to this size are rendered once (cached)
 _RECORD_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -246,7 +247,13 @@ class _Walker:
     def json(self, tag: int, vr: str, value: Any, encodings: list[str] | None, depth: int
              ) -> dict | None:
         try:
-            rendered = render(tag, vr, value if vr in BINARY_VRS else bytes(value), encodings)
+            if vr in BINARY_VRS:
+                rendered = render(tag, vr, value, encodings)
+            elif len(value) <= _RECURRING_SIZE:
+                rendered = _render_recurring(tag, vr, bytes(value),
+                                             None if encodings is None else tuple(encodings))
+            else:
+                rendered = render(tag, vr, bytes(value), encodings)
         except Exception:  # as to_json: an element pydicom cannot express is left out
             return None
         if depth == 0 and tag in _PIXEL_TAGS and "InlineBinary" in rendered:
@@ -337,6 +344,15 @@ def _inserted(tag: int, vr: str, value: str | tuple | None, implicit: bool, unde
     head = header(tag, None if implicit else "SQ", UNDEFINED if undefined else len(content))
     encoded = head + content + (SEQUENCE_END if undefined else b"")
     return encoded, None, None if documents is None else {"vr": "SQ", "Value": documents}
+
+
+@lru_cache(maxsize=8192)
+def _render_recurring(tag: int, vr: str, raw: bytes, encodings: tuple[str, ...] | None
+                      ) -> dict:
+    """The JSON of a short text or number value. Most such values recur object after object
+    (modality, image type, spacing, the archive's own codes), so each is rendered once; the
+    JSON is shared between documents, which are only ever serialized."""
+    return render(tag, vr, raw, None if encodings is None else list(encodings))
 
 
 def _assemble(out: list[_Out]) -> tuple[list, int, dict | None]:
