@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.index.database import DATABASE_UNAVAILABLE, keep_session
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Reads:
             return
         self._replica = await asyncpg.create_pool(
             self.replica_url, min_size=0, max_size=10, command_timeout=QUERY_TIMEOUT,
-            timeout=CONNECT_TIMEOUT,
+            timeout=CONNECT_TIMEOUT, reset=keep_session,
             server_settings={"application_name": f"ricord-archive reads {os.getpid()}"},
         )
         deadline = asyncio.get_running_loop().time() + STARTUP_CATCH_UP
