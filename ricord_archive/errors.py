@@ -46,11 +46,15 @@ class RefusedObject(ArchiveError):
 
 
 class SopClassRefused(RefusedObject):
+    """An object of a SOP class the site does not accept, or that is never accepted."""
+
     dimse_status = 0x0122  # Refused: SOP class not supported
     failure_reason = 0x0122
 
 
 class NotAuthorized(RefusedObject):
+    """An object the policy forbids whatever its class (burned-in annotation)."""
+
     dimse_status = 0x0124  # Refused: not authorized
     failure_reason = 0x0124
 
@@ -72,6 +76,8 @@ class StudyMismatch(ArchiveError):
 
 
 class ObjectTooLarge(ArchiveError):
+    """An object or STOW-RS request over the configured size limit."""
+
     dimse_status = 0xA700
     http_status = 413
     failure_reason = 0xA700
@@ -86,18 +92,26 @@ class StorageUnavailable(ArchiveError):
 
 
 class BadRequest(ArchiveError):
+    """A malformed request: query value, identifier, UID, frame list, multipart body."""
+
     dimse_status = 0xA900  # Identifier does not match SOP class
     http_status = 400
 
 
 class NotFound(ArchiveError):
+    """No such study, series, instance, frame or bulk data element (in the caller's sites)."""
+
     dimse_status = 0xC000
     http_status = 404
 
 
 class NotAcceptable(ArchiveError):
+    """No media type or transfer syntax the client accepts can be produced."""
+
     http_status = 406
 
 
 class UnsupportedMediaType(ArchiveError):
+    """A STOW-RS body that is not multipart/related of application/dicom parts."""
+
     http_status = 415

@@ -342,8 +342,8 @@ def parse_query(
 
     `scope` holds the UIDs of the resource path (e.g. the study of /studies/{uid}/series).
     Empty values and `*` are universal matching; leading and trailing spaces are insignificant.
-    Keys the archive does not match on are ignored and reported; malformed keys and values
-    raise BadRequest.
+    Keys the archive does not match on and parameters that are not DICOM attributes are
+    ignored and reported; malformed values (of keys and control parameters) raise BadRequest.
     """
     pairs = list(params)
     control = {k: v for k, v in pairs if k in CONTROL_PARAMETERS and k != "includefield"}
@@ -354,8 +354,9 @@ def parse_query(
         if raw_key in CONTROL_PARAMETERS:
             continue
         path = attribute_path(raw_key)
-        if path is None:
-            raise BadRequest(f"unknown query key {raw_key[:64]!r}: not a DICOM keyword or tag")
+        if path is None:  # PS3.18: a parameter the origin server does not support is ignored
+            ignored.append(f"{raw_key[:64]!r} is not a query parameter of this archive")
+            continue
         if len(value) > _MAX_VALUE or "\x00" in value:
             raise BadRequest(f"{path[0]}: value too long or containing NUL")
         key = KEYS.get(path[0])

@@ -71,8 +71,14 @@ def test_private_and_unknown_tags_are_ignored_not_refused():
     assert query.ignored == ("00091001 is not a matching key of this archive",)
 
 
-def test_non_dicom_key_is_a_bad_request():
-    rejected(foo="bar")
+def test_parameters_that_are_not_dicom_attributes_are_ignored_and_reported():
+    query = parse(foo="bar", **{"0010001G": "x", "PatientName.": "y"})
+    assert query.conditions == ()
+    assert query.ignored == (
+        "'foo' is not a query parameter of this archive",
+        "'0010001G' is not a query parameter of this archive",
+        "'PatientName.' is not a query parameter of this archive",
+    )
 
 
 def test_keys_of_a_lower_level_or_unmatched_are_ignored_and_reported():

@@ -179,6 +179,54 @@ def test_metadata_etag_gzip_and_bulk_data(stored):
     assert requests.get(root + pixel_uri, headers={"Range": "bytes=999999-"}).status_code == 416
 
 
+def _bulk_data_uris(document: dict) -> list[str]:
+    """Every BulkDataURI of a DICOM JSON document, in sequences too."""
+    found = []
+    for element in document.values():
+        if "BulkDataURI" in element:
+            found.append(element["BulkDataURI"])
+        if element["vr"] == "SQ":
+            for item in element.get("Value", []):
+                found += _bulk_data_uris(item)
+    return found
+
+
+def test_each_bulk_data_part_names_its_bulk_data_uri(archive, stored):
+    """PS3.18 10.4.3.3.5: a bulk data part carries Content-Location, the URI of its element
+    in the metadata, whatever spelling of the tag the request used, in a range answer too;
+    dicomweb-client reads the same bytes."""
+    checked = 0
+    for name, (_, url) in stored.items():
+        [document] = requests.get(f"{url}/metadata", timeout=30).json()
+        uris = _bulk_data_uris(document)
+        assert uris, name
+        for uri in uris:
+            [(headers, body)] = parts(requests.get(archive.root + uri, timeout=30))
+            assert headers["Content-Location"] == uri
+            lower = uri[:-8] + uri[-8:].lower()
+            [(again, _)] = parts(requests.get(archive.root + lower, timeout=30))
+            assert again["Content-Location"] == uri
+            [(ranged, _)] = parts(requests.get(archive.root + uri, timeout=30,
+                                               headers={"Range": "bytes=0-1"}))
+            assert ranged["Content-Location"] == uri
+            assert archive.client().retrieve_bulkdata(archive.root + uri) == [body]
+            checked += 1
+    assert checked >= len(stored)
+
+
+def test_each_frame_part_names_the_uri_of_its_frame(archive, stored):
+    _, url = stored["dose"]
+    path = url.removeprefix(archive.root)
+    answer = parts(requests.get(f"{url}/frames/5,2,9", headers={"Accept": OCTET}, timeout=30))
+    assert [h["Content-Location"] for h, _ in answer] == [
+        f"{path}/frames/{n}" for n in (5, 2, 9)
+    ]
+    for headers, body in answer:  # each location answers that frame alone
+        [(_, alone)] = parts(requests.get(archive.root + headers["Content-Location"],
+                                          headers={"Accept": OCTET}, timeout=30))
+        assert alone == body
+
+
 def _image(response: requests.Response) -> Image.Image:
     assert response.status_code == 200, response.text[:200]
     return Image.open(io.BytesIO(response.content))

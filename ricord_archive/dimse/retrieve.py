@@ -84,6 +84,8 @@ SubOperation = Callable[[StoredInstance, Blob], Awaitable[int | None]]
 
 
 class TooManyMatches(ArchiveError):
+    """A C-GET or C-MOVE that matches more instances than one retrieve can count."""
+
     dimse_status = 0xA701  # Refused: out of resources, unable to calculate number of matches
 
 

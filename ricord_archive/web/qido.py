@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -15,6 +17,7 @@ from ricord_archive.web import app as web_app
 from ricord_archive.web import audit, auth
 from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
 
+_WARN_AGENT = re.compile(r"[A-Za-z0-9.:\[\]-]{1,300}")
 _SCOPE_KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
 
@@ -32,11 +35,27 @@ def _retrieve_url(base: str, level: Level, document: dict) -> str | None:
     return None
 
 
-def _warning(ignored: tuple[str, ...], more: int, at_least: bool) -> str | None:
-    notes = [f'299 ricord-archive "ignored: {note}"' for note in ignored]
+def _quoted(text: str) -> str:
+    """`text` as the body of an HTTP quoted-string: ASCII, backslash and quote escaped."""
+    ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(
+        f"\\{c}" if c in '"\\' else c if c.isprintable() else repr(c)[1:-1] for c in ascii_text
+    )
+
+
+def _agent(base: str) -> str:
+    """The warn-agent: the host and port the client reached (a pseudonym if it is odd)."""
+    netloc = urlsplit(base).netloc
+    return netloc if _WARN_AGENT.fullmatch(netloc) else "ricord-archive"
+
+
+def _warning(agent: str, ignored: tuple[str, ...], more: int, at_least: bool) -> str | None:
+    """The Warning header (RFC 7234 code 299, miscellaneous persistent warning) of a search:
+    each parameter ignored, and how many matches lie past the page."""
+    notes = [f'299 {agent} "ignored: {_quoted(note)}"' for note in ignored]
     if more:
         count = f"at least {more}" if at_least else str(more)
-        notes.append(f'299 ricord-archive "{count} more matches: page with limit and offset"')
+        notes.append(f'299 {agent} "{count} more matches: page with limit and offset"')
     return ", ".join(notes) or None
 
 
@@ -74,7 +93,7 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
             if url:
                 document["00081190"] = {"vr": "UR", "Value": [url]}
         headers = {}
-        warning = _warning(result.ignored, result.more, result.more_at_least)
+        warning = _warning(_agent(base), result.ignored, result.more, result.more_at_least)
         if warning:
             headers["Warning"] = warning
         if want_json:

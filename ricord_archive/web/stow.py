@@ -18,7 +18,7 @@ from ricord_archive.errors import (
     UnsupportedMediaType,
 )
 from ricord_archive.web import app as web_app
-from ricord_archive.web import audit, auth
+from ricord_archive.web import audit, auth, multipart
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,17 @@ _NOT_DICOM = ({
 async def store(request: web.Request) -> web.Response:
     services = request.app[web_app.SERVICES]
     content_type = parse_media_type(request.headers.get("Content-Type", ""))
-    if content_type.type != "multipart/related" or content_type.params.get("type") != DICOM:
+    # Without `type`, each part's own Content-Type says what it is (application/dicom if none).
+    if content_type.type != "multipart/related" or content_type.params.get(
+        "type", DICOM
+    ).lower() != DICOM:
         raise UnsupportedMediaType(
             'STOW-RS accepts multipart/related; type="application/dicom" only'
         )
     try:
-        reader = await request.multipart()
+        reader = multipart.reader(request)
     except (ValueError, AssertionError) as exc:
-        raise BadRequest("malformed multipart body") from exc
+        raise BadRequest("malformed multipart body: no usable boundary parameter") from exc
     base = web_app.base_url(request)
     target_study = request.match_info.get("study")
     budget = services.max_stow_bytes

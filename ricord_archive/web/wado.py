@@ -13,6 +13,7 @@ from typing import BinaryIO
 from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
 
+from ricord_archive.dicom_json import instance_path
 from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.index.reads import StoredInstance
 from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
@@ -153,12 +154,14 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _multipart_body(parts: Iterable[tuple[str, bytes]]) -> tuple[bytes, str]:
+def _multipart_body(parts: Iterable[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """Parts of (media type, Content-Location, bytes): each part names the URI it answers
+    (PS3.18 10.4.3.3.5: bulk data carries the BulkDataURI of its element in the metadata)."""
     boundary = uuid.uuid4().hex
     body = b"".join(
-        f"--{boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n\r\n"
-        .encode("ascii") + data + b"\r\n"
-        for content_type, data in parts
+        f"--{boundary}\r\nContent-Type: {content_type}\r\nContent-Location: {location}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode("ascii") + data + b"\r\n"
+        for content_type, location, data in parts
     ) + f"--{boundary}--\r\n".encode("ascii")
     return body, boundary
 
@@ -186,7 +189,11 @@ async def frames(request: web.Request) -> web.Response:
     part_type = result.media_type + (
         f"; transfer-syntax={result.transfer_syntax_uid}" if result.transfer_syntax_uid else ""
     )
-    body, boundary = _multipart_body((part_type, data) for data in result.data)
+    instance = instance_path(*uids)
+    body, boundary = _multipart_body(
+        (part_type, f"{instance}/frames/{number}", data)
+        for number, data in zip(numbers, result.data, strict=True)
+    )
     return web.Response(body=body, headers={
         "Content-Type": f'multipart/related; type="{result.media_type}"; boundary={boundary}',
     })
@@ -246,9 +253,9 @@ async def bulk_data(request: web.Request) -> web.Response:
     tag_text = request.match_info["tag"]
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
         raise BadRequest("bulk data is addressed by an 8-digit hexadecimal tag")
-    value = await services.retrieve.bulk_data(
-        *_uids(request), int(tag_text, 16), site_id=auth.site_id(request)
-    )
+    uids = _uids(request)
+    value = await services.retrieve.bulk_data(*uids, int(tag_text, 16),
+                                              site_id=auth.site_id(request))
     status, extra = 200, {}
     wanted = request.headers.get("Range")
     if wanted:
@@ -266,7 +273,8 @@ async def bulk_data(request: web.Request) -> web.Response:
         status = 206
         extra["Content-Range"] = f"bytes {first}-{last}/{len(value)}"
         value = value[first:last + 1]
-    body, boundary = _multipart_body([(OCTET_STREAM, value)])
+    location = f"{instance_path(*uids)}/bulkdata/{tag_text.upper()}"  # as in the metadata
+    body, boundary = _multipart_body([(OCTET_STREAM, location, value)])
     return web.Response(status=status, body=body, headers={
         "Content-Type": f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}', **extra,
     })
