@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -10,14 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from ricord_archive.blobstore import FileBlobStore, segment_writer
+from ricord_archive.blobstore import FileBlobStore, direct, segment_writer
 from ricord_archive.blobstore import segments as seg
 
 MIB = 1024**2
 
 
-@pytest.fixture
-def store(tmp_path):
+def aligned_writes(path: Path) -> int:
+    """Direct I/O where the file system has it; elsewhere (tmpfs) the same page-aligned writes
+    through a plain descriptor, so the direct layout is tested on any machine."""
+    return direct.open_direct(path) or os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+
+
+@pytest.fixture(params=["direct", "page-cache"])
+def store(tmp_path, request, monkeypatch):
+    monkeypatch.setattr(segment_writer, "open_direct",
+                        aligned_writes if request.param == "direct" else lambda path: None)
     blobs = FileBlobStore(tmp_path / "blobs", 4 * MIB)
     yield blobs
     blobs.close()
@@ -49,6 +58,25 @@ def test_blobs_read_back_whole_ranged_and_by_sendfile_location(store):
             raw.seek(where.offset)
             assert raw.read(len(data)) == data
     assert {k: size for k, size, _ in store.walk()} == {k: len(d) for k, d in keys.items()}
+
+
+def test_direct_writes_start_on_pages_and_read_back_without_their_padding(tmp_path, monkeypatch):
+    monkeypatch.setattr(segment_writer, "open_direct", aligned_writes)
+    blobs = FileBlobStore(tmp_path / "blobs", 4 * MIB)
+    try:
+        sizes = [1, 4095, 4096, 4097, 10_601, 527_000]
+        keys = {put(blobs, payload(n, size)): payload(n, size) for n, size in enumerate(sizes)}
+        offsets = sorted(blobs.local_file(key).offset for key in keys)
+        assert all(offset % direct.PAGE == 0 for offset in offsets)
+        gaps = [b - a for a, b in itertools.pairwise(offsets)]
+        assert gaps == [direct.aligned(len(payload(n, size)))
+                        for n, size in enumerate(sizes[:-1])]
+        for key, data in keys.items():
+            with blobs.open(key) as stream:
+                assert stream.read() == data
+        assert {k: size for k, size, _ in blobs.walk()} == {k: len(d) for k, d in keys.items()}
+    finally:
+        blobs.close()
 
 
 def test_an_object_larger_than_what_is_left_is_a_file_of_its_own(store):

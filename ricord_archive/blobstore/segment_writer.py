@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ricord_archive.blobstore.direct import aligned, open_direct, write_direct
 from ricord_archive.blobstore.segments import (
     EXTERNAL,
     INLINE,
@@ -55,6 +56,12 @@ class _Open:
     failed: int = 0  # tickets up to this one were in a flush that failed
     filled: bool = False  # a blob did not fit
     retired: bool = False  # no more keys: the next segment took over
+    direct: int | None = None  # the same file opened for direct I/O (None: not supported)
+
+    def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
+        os.close(self.fd)  # releases the flock: the segment may be removed once emptied
 
     def usable(self) -> bool:
         """Whether a key may still be handed out here."""
@@ -112,13 +119,14 @@ class SegmentWriter:
                 raise ValueError("not a key this blob store handed out for writing")
             seg.reserved.discard(index)
             seg.writing += 1
-            offset = seg.tail if seg.tail + len(data) <= seg.capacity else None
+            size = len(data) if seg.direct is None else aligned(len(data))
+            offset = seg.tail if seg.tail + size <= seg.capacity else None
             if offset is None:
                 seg.filled = True  # the next key goes to the next segment
             else:
-                seg.tail += len(data)
+                seg.tail += size
                 self._cond.notify_all()  # the preparer reserves further ahead
-                while seg.ready < offset + len(data):
+                while seg.ready < offset + size:
                     if self._error is not None or self._closed:
                         seg.writing -= 1
                         self._release_if_done(seg)
@@ -127,6 +135,8 @@ class SegmentWriter:
         try:
             if offset is None:  # too large for what is left: a file of its own
                 write_file(self.files.external(segment, index), self.tmp, data)
+            elif seg.direct is not None:
+                write_direct(seg.direct, data, offset)
             else:
                 pwrite_all(seg.fd, data, offset)
             slot = Slot(segment, index, INLINE if offset is not None else EXTERNAL,
@@ -176,7 +186,7 @@ class SegmentWriter:
     def _release_if_done(self, seg: _Open) -> None:
         if seg.retired and not seg.writing and not seg.reserved and seg.id in self._open:
             del self._open[seg.id]
-            os.close(seg.fd)  # releases the flock: the segment may be removed once emptied
+            seg.close()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -208,7 +218,7 @@ class SegmentWriter:
             thread.join()
         with self._cond:
             for seg in list(self._open.values()):
-                os.close(seg.fd)
+                seg.close()
             self._open.clear()
             self._current = self._spare = None
 
@@ -287,7 +297,8 @@ class SegmentWriter:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        seg = _Open(segment, fd, slots, data_start, self.capacity, ready, data_start)
+        seg = _Open(segment, fd, slots, data_start, self.capacity, ready, data_start,
+                    direct=open_direct(path))
         with self._cond:
             self._open[segment] = seg
         return seg
