@@ -16,7 +16,10 @@ by a background thread: a writer's `fdatasync` then flushes its bytes and the co
 reserved extents it wrote, never a new file, name or size. Reserved space reads as zeros.
 Zeroing it instead (written extents: `fdatasync` flushes data only) measured cheaper per write
 alone, but it writes every byte twice, and ingest of large objects is bound by the disk's
-bandwidth: 197 against 253 inst/s for 512² CT on one association (bench/RESULTS.md).
+bandwidth: 197 against 253 inst/s for 512² CT on one association (bench/RESULTS.md). Where
+the file system allows, the bytes are written with direct I/O (`direct`), each blob starting
+on a page and padded to whole pages (its slot keeps its true length); a delete then frees
+every whole page of a blob, the last partial one with the segment.
 
 A blob that does not fit in what is left of its segment is a file of its own,
 `<id>-<n>.dcm`, written the old way (temporary file, fsync, rename, folder fsync); its slot
