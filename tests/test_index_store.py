@@ -187,7 +187,11 @@ def test_migration_carries_the_counts_of_an_existing_index_over(index):
     assert next(m.version for m in everything if m.version >= 9) == 9
 
     async def scenario(ix: Index) -> None:
-        patient = await ix.patient(b"p" * 32)
+        pseudonym = f"{ix.site.siteid}-000001"  # allocated as before migrations/012
+        patient = Patient(await ix.pool.fetchval(
+            "INSERT INTO patient (site_id, patient_key, pseudonym, date_offset_days) "
+            "VALUES ($1, $2, $3, -1) RETURNING pk", ix.site.id, b"p" * 32, pseudonym),
+            pseudonym, -1)
         places = [(1, 1)] * 3 + [(1, 2)] * 2 + [(2, 3)] * 2  # (study, series)
         for number, (study, series) in enumerate(places):  # stored as migrations/007 does
             await ix.store(patient, instance(study, series, number))
