@@ -33,6 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ricord_archive.config import SiteConfig
+from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.index.database import create_pool, ensure_database
@@ -164,7 +165,8 @@ async def main(args: argparse.Namespace) -> None:
                     site = await ensure_site(conn, SiteConfig("bench"))
                     print("synchronous_commit", await conn.fetchval("SHOW synchronous_commit"),
                           "| fsync", await conn.fetchval("SHOW fsync"))
-                patient = await patient_for(pool, site, os.urandom(32))
+                patient = (await patient_for(pool, site, PatientKeys(os.urandom(32), None))
+                           ).patient
                 warm = [new_instance("9", n, args.per_study) for n in range(200)]
                 await run(pool, site, patient, warm, 1, 0)
                 print(f"{'senders':>7} {'blob ms':>7} {'ms/inst':>8} {'p50 ms':>7} "

@@ -62,12 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     lookup = commands.add_parser(
         "lookup", help="print the pseudonyms of original patient IDs at a site",
         description="Print PATIENT_ID<TAB>pseudonym (or 'not found') for each ID, or with "
-        "--csv a PatientID,pseudonym CSV on standard output.",
+        "--csv a PatientID,pseudonym CSV on standard output (PatientID,IssuerOfPatientID,"
+        "pseudonym when the file has an IssuerOfPatientID column).",
     )
     common(lookup)
     lookup.add_argument("--site", required=True, help="the configured site of the patients")
     lookup.add_argument("--csv", metavar="FILE", type=Path,
-                        help="CSV file with a PatientID column in its header row ('-': stdin)")
+                        help="CSV file with a PatientID column in its header row ('-': stdin), "
+                        "and optionally an IssuerOfPatientID column")
+    lookup.add_argument("--issuer", default="", metavar="ISSUER",
+                        help="the IssuerOfPatientID of the PATIENT_IDs (default: none, so the "
+                        "site's default_issuer if it has one)")
     lookup.add_argument("patient_ids", metavar="PATIENT_ID", nargs="*")
 
     common(commands.add_parser("refusals", help="print refused objects per site and reason"))
@@ -227,7 +232,8 @@ def _run_tool(config: Config, args: argparse.Namespace) -> int:
         if args.command == "deid":
             asyncio.run(deidentify_files(config, args.site, args.source, args.target))
         elif args.command == "lookup":
-            asyncio.run(lookup(config, args.site, args.patient_ids, args.csv, sys.stdout))
+            asyncio.run(lookup(config, args.site, args.patient_ids, args.csv, sys.stdout,
+                               args.issuer))
         else:
             asyncio.run(print_refusals(config, sys.stdout))
     except ToolError as exc:
@@ -340,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "lookup" and bool(args.csv) == bool(args.patient_ids):
         parser.error("lookup takes PATIENT_ID arguments or --csv FILE (one of them)")
+    if args.command == "lookup" and args.csv and args.issuer:
+        parser.error("lookup --issuer goes with PATIENT_ID arguments; a CSV file names issuers "
+                     "in an IssuerOfPatientID column")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

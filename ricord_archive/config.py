@@ -45,6 +45,11 @@ class SiteConfig:
     sop_classes: frozenset[str] = DEFAULT_SOP_CLASSES  # SOP Class UIDs the site may send
     move_destinations: tuple[MoveDestination, ...] = ()  # for C-MOVEs from this site's AEs
     addresses: tuple[Network, ...] = ()  # where its AE titles may call from; (): anywhere
+    default_issuer: str = ""  # IssuerOfPatientID for objects that name none ("": none)
+
+    def issuer_of(self, issuer: str) -> str:
+        """The issuer a patient is filed under: the object's own, else the site's default."""
+        return issuer or self.default_issuer
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,7 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
             name, tuple(aets), siteid, bool(entry.get("default", False)), sop_classes,
             _parse_move_destinations(entry.get("move_destinations", []), f"site {name!r}"),
             _parse_addresses(entry.get("addresses", []), name),
+            _parse_default_issuer(entry.get("default_issuer", ""), name),
         ))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
@@ -234,6 +240,17 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
     if not defaults:
         sites[0] = replace(sites[0], default=True)
     return tuple(sites), False
+
+
+def _parse_default_issuer(raw: Any, site: str) -> str:
+    """A site's default IssuerOfPatientID: a DICOM LO value (at most 64 characters, no
+    backslash or control character), stripped as ingest strips the object's own."""
+    if not isinstance(raw, str) or len(raw) > 64 or "\\" in raw or any(
+        ord(c) < 32 for c in raw
+    ):
+        raise ConfigError(f"site {site!r}: default_issuer must be an IssuerOfPatientID value "
+                          "(text of at most 64 characters, no backslash)")
+    return raw.strip()
 
 
 def _parse_addresses(raw: Any, site: str) -> tuple[Network, ...]:

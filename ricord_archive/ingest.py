@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from ricord_archive import dicom_io
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
-from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
+from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
 from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
 from ricord_archive.deid.policy import check_acceptable, check_values
 from ricord_archive.deid.walker import Walked, admitted, walk
@@ -55,18 +55,15 @@ from ricord_archive.errors import (
 from ricord_archive.index.database import DATABASE_UNAVAILABLE
 from ricord_archive.index.store import (
     NewInstance,
-    Patient,
     Site,
     count_refusal,
-    patient_for,
     store_instance,
 )
-from ricord_archive.records import PatientRecord
+from ricord_archive.patients import PatientDirectory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_PATIENT_CACHE_SIZE = 100_000
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
 DUPLICATE_KEPT_WARNING = 0xB006
 _DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
@@ -102,7 +99,7 @@ def _admit_parsed(parsed: Parsed, site: SiteConfig) -> Admission:
             raise RefusedObject(NO_PATIENT_ID, "no-patient-id")
     except RefusedObject as exc:
         return Admission(*uids, None, exc, None)
-    return Admission(*uids, values.patient_id, None, parsed)
+    return Admission(*uids, values.patient_id, None, parsed, values.issuer)
 
 
 def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]:
@@ -169,6 +166,7 @@ class Admission:
     # The parsed object (the walker's tokens, or pydicom's dataset when kept for a next step
     # in-process); None when refused.
     dataset: Parsed | Dataset | None
+    issuer: str = ""  # IssuerOfPatientID, "" when the object names none
 
 
 def fast_admission(data: bytes, limit: int, site: SiteConfig) -> Admission | None:
@@ -207,7 +205,7 @@ def pydicom_admission(data: bytes, limit: int, site: SiteConfig, keep: bool) -> 
             str(dataset.StudyInstanceUID).strip())
     kept = dataset if keep else None
     try:
-        return Admission(*uids, admit(dataset, site), None, kept)
+        return Admission(*uids, admit(dataset, site), None, kept, issuer_of(dataset))
     except RefusedObject as exc:
         return Admission(*uids, None, exc, None)
     except ArchiveError:
@@ -257,8 +255,7 @@ class IngestService:
         self.sites = sites
         self.config = config
         self.executor = executor
-        # Patient rows never change once allocated, so a node may keep what it has looked up.
-        self._patients: dict[tuple[int, bytes], Patient] = {}
+        self.patients = PatientDirectory(pool, keys, blobs)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -274,25 +271,13 @@ class IngestService:
                 pydicom_admission, data, limit, site_config, self.executor is None
             )
         try:
-            return await self._store_admitted(data, admitted, site, study_uid)
+            return await self._store_admitted(data, admitted, site, site_config, study_uid)
         except ArchiveError as exc:  # name the object by the UID it would have had here
             exc.sop_class_uid = admitted.sop_class_uid
             exc.sop_uid = self.keys.uid(site.siteid, admitted.sop_uid)
             if isinstance(exc, RefusedObject):
                 await self._count_refusal(site, exc)
             raise
-
-    async def _patient(self, site: Site, patient_key: bytes) -> Patient:
-        cached = self._patients.get((site.id, patient_key))
-        if cached is None:
-            cached = await patient_for(self.pool, site, patient_key)
-            record = PatientRecord(site.siteid, cached.pseudonym, patient_key,
-                                   cached.date_offset_days)  # once per patient and process
-            await asyncio.to_thread(self.blobs.write_record, record.record_name, record.encode())
-            if len(self._patients) >= _PATIENT_CACHE_SIZE:
-                self._patients.clear()
-            self._patients[(site.id, patient_key)] = cached
-        return cached
 
     def _hash_and_write(self, key: str, blob: bytes) -> bytes:
         """In the blob-write thread: the SHA-256 (hashlib lets go of the GIL on large
@@ -315,7 +300,8 @@ class IngestService:
             log.warning("could not count a refusal: %s", type(exc).__name__)
 
     async def _store_admitted(
-        self, data: bytes, admitted: Admission, site: Site, study_uid: str | None
+        self, data: bytes, admitted: Admission, site: Site, site_config: SiteConfig,
+        study_uid: str | None,
     ) -> StoreResult:
         if admitted.refusal is not None:
             raise admitted.refusal
@@ -324,8 +310,8 @@ class IngestService:
         ):
             raise StudyMismatch("the object belongs to another study than the request URL")
         try:
-            patient = await self._patient(
-                site, self.keys.patient_key(site.siteid, admitted.patient_id)
+            patient = await self.patients.resolve(
+                site, site_config, admitted.patient_id, admitted.issuer
             )
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc

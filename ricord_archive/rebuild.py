@@ -97,8 +97,8 @@ async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> 
 
 async def _patients(conn: asyncpg.Connection, blobs: BlobStore, sites: dict[str, Site]
                     ) -> dict[str, tuple[Site, Patient]]:
-    records = [PatientRecord.decode(data) for _, data in
-               await asyncio.to_thread(lambda: list(blobs.records("patients")))]
+    records = PatientRecord.merged(PatientRecord.decode(data) for _, data in
+                                   await asyncio.to_thread(lambda: list(blobs.records("patients"))))
     found = {}
     for record in records:
         site = sites.get(record.siteid)
@@ -106,7 +106,8 @@ async def _patients(conn: asyncpg.Connection, blobs: BlobStore, sites: dict[str,
             log.warning("a patient record names SITEID %s, which no site has", record.siteid)
             continue
         found[record.pseudonym] = (site, await _insert_patient(
-            conn, site, record.patient_key, record.pseudonym, record.date_offset_days))
+            conn, site, record.pseudonym, record.date_offset_days, record.patient_key,
+            record.issuer_key))
     return found
 
 
@@ -119,18 +120,18 @@ async def _unrecorded(pool: asyncpg.Pool, sites: dict[str, Site], pseudonym: str
     if site is None:
         raise RebuildError("an object's Patient ID is not a pseudonym of a known site")
     async with pool.acquire() as conn:
-        patient = await _insert_patient(conn, site, secrets.token_bytes(32), pseudonym, -1)
+        patient = await _insert_patient(conn, site, pseudonym, -1, secrets.token_bytes(32))
     patients[pseudonym] = (site, patient)
     report.patients += 1
     report.patients_without_record += 1
     return site, patient
 
 
-async def _insert_patient(conn: asyncpg.Connection, site: Site, key: bytes, pseudonym: str,
-                          offset: int) -> Patient:
+async def _insert_patient(conn: asyncpg.Connection, site: Site, pseudonym: str, offset: int,
+                          key: bytes | None, issuer_key: bytes | None = None) -> Patient:
     row = await conn.fetchrow(
-        "INSERT INTO patient (site_id, patient_key, pseudonym, date_offset_days) "
-        "VALUES ($1, $2, $3, $4) RETURNING pk", site.id, key, pseudonym, offset)
+        "INSERT INTO patient (site_id, patient_key, issuer_key, pseudonym, date_offset_days) "
+        "VALUES ($1, $2, $3, $4, $5) RETURNING pk", site.id, key, issuer_key, pseudonym, offset)
     number = int(pseudonym.rsplit("-", 1)[1]) if pseudonym.rsplit("-", 1)[-1].isdigit() else 0
     await conn.execute("UPDATE site SET next_patient_number = greatest(next_patient_number, $2) "
                        "WHERE id = $1", site.id, number + 1)

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from ricord_archive.dimse import reactor_checkpoint
+from ricord_archive.index.embedded import EmbeddedPostgres
 from tests.phi_corpus import PhiCorpus
 
 START_DEADLINE = 90.0
@@ -136,3 +138,23 @@ def _stop_leftover_postgres(data_dir: Path) -> None:
 @pytest.fixture
 def corpus(tmp_path) -> PhiCorpus:
     return PhiCorpus(seed=20261122, out_dir=tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[str]:
+    """An embedded PostgreSQL for the index tests of one module; its URL."""
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("index") / "pg")
+    url = embedded.start()
+    yield url
+    embedded.stop()
+
+
+async def fresh_database(url: str, name: str) -> str:
+    """A new empty database `name` in the cluster of `url`; its URL."""
+    conn = await asyncpg.connect(url.replace("/ricord?", "/postgres?"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return url.replace("/ricord?", f"/{name}?")

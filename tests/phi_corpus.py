@@ -23,6 +23,7 @@ class PlantedPatient:
     patient_id: str
     name: str
     birth_date: str
+    issuer: str = ""  # IssuerOfPatientID, "" for none
 
 
 @dataclass
@@ -49,13 +50,17 @@ class PhiCorpus:
     def _uid(self) -> str:
         return self.corpus.plant(generate_uid(prefix=_ROOT, entropy_srcs=[str(self.rng.random())]))
 
-    def patient(self, patient_id: str | None = None) -> PlantedPatient:
+    def patient(self, patient_id: str | None = None, issuer: str | bool = "") -> PlantedPatient:
+        """A patient; `issuer` its IssuerOfPatientID (True: a planted random one)."""
         plant = self.corpus.plant
+        if issuer:
+            issuer = plant(self._token("ISSUER") if issuer is True else issuer)
         return PlantedPatient(
             patient_id=plant(patient_id or self._token("PID")),
             name=plant(f"{self._token('FAM')}^{self._token('GIV')}"),
             birth_date=plant(dt.date(1930 + self.rng.randint(0, 30), self.rng.randint(1, 9),
                                      self.rng.randint(10, 19)).strftime("%Y%m%d")),
+            issuer=issuer or "",
         )
 
     def study(
@@ -101,6 +106,8 @@ class PhiCorpus:
             ds.StudyID = plant(self._token("SID")[:16])
             ds.PatientName = patient.name
             ds.PatientID = patient.patient_id
+            if patient.issuer:
+                ds.IssuerOfPatientID = patient.issuer
             ds.PatientBirthDate = patient.birth_date
             ds.PatientSex = "F"
             ds.PatientAge = "095Y"

@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 
 from ricord_archive.config import SiteConfig
+from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
 from ricord_archive.index.database import create_pool
-from ricord_archive.index.embedded import EmbeddedPostgres
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.search import search
 from ricord_archive.index.store import (
@@ -32,17 +32,10 @@ from ricord_archive.index.store import (
     store_instance,
 )
 from ricord_archive.matching import Level, Query
+from tests.conftest import fresh_database
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ROOT = "1.2.826.0.1.3680043.10.999"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[str]:
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("index-store") / "pg")
-    url = embedded.start()
-    yield url
-    embedded.stop()
 
 
 def instance(study: int, series: int, number: int, modality: str = "CT",
@@ -69,7 +62,7 @@ class Index:
         self.pool, self.site = pool, site
 
     async def patient(self, key: bytes) -> Patient:
-        return await patient_for(self.pool, self.site, key)
+        return (await patient_for(self.pool, self.site, PatientKeys(key, None))).patient
 
     async def store(self, patient: Patient, new: NewInstance,
                     on_conflict: str = "keep-first") -> StoredRow:
@@ -83,23 +76,13 @@ class Index:
         return [tuple(row[name] for name in columns[level]) for row in page.rows]
 
 
-async def _database(url: str, name: str) -> str:
-    conn = await asyncpg.connect(url.replace("/ricord?", "/postgres?"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return url.replace("/ricord?", f"/{name}?")
-
-
 @pytest.fixture
 def index(cluster: str, request) -> Iterator:
     """Run `scenario(Index)` on a freshly migrated database of its own."""
     def run(scenario, migrations=None, isolation: str = "read committed") -> object:
         async def go() -> object:
             name = request.node.name.replace("[", "-").replace("]", "")[-60:]
-            url = await _database(cluster, name)
+            url = await fresh_database(cluster, name)
             conn = await asyncpg.connect(url)
             try:  # a configured server may default to another isolation level
                 await conn.execute(f"ALTER DATABASE \"{name}\" "
@@ -204,7 +187,11 @@ def test_migration_carries_the_counts_of_an_existing_index_over(index):
     assert next(m.version for m in everything if m.version >= 9) == 9
 
     async def scenario(ix: Index) -> None:
-        patient = await ix.patient(b"p" * 32)
+        pseudonym = f"{ix.site.siteid}-000001"  # allocated as before migrations/012
+        patient = Patient(await ix.pool.fetchval(
+            "INSERT INTO patient (site_id, patient_key, pseudonym, date_offset_days) "
+            "VALUES ($1, $2, $3, -1) RETURNING pk", ix.site.id, b"p" * 32, pseudonym),
+            pseudonym, -1)
         places = [(1, 1)] * 3 + [(1, 2)] * 2 + [(2, 3)] * 2  # (study, series)
         for number, (study, series) in enumerate(places):  # stored as migrations/007 does
             await ix.store(patient, instance(study, series, number))

@@ -31,7 +31,8 @@ def test_no_planted_value_is_stored_logged_or_answered(make_archive, corpus, tmp
     archive = make_archive("phi")
     responses: list[bytes] = []
 
-    by_dimse, by_stow = corpus.patient(), corpus.patient()
+    # each names an issuer: its value, like the PatientID's, is never stored, logged or answered
+    by_dimse, by_stow = corpus.patient(issuer=True), corpus.patient(issuer=True)
     dimse_files = corpus.study(by_dimse, dt.date(2021, 1, 10)) + corpus.study(
         by_dimse, dt.date(2021, 2, 10)
     )

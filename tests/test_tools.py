@@ -19,7 +19,7 @@ from ricord_archive.deid import Keyring
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.dry_run import plan, provisional_date_offset
-from ricord_archive.tools.lookup import print_csv, read_patient_ids
+from ricord_archive.tools.lookup import Wanted, print_csv, read_patients
 from tests import load
 from tests.conftest import Archive
 
@@ -250,10 +250,21 @@ def test_provisional_date_offsets_are_stable_keyed_and_in_range():
 def test_lookup_csv_reads_the_patient_id_column_and_writes_csv(tmp_path):
     path = tmp_path / "ids.csv"
     path.write_text('\ufeffSite,PatientID\nA,"ID, with comma"\nB,\n', encoding="utf-8")
-    ids = read_patient_ids(path)
-    assert ids == ["ID, with comma", ""]
+    wanted = read_patients(path)
+    assert wanted == Wanted([("ID, with comma", ""), ("", "")], issuer_column=False)
     out = io.StringIO()
-    print_csv(ids, ["123456-000001", None], out)
+    print_csv(wanted, ["123456-000001", None], out)
     assert out.getvalue() == 'PatientID,pseudonym\n"ID, with comma",123456-000001\n,\n'
     with pytest.raises(ToolError):
-        read_patient_ids(tmp_path / "missing.csv")
+        read_patients(tmp_path / "missing.csv")
+
+
+def test_lookup_csv_reads_and_writes_an_issuer_column(tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_text("PatientID,IssuerOfPatientID\nMRN-1,HOSP-A\nMRN-1,\n", encoding="utf-8")
+    wanted = read_patients(path)
+    assert wanted == Wanted([("MRN-1", "HOSP-A"), ("MRN-1", "")], issuer_column=True)
+    out = io.StringIO()
+    print_csv(wanted, ["123456-000001", "123456-000002"], out)
+    assert out.getvalue() == ("PatientID,IssuerOfPatientID,pseudonym\n"
+                              "MRN-1,HOSP-A,123456-000001\nMRN-1,,123456-000002\n")

@@ -99,8 +99,9 @@ def _reference(data: bytes) -> tuple[Admission | None, tuple | None, str]:
 
 
 def _assert_same_admission(fast: Admission, reference: Admission) -> None:
-    assert (fast.sop_class_uid, fast.sop_uid, fast.study_uid, fast.patient_id) == (
-        reference.sop_class_uid, reference.sop_uid, reference.study_uid, reference.patient_id)
+    assert (fast.sop_class_uid, fast.sop_uid, fast.study_uid, fast.patient_id, fast.issuer) == (
+        reference.sop_class_uid, reference.sop_uid, reference.study_uid, reference.patient_id,
+        reference.issuer)
     assert (fast.refusal is None) == (reference.refusal is None)
     if fast.refusal is not None:
         assert (type(fast.refusal), fast.refusal.reason, fast.refusal.message) == (
@@ -361,6 +362,8 @@ def generated(draw) -> bytes:
     ds.StudyInstanceUID = draw(_uid)
     ds.SeriesInstanceUID = draw(_uid)
     ds.PatientID = draw(_ascii)
+    if draw(st.booleans()):
+        ds.IssuerOfPatientID = draw(st.one_of(_ascii, text))
     ds.PatientName = draw(text)
     encoding = "utf-8" if charset == "ISO_IR 192" else "latin-1"
     draw(_elements(ds, _TOP, text, 14, encoding))

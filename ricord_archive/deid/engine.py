@@ -27,7 +27,7 @@ from ricord_archive.deid.rules import (
 )
 
 __all__ = ["NO_PATIENT_ID", "DeidContext", "DeidentificationError", "cap_age", "deidentify",
-           "patient_id_of", "shift_date", "shift_datetime"]
+           "issuer_of", "patient_id_of", "shift_date", "shift_datetime"]
 
 
 NO_PATIENT_ID = "the object has no PatientID (0010,0020)"
@@ -40,6 +40,12 @@ def patient_id_of(dataset: Dataset) -> str:
     if not text:
         raise DeidentificationError(NO_PATIENT_ID)
     return text
+
+
+def issuer_of(dataset: Dataset) -> str:
+    """The original IssuerOfPatientID (0010,0021), "" when absent or empty."""
+    value = dataset.get("IssuerOfPatientID")
+    return str(value).strip() if value is not None else ""
 
 
 class _Cleaner:

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 
 _SEPARATOR = b"\x00"
+
+
+@dataclass(frozen=True)
+class PatientKeys:
+    """The keyed hashes a patient is found by: `key`, what it is filed under, and `legacy`, the
+    hash of (site, PatientID) alone that a patient allocated before issuers counted holds (None
+    when `key` is that hash already: the object names no issuer)."""
+
+    key: bytes
+    legacy: bytes | None
 
 
 class Keyring:
@@ -24,9 +35,17 @@ class Keyring:
         message = _SEPARATOR.join(p.encode("utf-8") for p in (purpose, *parts))
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
-    def patient_key(self, siteid: str, patient_id: str) -> bytes:
-        """What the index stores for a patient instead of the original PatientID."""
-        return self.digest("patient", siteid, patient_id)
+    def patient_key(self, siteid: str, patient_id: str, issuer: str = "") -> bytes:
+        """What the index stores for a patient instead of the original PatientID and its
+        IssuerOfPatientID; without an issuer, the hash of (site, PatientID) as it always was."""
+        if not issuer:
+            return self.digest("patient", siteid, patient_id)
+        return self.digest("patient-issuer", siteid, issuer, patient_id)
+
+    def patient_keys(self, siteid: str, patient_id: str, issuer: str = "") -> PatientKeys:
+        """The patient's key and, when it names an issuer, the issuer-less key it may claim."""
+        key = self.patient_key(siteid, patient_id, issuer)
+        return PatientKeys(key, self.patient_key(siteid, patient_id) if issuer else None)
 
     def uid(self, siteid: str, original: str) -> str:
         """A `2.25.<integer>` UID (at most 44 characters) standing for `original` at this site."""

@@ -74,6 +74,7 @@ class Admitted:
     study_uid: str
     patient_id: str
     burned_in_annotation: str
+    issuer: str  # IssuerOfPatientID, "" when absent
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def admitted(parsed: Parsed) -> Admitted:
         raise Unhandled("a required UID is missing")
     return Admitted(uids[0], uids[1].strip(), uids[2].strip(),
                     _original(parsed, "PatientID").strip(),
-                    _original(parsed, "BurnedInAnnotation"))
+                    _original(parsed, "BurnedInAnnotation"),
+                    _original(parsed, "IssuerOfPatientID").strip())
 
 
 def _encodings(parsed: Parsed, element: Element | None, inherited: list[str] | None

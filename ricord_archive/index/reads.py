@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ricord_archive.index.store import Patient, Site
+from ricord_archive.deid.keys import PatientKeys
+from ricord_archive.index.store import PATIENT_COLUMNS, Patient, Site, patient_entry
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,30 @@ async def site_by_name(pool: asyncpg.Pool, name: str) -> Site | None:
     return Site(row["id"], row["name"], row["siteid"]) if row is not None else None
 
 
-async def patients_by_key(
-    pool: asyncpg.Pool, site: Site, patient_keys: list[bytes]
-) -> dict[bytes, Patient]:
-    """The known patients of a site among `patient_keys` (keyed hashes of original IDs)."""
-    rows = await pool.fetch(
-        "SELECT patient_key, pk, pseudonym, date_offset_days FROM patient "
-        "WHERE site_id = $1 AND patient_key = ANY($2::bytea[])",
-        site.id, patient_keys,
-    )
-    return {
-        bytes(r["patient_key"]): Patient(r["pk"], r["pseudonym"], r["date_offset_days"])
-        for r in rows
-    }
+async def known_patients(
+    pool: asyncpg.Pool, site: Site, wanted: list[PatientKeys]
+) -> list[Patient | None]:
+    """The patient each of `wanted` names at a site, as `store.patient_for` would find or
+    claim it, without allocating or claiming anything; None for a patient the index does not
+    know."""
+    issuer_keys = [k.key for k in wanted if k.legacy is not None]
+    plain_keys = [k.legacy or k.key for k in wanted]
+    rows = [patient_entry(r) for r in await pool.fetch(
+        f"SELECT {PATIENT_COLUMNS} FROM patient WHERE site_id = $1 "
+        "AND (issuer_key = ANY($2::bytea[]) OR patient_key = ANY($3::bytea[]))",
+        site.id, issuer_keys, plain_keys,
+    )]
+    by_issuer_key = {e.issuer_key: e.patient for e in rows if e.issuer_key is not None}
+    by_plain_key = {e.patient_key: e for e in rows if e.patient_key is not None}
+
+    def found(keys: PatientKeys) -> Patient | None:
+        if keys.legacy is None:
+            entry = by_plain_key.get(keys.key)
+            return None if entry is None else entry.patient
+        if keys.key in by_issuer_key:
+            return by_issuer_key[keys.key]
+        claimable = by_plain_key.get(keys.legacy)
+        return claimable.patient if claimable is not None and claimable.issuer_key is None \
+            else None
+
+    return [found(k) for k in wanted]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ricord_archive.config import SiteConfig
+from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
@@ -102,18 +103,52 @@ async def ensure_site(conn: asyncpg.Connection, site: SiteConfig) -> Site:
     raise SiteConflict("could not draw an unused SITEID")
 
 
-async def patient_for(pool: asyncpg.Pool, site: Site, patient_key: bytes) -> Patient:
-    """The patient's pseudonym and date offset, allocated on first sight (once per site)."""
-    query = (
-        "SELECT pk, pseudonym, date_offset_days FROM patient "
-        "WHERE site_id = $1 AND patient_key = $2"
-    )
+@dataclass(frozen=True)
+class PatientEntry:
+    """A patient row: the patient and the keyed hashes it is filed under (`PatientKeys`)."""
+
+    patient: Patient
+    patient_key: bytes | None  # of (site, PatientID)
+    issuer_key: bytes | None  # of (site, IssuerOfPatientID, PatientID)
+
+
+PATIENT_COLUMNS = "pk, pseudonym, date_offset_days, patient_key, issuer_key"
+_CLAIM = (
+    f"UPDATE patient SET issuer_key = $2 WHERE site_id = $1 AND patient_key = $3 "
+    f"AND issuer_key IS NULL RETURNING {PATIENT_COLUMNS}"
+)
+# The issuer-less key goes to the first patient of a PatientID only (see migrations/012).
+_ALLOCATE = (
+    "INSERT INTO patient (site_id, patient_key, issuer_key, pseudonym, date_offset_days) "
+    "SELECT $1, CASE WHEN EXISTS (SELECT 1 FROM patient WHERE site_id = $1 AND patient_key = $2) "
+    "THEN NULL ELSE $2::bytea END, $3, $4, $5 "
+    f"RETURNING {PATIENT_COLUMNS}"
+)
+
+
+def patient_entry(row: asyncpg.Record) -> PatientEntry:
+    def key(name: str) -> bytes | None:
+        return None if row[name] is None else bytes(row[name])
+
+    return PatientEntry(Patient(row["pk"], row["pseudonym"], row["date_offset_days"]),
+                        key("patient_key"), key("issuer_key"))
+
+
+async def patient_for(pool: asyncpg.Pool, site: Site, keys: PatientKeys) -> PatientEntry:
+    """The patient filed under `keys.key`; else (an object naming an issuer) the patient that
+    holds only the issuer-less `keys.legacy`, which this claims; else a new patient, its
+    pseudonym and date offset allocated. Allocations and claims of a site run one at a time on
+    every node (the site row's lock), so two senders at once never claim one patient twice."""
+    column = "patient_key" if keys.legacy is None else "issuer_key"
+    query = f"SELECT {PATIENT_COLUMNS} FROM patient WHERE site_id = $1 AND {column} = $2"
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(query, site.id, patient_key)
+        row = await conn.fetchrow(query, site.id, keys.key)
         if row is None:
             async with conn.transaction():
                 await conn.execute("SELECT 1 FROM site WHERE id = $1 FOR UPDATE", site.id)
-                row = await conn.fetchrow(query, site.id, patient_key)
+                row = await conn.fetchrow(query, site.id, keys.key)
+                if row is None and keys.legacy is not None:
+                    row = await conn.fetchrow(_CLAIM, site.id, keys.key, keys.legacy)
                 if row is None:
                     number = await conn.fetchval(
                         "UPDATE site SET next_patient_number = next_patient_number + 1 "
@@ -121,12 +156,12 @@ async def patient_for(pool: asyncpg.Pool, site: Site, patient_key: bytes) -> Pat
                         site.id,
                     )
                     row = await conn.fetchrow(
-                        "INSERT INTO patient (site_id, patient_key, pseudonym, date_offset_days) "
-                        "VALUES ($1, $2, $3, $4) RETURNING pk, pseudonym, date_offset_days",
-                        site.id, patient_key, f"{site.siteid}-{number:06d}",
+                        _ALLOCATE, site.id, keys.legacy or keys.key,
+                        None if keys.legacy is None else keys.key,
+                        f"{site.siteid}-{number:06d}",
                         -(1 + secrets.randbelow(DATE_OFFSET_MAX_DAYS)),
                     )
-    return Patient(row["pk"], row["pseudonym"], row["date_offset_days"])
+    return patient_entry(row)
 
 
 async def count_refusal(pool: asyncpg.Pool, site: Site, reason: str) -> None:

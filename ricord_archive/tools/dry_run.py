@@ -22,48 +22,54 @@ from ricord_archive.archive import open_index
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring
 from ricord_archive.errors import ArchiveError, RefusedObject
-from ricord_archive.index.reads import patients_by_key
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS, Site
 from ricord_archive.ingest import admission, prepare_object
+from ricord_archive.patients import find_patients
 from ricord_archive.secret import load_secret
 from ricord_archive.tools import ToolError, indexed_site
 
 PROVISIONAL_MARK = "DRYRUN"
 
 
-def provisional_date_offset(keys: Keyring, siteid: str, patient_id: str) -> int:
+def provisional_date_offset(keys: Keyring, siteid: str, patient_id: str, issuer: str = "") -> int:
     """A stand-in for the offset the index draws on first sight: days back, non-zero, in the
     same range, and the same in every dry run."""
-    digest = keys.digest("dry-run-date-offset", siteid, patient_id)
+    digest = keys.digest("dry-run-date-offset-issuer", siteid, issuer, patient_id) if issuer \
+        else keys.digest("dry-run-date-offset", siteid, patient_id)
     return -(1 + int.from_bytes(digest[:8], "big") % DATE_OFFSET_MAX_DAYS)
 
 
 class Pseudonyms:
-    """Pseudonym and date offset per original PatientID at one site, read from the index."""
+    """Pseudonym and date offset per original (PatientID, IssuerOfPatientID) at one site, read
+    from the index by ingest's rule (`patients`)."""
 
-    def __init__(self, pool: asyncpg.Pool, site: Site, keys: Keyring) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, site: Site, site_config: SiteConfig, keys: Keyring
+    ) -> None:
         self.pool = pool
         self.site = site
+        self.site_config = site_config
         self.keys = keys
         self.known = 0
         self.provisional = 0
-        self._seen: dict[str, tuple[str, int]] = {}
+        self._seen: dict[tuple[str, str], tuple[str, int]] = {}
 
-    async def of(self, patient_id: str) -> tuple[str, int]:
-        if patient_id not in self._seen:
+    async def of(self, patient_id: str, issuer: str = "") -> tuple[str, int]:
+        issuer = self.site_config.issuer_of(issuer)
+        if (patient_id, issuer) not in self._seen:
             siteid = self.site.siteid
-            key = self.keys.patient_key(siteid, patient_id)
-            patient = (await patients_by_key(self.pool, self.site, [key])).get(key)
+            [patient] = await find_patients(self.pool, self.keys, self.site, self.site_config,
+                                            [(patient_id, issuer)])
             if patient is not None:
                 self.known += 1
-                self._seen[patient_id] = (patient.pseudonym, patient.date_offset_days)
+                self._seen[patient_id, issuer] = (patient.pseudonym, patient.date_offset_days)
             else:
                 self.provisional += 1
-                self._seen[patient_id] = (
+                self._seen[patient_id, issuer] = (
                     f"{siteid}-{PROVISIONAL_MARK}-{self.provisional:06d}",
-                    provisional_date_offset(self.keys, siteid, patient_id),
+                    provisional_date_offset(self.keys, siteid, patient_id, issuer),
                 )
-        return self._seen[patient_id]
+        return self._seen[patient_id, issuer]
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ async def deidentify_files(
     pairs = plan(source, target)
     async with open_index(config, create=False) as pool:
         site = await indexed_site(pool, site_name)
-        run = DryRun(config, site_config, Pseudonyms(pool, site, Keyring(load_secret(config))))
+        run = DryRun(config, site_config,
+                     Pseudonyms(pool, site, site_config, Keyring(load_secret(config))))
         bar = tqdm(pairs, desc="de-identifying", unit="file", file=sys.stderr,
                    disable=None if source.is_dir() else True)  # None: on a terminal only
         with bar:
@@ -157,7 +164,7 @@ class DryRun:
             if admitted.refusal is not None:
                 raise admitted.refusal
             assert admitted.patient_id is not None
-            pseudonym, offset = await self.pseudonyms.of(admitted.patient_id)
+            pseudonym, offset = await self.pseudonyms.of(admitted.patient_id, admitted.issuer)
             context = DeidContext(self.pseudonyms.site.siteid, pseudonym, offset,
                                   self.pseudonyms.keys, self.config.project_name)
             _, data = prepare_object(admitted.dataset or raw, limit, context)
