@@ -113,7 +113,8 @@ class Association:
         self.peer_max_pdu = 0  # the requestor's Maximum Length (0: unlimited)
         self.admitted = False  # counted against the association limit
         self.established = False
-        self.importing = False  # the calling AE title is one an import session expects
+        # the calling AE title is one an import session expects (None: not asked yet)
+        self.importing: bool | None = None
         self._command: list[memoryview] = []  # the fragments of the message being received
         self._data: list[memoryview] = []
         self._message: Message | None = None  # its command, once complete

@@ -174,20 +174,20 @@ class DimseServer:
             log.warning("association from %s rejected: calling AE title %r is not allowed from "
                         "this address", peer, calling)
             return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-allowed-from-address")
-        importing = await self._importing_aets()
         configured = [a for s in self.config.sites for a in s.aets]
-        if (not self.config.accept_any_calling_aet and calling not in configured
-                and calling not in importing):
-            log.warning("association from %s rejected (calling AE title %r not recognised or "
-                        "not allowed)", peer, calling)
-            return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-recognised")
+        if not self.config.accept_any_calling_aet and calling not in configured:
+            # only then do import sessions decide; else they are asked at the first C-STORE
+            association.importing = calling in await self._importing_aets()
+            if not association.importing:
+                log.warning("association from %s rejected (calling AE title %r not recognised "
+                            "or not allowed)", peer, calling)
+                return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-recognised")
         admitted = sum(a.admitted for a in self._connections.values())
         if admitted >= self.config.limits.max_associations:
             log.warning("association from %s rejected: %d associations already (local limit)",
                         peer, admitted)
             return Rejection(*_LOCAL_LIMIT, "local-limit-exceeded")
         association.admitted = True  # counted from now on: no await since the count
-        association.importing = calling in importing
         return None
 
     async def _importing_aets(self) -> list[str]:
@@ -253,6 +253,8 @@ class DimseServer:
 
     async def _session_study(self, association: Association, data: bytes) -> SessionStudy | None:
         """The import session expecting this object's study from its calling AE title."""
+        if association.importing is None:
+            association.importing = association.calling_aet in await self._importing_aets()
         if not association.importing:
             return None
         try:
