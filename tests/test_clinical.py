@@ -256,6 +256,8 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     sheet_only = next(r for r in exported.values() if r["Age"] == 30)
     assert sheet_only["StudyInstanceUID"] is None and "Temperature" not in sheet_only
     assert len({r["PatientID"] for r in exported.values()}) == 3
+    # the sheet-only patient is allocated as ingest allocates one: with its allocation record
+    assert list(archive.data_dir.rglob(f"patients/{sheet_only['PatientID']}.json"))
 
     def rows_for(**params: str) -> list[dict]:
         response = requests.get(api, params=params, timeout=60)
@@ -270,6 +272,8 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     pseudonym = studies[2]
     assert [r["Age"] for r in rows_for(PatientID=pseudonym["PatientID"])] == [44]
     assert [r["Age"] for r in rows_for(StudyInstanceUID=pseudonym["StudyInstanceUID"])] == [44]
+    shifted_b = pseudonym["StudyDate"]
+    assert [r["Age"] for r in rows_for(StudyDate=f"{shifted_b}-{shifted_b}")] == [44]
     assert rows_for(site="site-a") == []
     bad = requests.get(api, params={"Notes": "x"}, timeout=30)
     assert bad.status_code == 400
