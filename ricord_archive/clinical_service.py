@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,3 +163,21 @@ class ClinicalService:
         ))
         return Export(export.column_names(extra, ricord),
                       [export.renamed(r, ricord) for r in rows])
+
+
+async def split_filters(
+    pool: asyncpg.Pool, site_id: int | None, filters: Mapping[str, str],
+) -> tuple[export.ClinicalFilter | None, dict[str, str]]:
+    """For cohorts: the clinical part of mixed filters (None when they name no clinical
+    column) and the rest (the QIDO-RS keys), at a site (its index id; None: every site). Then
+    `index.clinical.matching_study_uids(pool, clinical)` gives the matching studies."""
+    try:
+        declared = export.merge_declared(await index.declared_columns(pool, site_id))
+        keys = export.clinical_keys(declared)
+        clinical = [(k, v) for k, v in filters.items() if k in keys]
+        wanted = export.parse_filters(clinical, site_id, declared) if clinical else None
+    except export.FilterError as exc:
+        raise BadRequest(str(exc)) from None
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable("the index is unavailable; try again later") from exc
+    return wanted, {k: v for k, v in filters.items() if k not in keys}

@@ -20,6 +20,9 @@ import requests
 
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import sheet
+from ricord_archive.clinical.export import ClinicalFilter
+from ricord_archive.clinical_service import split_filters
+from ricord_archive.index import clinical as index
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.test_auth import CONFIG as AUTH_CONFIG
@@ -159,10 +162,14 @@ def _needles(rows: list[list], refused: tuple[str, ...]) -> set[bytes]:
     return {v.encode() for v in values}
 
 
+def _db_url(archive: Archive) -> str:
+    return subprocess.run(archive.command("db-url"), capture_output=True, text=True,
+                          timeout=60, check=True).stdout.strip()
+
+
 def _index_text(archive: Archive) -> bytes:
     """Every row of every table of the index as text (a logical dump: dates as text too)."""
-    url = subprocess.run(archive.command("db-url"), capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip()
+    url = _db_url(archive)
 
     async def dump() -> bytes:
         conn = await asyncpg.connect(url)
@@ -296,6 +303,8 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
 
+    assert _cohort_view(archive, {"TestResult": "POSITIVE", "Modality": "CT"}) == (
+        {studies[2]["StudyInstanceUID"]}, [44], {"Modality": "CT"})  # C is not in the archive
     index_text = _index_text(archive)
     assert b"Temperature" in index_text  # the dump holds the clinical rows
     assert archive.stop() == 0
@@ -351,6 +360,26 @@ def test_roles_and_sites_with_authentication_on(make_archive):
     rows = call("GET", "research").json()["rows"]
     assert rows[0]["PatientID"] != rows[1]["PatientID"]  # one ID, two sites, two patients
     assert rows[0]["AccessionNumber"] != rows[1]["AccessionNumber"]
+
+
+def _cohort_view(
+    archive: Archive, filters: dict[str, str],
+) -> tuple[set[str], list[int], dict[str, str]]:
+    """What the cohorts see through the interface they use: the studies in the archive whose
+    clinical rows match, those rows' ages, and the filters left for QIDO-RS."""
+
+    async def view() -> tuple[set[str], list[int], dict[str, str]]:
+        pool = await asyncpg.create_pool(_db_url(archive), min_size=1, max_size=2)
+        try:
+            wanted, rest = await split_filters(pool, None, filters)
+            assert wanted is not None
+            uids = await index.matching_study_uids(pool, wanted)
+            rows = await index.clinical_rows(pool, ClinicalFilter(), uids)
+            return uids, [r["Age"] for r in rows], rest
+        finally:
+            await pool.close()
+
+    return asyncio.run(view())
 
 
 def _studies_by_size(archive: Archive) -> dict[int, dict[str, str]]:
