@@ -133,13 +133,18 @@ class ClinicalService:
                                                      patient.date_offset_days)))
             stored = await index.store_rows(self.pool, site.id, rows, parsed.present,
                                             list(mapped.values()))
-            absent = await index.studies_absent(self.pool, site.id, [r for _, r in rows])
+            absent = await index.studies_absent(
+                self.pool, site.id, [r for _, r in rows if r.line not in stored.named_twice]
+            )
         except (sheet.SheetError, col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
         except _UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
+        twice = [sheet.Refusal(line, col.ACCESSION, sheet.DUPLICATE_EXAMINATION,
+                               "the examination is named by another row too")
+                 for line in stored.named_twice]
         return ImportSummary(stored.imported, stored.updated, stored.unchanged, absent,
-                             parsed.refusals)
+                             sorted([*parsed.refusals, *twice], key=lambda r: r.line))
 
     async def export(
         self, actor: audit.Actor, protocol: str, site_name: str | None,

@@ -282,6 +282,28 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     shifted_b = pseudonym["StudyDate"]
     assert [r["Age"] for r in rows_for(StudyDate=f"{shifted_b}-{shifted_b}")] == [44]
     assert rows_for(site="site-a") == []
+
+    # C, named by its accession number so far, now also by its study UID (and A by its
+    # accession only): the same rows are updated, none is added
+    late_uid = "1.2.826.0.1.3680043.10.5555.31"
+    needles.add(late_uid.encode())
+    renamed = [[*rows[2][:3], late_uid, *rows[2][4:]],
+               [rows[0][0], "", rows[0][2], "", *rows[0][4:5], 91, *rows[0][6:]]]
+    answers.append((late := requests.post(
+        api, data=_write_csv(tmp_path / "late.csv", renamed).read_bytes(),
+        headers={"Content-Type": "text/csv"}, timeout=60)).content)
+    assert {k: late.json()[k] for k in ("imported", "updated", "unchanged")} == {
+        "imported": 0, "updated": 2, "unchanged": 0}
+    both_ways = [rows[0], [rows[0][0], "", rows[0][2], "", *rows[0][4:]]]  # A twice
+    answers.append((twice := requests.post(
+        api, data=_write_csv(tmp_path / "twice.csv", both_ways).read_bytes(),
+        headers={"Content-Type": "text/csv"}, timeout=60)).content)
+    assert twice.json()["refused"] == {"duplicate-examination": 1}
+    assert twice.json()["errors"][0]["row"] == 3
+    latest = {r["Age"]: r for r in rows_for()}
+    assert sorted(latest) == [30, 44, 90]  # A's 91 is 90 too; still three examinations
+    assert latest[30]["StudyInstanceUID"] is not None  # C's keyed study UID
+    assert latest[30]["StudyInstanceUID"] != late_uid
     bad = requests.get(api, params={"Notes": "x"}, timeout=30)
     assert bad.status_code == 400
 
@@ -298,12 +320,13 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     events = subprocess.run(archive.command("audit", "--json", "--action", "Import"),
                             capture_output=True, text=True, timeout=120)
     imports = [json.loads(line) for line in events.stdout.splitlines()]
-    assert [e["detail"]["imported"] for e in imports] == [3, 0, 0]
+    assert [(e["detail"]["imported"], e["detail"]["updated"]) for e in imports] == [
+        (3, 0), (0, 0), (0, 1), (0, 2), (0, 0)]
     exports = subprocess.run(archive.command("audit", "--json", "--action", "Export"),
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
 
-    assert _cohort_view(archive, {"TestResult": "POSITIVE", "Modality": "CT"}) == (
+    assert _cohort_view(archive, {"Age": "18-65", "Modality": "CT"}) == (
         {studies[2]["StudyInstanceUID"]}, [44], {"Modality": "CT"})  # C is not in the archive
     index_text = _index_text(archive)
     assert b"Temperature" in index_text  # the dump holds the clinical rows
