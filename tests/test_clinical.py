@@ -326,8 +326,23 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
 
+    # authentication off: ?site= names the site of an import and of an export
+    other = requests.post(api, params={"site": "site-a"}, timeout=60,
+                          data=b"PatientID,AccessionNumber,Age\r\nPIDOTHER66,ACCOTHER66,50\r\n",
+                          headers={"Content-Type": "text/csv"})
+    answers.append(other.content)
+    assert (other.json()["site"], other.json()["imported"]) == ("site-a", 1)
+    needles.update({b"PIDOTHER66", b"ACCOTHER66"})
+    assert [(r["SITEID"], r["Age"]) for r in rows_for(site="site-a")] == [
+        (SITEIDS["site-a"], 50)]
+    assert requests.get(api, params={"site": "nowhere"}, timeout=30).status_code == 400
     assert _cohort_view(archive, {"Age": "18-65", "Modality": "CT"}) == (
         {studies[2]["StudyInstanceUID"]}, [44], {"Modality": "CT"})  # C is not in the archive
+    # a shifted date that happens to equal an original date of the sheet is no leak
+    shifted = {r[k] for r in rows_for() for k in ("StudyDate", "TestDate", "AdmissionDate")
+               if r.get(k)}
+    needles -= {form.encode() for day in shifted for form in (day, _iso(day))}
+    assert len(needles) >= 20
     index_text = _index_text(archive)
     assert b"Temperature" in index_text  # the dump holds the clinical rows
     assert archive.stop() == 0
