@@ -220,7 +220,13 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     assert sent.stderr.count("(Success)") == len(images_b), sent.stderr
 
     api = f"{archive.root}/api/clinical"
-    again = requests.post(api, data=_xlsx(rows), headers={"Content-Type": XLSX}, timeout=60)
+    workbook = _xlsx(rows)
+    wrong = requests.post(api, data=workbook, params={"sheet": "Other"},
+                          headers={"Content-Type": XLSX}, timeout=60)
+    assert (wrong.status_code, wrong.json()) == (
+        400, {"error": "the workbook has no sheet of that name"})
+    again = requests.post(api, data=workbook, params={"sheet": "Clinical"},
+                          headers={"Content-Type": XLSX}, timeout=60)
     answers.append(again.content)
     assert again.status_code == 200, again.text
     summary = again.json()
@@ -319,9 +325,10 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
 
     events = subprocess.run(archive.command("audit", "--json", "--action", "Import"),
                             capture_output=True, text=True, timeout=120)
-    imports = [json.loads(line) for line in events.stdout.splitlines()]
-    assert [(e["detail"]["imported"], e["detail"]["updated"]) for e in imports] == [
-        (3, 0), (0, 0), (0, 1), (0, 2), (0, 0)]
+    imports = [json.loads(line)["detail"] for line in events.stdout.splitlines()]
+    assert [(e.get("imported"), e.get("updated"), e.get("reason")) for e in imports] == [
+        (3, 0, None), (None, None, "BadRequest"), (0, 0, None), (0, 1, None), (0, 2, None),
+        (0, 0, None)]  # the refused workbook is recorded too, without counts
     exports = subprocess.run(archive.command("audit", "--json", "--action", "Export"),
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
