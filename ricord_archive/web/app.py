@@ -10,12 +10,13 @@ import orjson
 from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
+from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import audit, auth, forwarded, qido, stow, wado
+from ricord_archive.web import access, audit, auth, clinical, forwarded, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Services:
     body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
+    clinical: ClinicalService | None = None  # None: no /api/clinical routes
 
 
 SERVICES = web.AppKey("services", Services)
@@ -128,6 +130,7 @@ def create_app(services: Services) -> web.Application:
     middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
+    app[access.SITES] = access.SiteNames(frozenset(services.ingest.sites), services.default_site)
     if services.authenticator is not None:
         authenticator = services.authenticator
 
@@ -159,4 +162,8 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
     app.router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
     app.router.add_get("/wado", wado.wado_uri)
+    if services.clinical is not None:
+        app.router.add_post("/api/clinical", clinical.import_sheet)
+        app.router.add_post("/api/clinical/columns", clinical.declare_columns)
+        app.router.add_get("/api/clinical", clinical.export_rows)
     return app
