@@ -26,7 +26,7 @@ import asyncpg
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import dicom_io
+from ricord_archive import dicom_io, metrics
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, patient_id_of
@@ -359,6 +359,8 @@ class IngestService:
             )
         except BaseException as exc:
             await self._discard(written, key)
+            if not written.cancelled() and isinstance(written.exception(), OSError):
+                metrics.BLOB_ERRORS.labels("write").inc()
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc
@@ -366,6 +368,8 @@ class IngestService:
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         rec = new.record
+        if row.outcome != "duplicate":
+            metrics.STORED_BYTES.labels(site.name).inc(new.size_bytes)
         result = StoreResult(rec.study_uid, rec.series_uid, rec.sop_uid, rec.sop_class_uid,
                              duplicate=row.outcome != "inserted")
         if row.outcome == "replaced":

@@ -15,7 +15,7 @@ from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import audit, auth, forwarded, qido, stow, wado
+from ricord_archive.web import audit, auth, forwarded, ops, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class Services:
     body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
+    metrics: bool = True  # GET /metrics on this port
+    ready_checks: Callable[[], Awaitable[dict[str, str]]] | None = None  # GET /ready
 
 
 SERVICES = web.AppKey("services", Services)
@@ -126,6 +128,7 @@ def create_app(services: Services) -> web.Application:
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
     middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
+    middlewares.insert(0, ops.observe)  # outermost: every request has its id and is counted
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
     if services.authenticator is not None:
@@ -136,7 +139,12 @@ def create_app(services: Services) -> web.Application:
 
         app.on_cleanup.append(close_authenticator)
     app.on_response_prepare.append(_cors_headers)
+    app.on_response_prepare.append(ops.request_id_header)
     app.router.add_get("/health", health)
+    if services.ready_checks is not None:
+        app.router.add_get("/ready", ops.ready_page(services.ready_checks))
+    if services.metrics:
+        app.router.add_get("/metrics", ops.metrics_page)
     app.router.add_post(f"{ROOT}/studies", stow.store)
     app.router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
     study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"

@@ -17,7 +17,7 @@ from ricord_archive.config import ApiToken
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # operations: no PHI
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ricord-archive"'}
 _METHODS = {  # what each role may do: GET reads (QIDO, WADO), POST stores (STOW)
     "uploader": frozenset({"GET", "HEAD", "POST"}),
