@@ -14,7 +14,6 @@ in the executor as before; such an object is never refused for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -302,10 +301,20 @@ class IngestService:
         return digest
 
     async def _discard(self, written: asyncio.Future[None], key: str) -> None:
-        """Remove the blob of an instance that was not indexed, once its write has ended."""
-        with contextlib.suppress(Exception):
+        """Remove the blob of an instance that was not indexed, once its write has ended (if
+        the store refuses, the orphan collector removes it later)."""
+        try:
             await written
-        await asyncio.to_thread(self.blobs.delete, key)
+        except OSError:
+            metrics.BLOB_ERRORS.labels("write").inc()
+        except Exception:
+            pass
+        try:
+            await asyncio.to_thread(self.blobs.delete, key)
+        except OSError as exc:
+            metrics.BLOB_ERRORS.labels("delete").inc()
+            log.warning("could not remove the blob of an object not stored (%s): left to the "
+                        "orphan collector", type(exc).__name__)
 
     async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
@@ -359,8 +368,6 @@ class IngestService:
             )
         except BaseException as exc:
             await self._discard(written, key)
-            if not written.cancelled() and isinstance(written.exception(), OSError):
-                metrics.BLOB_ERRORS.labels("write").inc()
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc

@@ -1,11 +1,12 @@
 """GET /ready names what keeps the archive from serving, each failure caused for real: a
-read-only blob store, a migration the index does not match, the database stopped. /health
-(liveness) stays 200 meanwhile."""
+read-only blob store (whose failed writes are counted in /metrics), a migration the index does
+not match, the database stopped. /health (liveness) stays 200 meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,8 +17,18 @@ import requests
 
 from ricord_archive.index.embedded import EmbeddedPostgres
 from tests import dcmtk
+from tests.scrape import scrape
 
 DEADLINE = 30.0
+# One process (its patient cache is the one warmed up below); segments of 1 MiB, so that a
+# larger object is a file of its own, written while the blob store is read-only.
+CONFIG = """
+[server]
+processes = 1
+
+[limits]
+blob_segment_bytes = 1048576
+"""
 
 
 def _ready(archive) -> tuple[int, dict]:
@@ -59,20 +70,29 @@ def _execute(url: str, statement: str) -> None:
     asyncio.run(run())
 
 
-def test_ready_names_what_is_not_ready(make_archive):
-    archive = make_archive("ready")
+def test_ready_names_what_is_not_ready(make_archive, corpus):
+    archive = make_archive("ready", CONFIG)
+    patient = corpus.patient()
+    small = corpus.study(patient, dt.date(2020, 1, 2), slices=1)
+    large = corpus.study(patient, dt.date(2020, 2, 3), slices=1, size=1024)  # 2 MiB
+    assert "(Success)" in dcmtk.storescu(archive.dimse_port, small).stderr
     status, body = _ready(archive)
     assert status == 200
     assert body == {"status": "ready", "not_ready": [], "checks": {
         "server": "ok", "database": "ok", "blob_store": "ok", "migrations": "ok"}}
 
     with _read_only(archive.data_dir / "blobs"):
-        for _ in range(4):  # whichever server process answers
-            body = _until_ready(archive, ready=False)
-            assert body["not_ready"] == ["blob_store"]
-            assert body["checks"]["blob_store"] == "not writable: OSError (EROFS)"
-            assert requests.get(f"{archive.root}/health", timeout=30).status_code == 200
+        body = _until_ready(archive, ready=False)
+        assert body["not_ready"] == ["blob_store"]
+        assert body["checks"]["blob_store"] == "not writable: OSError (EROFS)"
+        assert requests.get(f"{archive.root}/health", timeout=30).status_code == 200
+        stored = dcmtk.storescu(archive.dimse_port, large).stderr
+        assert "Received Store Response (Refused: OutOfResources" in stored
+    found = scrape(f"{archive.root}/metrics")
+    assert found.value("ricord_blob_store_errors_total", operation="write") == 1
+    assert found.value("ricord_ingest_objects_total", outcome="failed") == 1
     _until_ready(archive, ready=True)
+    assert "(Success)" in dcmtk.storescu(archive.dimse_port, large).stderr
 
     database = EmbeddedPostgres(archive.data_dir / "pg")
     url = database.current_url()
