@@ -16,6 +16,13 @@ import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from ricord_archive.errors import (
+    DuplicateRefused,
+    InvalidObject,
+    RefusedObject,
+    StorageUnavailable,
+)
+from ricord_archive.metrics import outcome_of
 from tests import dcmtk
 from tests.conftest import free_port
 from tests.scrape import Scrape, scrape
@@ -172,3 +179,13 @@ def test_metrics_on_a_port_of_their_own(make_archive):
     assert found.value("ricord_ingest_objects_total", protocol="stow_rs", site="default",
                        outcome="stored") == 0  # there from the start, at zero
     assert found.value("ricord_db_pool_max_connections") > 0
+
+
+def test_ingest_outcomes_are_a_small_fixed_vocabulary():
+    assert outcome_of(RefusedObject("PatientID DOE-1 missing", "no-patient-id")) \
+        == "refused_no_patient_id"  # the reason code, never the message
+    assert outcome_of(RefusedObject("x", "1.2.840.10008.5.1")) == "refused_other"
+    assert outcome_of(DuplicateRefused("x")) == "refused_duplicate_conflict"
+    assert outcome_of(InvalidObject("x")) == "refused_invalid_object"
+    assert outcome_of(StorageUnavailable("x")) == "failed"
+    assert outcome_of(RuntimeError("PATIENT NAME")) == "failed"
