@@ -101,6 +101,10 @@ def test_counters_follow_the_traffic(make_archive, corpus, tmp_path):
                             timeout=30).status_code == 200
     missing = requests.get(f"{archive.dicomweb_url}/studies/1.2.3.999/metadata", timeout=30)
     assert missing.status_code == 404
+    unknown = requests.get(f"{archive.dicomweb_url}/no-such-resource", timeout=30)
+    assert unknown.status_code == 404
+    request_ids = {r.headers["X-Request-ID"] for r in (studies, missing, unknown, answer)}
+    assert len(request_ids) == 4 and all(re.fullmatch(r"[0-9a-f]{16}", i) for i in request_ids)
 
     site = {"site": "hospital-a"}
     assert delta(ingest, protocol="c_store", outcome="stored", **site) == 3
@@ -127,6 +131,7 @@ def test_counters_follow_the_traffic(make_archive, corpus, tmp_path):
     assert delta(http, service="stow", route="/dicom-web/studies", method="POST",
                  status="200") == 1
     assert delta(http, service="stow", route="/dicom-web/studies", status="409") == 1
+    assert delta(http, service="unmatched", route="unmatched", status="404") == 1
     assert delta("ricord_http_request_duration_seconds_count", service="wado",
                  route="/dicom-web/studies/{study}/metadata") == 3
 
