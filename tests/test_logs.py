@@ -86,6 +86,9 @@ def test_text_stays_the_default(make_archive):
     archive = make_archive("text-logs")
     answer = requests.get(f"{archive.root}/health", timeout=30)
     assert len(answer.headers["X-Request-ID"]) == 16
+    from_browser = requests.get(f"{archive.dicomweb_url}/studies", timeout=30,
+                                headers={"Origin": "https://viewer.example.org"})
+    assert "x-request-id" in from_browser.headers["Access-Control-Expose-Headers"].lower()
     lines = [line for line in archive.log().splitlines() if line.strip()]
     assert lines and not any(line.startswith("{") for line in lines)
     assert any(" INFO ricord_archive.archive: ricord-archive ready" in line for line in lines)
