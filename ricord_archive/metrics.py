@@ -65,7 +65,7 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_SECONDS = Histogram(
     "ricord_http_request_duration_seconds", "DICOMweb request latency, to the last byte sent",
-    ["service", "route"], buckets=_LATENCY_BUCKETS,
+    ["service", "route", "status"], buckets=_LATENCY_BUCKETS,
 )
 ASSOCIATIONS_OPEN = Gauge(
     "ricord_dimse_associations_open", "DIMSE associations established and not yet closed",

@@ -134,6 +134,8 @@ def test_counters_follow_the_traffic(make_archive, corpus, tmp_path):
     assert delta(http, service="unmatched", route="unmatched", status="404") == 1
     assert delta("ricord_http_request_duration_seconds_count", service="wado",
                  route="/dicom-web/studies/{study}/metadata") == 3
+    assert delta("ricord_http_request_duration_seconds_count", service="wado",
+                 route="/dicom-web/studies/{study}/metadata", status="404") == 1
 
     final = scrape(url)
     # both processes write to the shared directory: their pools (10 connections each) add up

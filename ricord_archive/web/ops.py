@@ -53,7 +53,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if labels is not None:
             method = request.method if request.method in _METHODS else "other"
             metrics.HTTP_REQUESTS.labels(*labels, method, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            metrics.HTTP_SECONDS.labels(*labels, str(status)).observe(
+                time.perf_counter() - started
+            )
         logs.request_id.reset(token)
 
 
