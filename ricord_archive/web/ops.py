@@ -16,7 +16,7 @@ from ricord_archive.readiness import OK
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
-_SERVICES = {"qido": "qido", "wado": "wado", "stow": "stow"}  # handler module -> label
+_SERVICES = frozenset({"qido", "wado", "stow"})  # the handlers' modules, as labels
 _DICOMWEB = ("/dicom-web", "/wado")
 
 
@@ -30,7 +30,7 @@ def _labels(request: web.Request) -> tuple[str, str] | None:
     if resource is None:
         return "unmatched", "unmatched"
     module = getattr(request.match_info.handler, "__module__", "").rpartition(".")[2]
-    return _SERVICES.get(module, "other"), resource.canonical
+    return module if module in _SERVICES else "other", resource.canonical
 
 
 @web.middleware
