@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
+from ricord_archive import metrics
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import open_blob_store
 from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
-from ricord_archive.dimse.server import DimseServer
+from ricord_archive.dimse.server import REJECTION_REASONS, DimseServer
 from ricord_archive.fsck import collect_orphans, report_at_start
 from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
@@ -37,6 +38,7 @@ from ricord_archive.processes import (
     tell_primary_ready,
 )
 from ricord_archive.query import QueryService
+from ricord_archive.readiness import Readiness
 from ricord_archive.rebuild import record_sites
 from ricord_archive.retrieve import RetrieveService
 from ricord_archive.secret import load_secret
@@ -44,6 +46,7 @@ from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
 from ricord_archive.web.listener import Deadlines, listen, tls_context
 from ricord_archive.web.oidc import OidcVerifier
+from ricord_archive.web.ops import metrics_app
 
 log = logging.getLogger(__name__)
 _WORKERS_START_TIMEOUT = 120  # seconds the primary waits for its workers to listen
@@ -167,7 +170,11 @@ async def serve(
             send_timeout=config.limits.http_send_timeout,
             audit=trail,
             clinical=ClinicalService(pool, keys, ingest, trail),
+            metrics=config.metrics.enabled and config.metrics.port is None,
+            ready_checks=Readiness(pool, blobs, readiness).checks,
         )
+        metrics.initialize(sites, REJECTION_REASONS)
+        sampler = asyncio.create_task(metrics.sample(pool, reads, audit_writer))
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()
         http = await listen(runner, config.http_host, config.http_port, Deadlines(
@@ -181,8 +188,12 @@ async def serve(
             readiness.ready = True
             if ready_fd is not None:
                 tell_primary_ready(ready_fd)
-            await _serve_until(stop, readiness, dimse, http, runner, executor, audit_writer)
+            try:
+                await _serve_until(stop, readiness, dimse, http, runner, executor, audit_writer)
+            finally:
+                sampler.cancel()
             return
+        metrics_runner = await _metrics_listener(config)
         workers = None
         if processes > 1:
             workers = Workers(processes - 1, await _database_url(config),
@@ -212,6 +223,9 @@ async def serve(
         finally:
             fsck_at_start.cancel()
             collector.cancel()
+            sampler.cancel()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
 
 
 async def _serve_until(
@@ -235,6 +249,18 @@ async def _serve_until(
             await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
         if audit_writer is not None:  # last: the records of what just finished
             await audit_writer.stop()
+
+
+async def _metrics_listener(config: Config) -> web.AppRunner | None:
+    """`GET /metrics` on a port of its own when configured (the primary process answers for
+    all: the metrics of every process are in the shared directory)."""
+    if not config.metrics.enabled or config.metrics.port is None:
+        return None
+    runner = web.AppRunner(metrics_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
+    log.info("metrics at http://%s:%d/metrics", config.metrics.host, config.metrics.port)
+    return runner
 
 
 async def _database_url(config: Config) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import BinaryIO
@@ -17,6 +18,7 @@ import obstore
 from obstore.store import S3Store
 
 from ricord_archive.blobstore import (
+    PROBES,
     RECORDS,
     Location,
     check_file_key,
@@ -89,6 +91,12 @@ class S3BlobStore:
                     name = meta["path"].removeprefix(f"{RECORDS}/")
                     check_record(name)
                     yield name, bytes(obstore.get(self._store, meta["path"]).bytes())
+
+    def probe(self) -> None:
+        with _as_os_errors():
+            name = f"{PROBES}/{uuid.uuid4().hex}"
+            obstore.put(self._store, name, b"ready?", mode="create")
+            obstore.delete(self._store, name)
 
     def temporary_files(self) -> Iterator[tuple[str, float]]:
         return iter(())  # an interrupted upload leaves no object behind

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ricord_archive import __version__
+from ricord_archive import __version__, logs, metrics_dir
 from ricord_archive.config import Config, ConfigError, load_config
 from ricord_archive.dicom_io import configure_pydicom
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -386,13 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lookup" and args.csv and args.issuer:
         parser.error("lookup --issuer goes with PATIENT_ID arguments; a CSV file names issuers "
                      "in an IssuerOfPatientID column")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     configure_pydicom()
     try:
         config = _config(args)
+        logs.use_format(config.log_format)
         if args.command == "db-url":
             return _db_url(config)
         if args.command == "migrate":
@@ -412,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_rebuild_index(config))
         if args.command in ("deid", "lookup", "refusals"):
             return _run_tool(config, args)
+        if config.metrics.enabled:  # before the metrics are first imported
+            metrics_dir.use(config.data_dir, primary=args.worker_of is None)
         from ricord_archive.archive import serve
 
         asyncio.run(serve(config, args.worker_of, args.ready_fd))

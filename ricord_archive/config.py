@@ -136,6 +136,16 @@ class S3Config:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`GET /metrics` (Prometheus): on the HTTP port, or with `port` on a listener of its own
+    (and then not on the HTTP port)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("data")
     http_host: str = "127.0.0.1"
@@ -162,6 +172,8 @@ class Config:
     tls: TlsConfig | None = None
     s3: S3Config | None = None  # None: blobs under <data_dir>/blobs
     audit: bool = True  # the audit trail (audit_event table)
+    log_format: str = "text"  # or "json": one JSON object a line
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def default_site(self) -> SiteConfig:
@@ -547,6 +559,31 @@ def _trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6
         return tuple(ipaddress.ip_network(v, strict=True) for v in value)
     except ValueError as exc:
         raise ConfigError(f"[server] trusted_proxies: {exc}") from exc
+
+
+def _log_format(value: Any) -> str:
+    if value not in ("text", "json"):
+        raise ConfigError('log_format (RICORD_LOG_FORMAT) must be "text" or "json"')
+    return value
+
+
+def _parse_metrics(raw: Any) -> MetricsConfig:
+    """`[metrics]`: enabled, host and port (a listener of its own; absent: the HTTP port)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[metrics] must be a table")
+    unknown = sorted(set(raw) - {"enabled", "host", "port"})
+    if unknown:
+        raise ConfigError(f"[metrics]: unknown setting(s) {', '.join(unknown)}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("[metrics] enabled must be true or false")
+    host = raw.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not _HOST.match(host):
+        raise ConfigError("[metrics] host must be a host name or address")
+    port = _port(raw, "port", 0, "[metrics]") if "port" in raw else None
+    return MetricsConfig(enabled, host, port)
+
+
 def _audit(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError("audit must be true or false")
@@ -623,6 +660,9 @@ def load_config(
         "tls": _parse_tls(raw.get("tls")),
         "s3": _parse_s3(raw.get("s3"), env),
         "audit": _audit(server.get("audit", True)),
+        "log_format": _log_format(env.get("RICORD_LOG_FORMAT") or server.get("log_format",
+                                                                             "text")),
+        "metrics": _parse_metrics(raw.get("metrics", {})),
     }
     for var, key in (
         ("RICORD_DATA_DIR", "data_dir"),

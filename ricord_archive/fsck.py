@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from ricord_archive import metrics
 from ricord_archive.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ async def collect_orphans(pool: asyncpg.Pool, blobs: BlobStore, interval: float,
         try:
             async with pool.acquire() as conn:
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _COLLECTOR_LOCK):
+                    metrics.ORPHAN_RUNS.labels("skipped").inc()
                     continue
                 try:
                     report = await check(pool, blobs, grace)
@@ -124,8 +126,11 @@ async def collect_orphans(pool: asyncpg.Pool, blobs: BlobStore, interval: float,
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock($1)", _COLLECTOR_LOCK)
         except (asyncpg.PostgresError, OSError) as exc:
+            metrics.ORPHAN_RUNS.labels("failed").inc()
             log.warning("orphan collector could not run: %s", type(exc).__name__)
             continue
+        metrics.ORPHAN_RUNS.labels("completed").inc()
+        metrics.ORPHANS_REMOVED.inc(removed)
         if removed:
             log.info("orphan collector removed %d orphan blobs and partial writes", removed)
         if report.missing_blobs or report.wrong_size:

@@ -14,7 +14,6 @@ in the executor as before; such an object is never refused for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import asyncpg
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import dicom_io
+from ricord_archive import dicom_io, metrics
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
@@ -287,10 +286,20 @@ class IngestService:
         return digest
 
     async def _discard(self, written: asyncio.Future[None], key: str) -> None:
-        """Remove the blob of an instance that was not indexed, once its write has ended."""
-        with contextlib.suppress(Exception):
+        """Remove the blob of an instance that was not indexed, once its write has ended (if
+        the store refuses, the orphan collector removes it later)."""
+        try:
             await written
-        await asyncio.to_thread(self.blobs.delete, key)
+        except OSError:
+            metrics.BLOB_ERRORS.labels("write").inc()
+        except Exception:
+            pass
+        try:
+            await asyncio.to_thread(self.blobs.delete, key)
+        except OSError as exc:
+            metrics.BLOB_ERRORS.labels("delete").inc()
+            log.warning("could not remove the blob of an object not stored (%s): left to the "
+                        "orphan collector", type(exc).__name__)
 
     async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
@@ -352,6 +361,8 @@ class IngestService:
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         rec = new.record
+        if row.outcome != "duplicate":
+            metrics.STORED_BYTES.labels(site.name).inc(new.size_bytes)
         result = StoreResult(rec.study_uid, rec.series_uid, rec.sop_uid, rec.sop_class_uid,
                              duplicate=row.outcome != "inserted")
         if row.outcome == "replaced":

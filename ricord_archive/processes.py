@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 
+from ricord_archive import metrics_dir
+
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = 64
@@ -113,6 +115,7 @@ class Workers:
                     process.kill()
                     await process.wait()
                 raise
+            metrics_dir.mark_dead(process.pid)
             if self._stopping:
                 return
             log.error("worker process %d exited with code %s; starting it again in %.0f s",

@@ -302,13 +302,14 @@ def test_wado_matrix(archive, stored, endpoint, name, site, status):
     assert response.status_code == status, response.text[:200]
 
 
-def test_cors_preflight_and_health_need_no_token(archive):
+def test_cors_preflight_health_ready_and_metrics_need_no_token(archive):
     preflight = requests.options(archive.dicomweb_url + "/studies", headers={
         "Origin": "http://viewer.example.org", "Access-Control-Request-Method": "GET",
         "Access-Control-Request-Headers": "Authorization",
     }, timeout=30)
     assert preflight.status_code == 204
-    assert requests.get(archive.root + "/health", timeout=30).status_code == 200
+    for path in ("/health", "/ready", "/metrics"):  # operations: no PHI, no UIDs
+        assert requests.get(archive.root + path, timeout=30).status_code == 200
 
 
 def test_refusals_carry_cors_headers(archive):

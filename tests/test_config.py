@@ -283,3 +283,28 @@ def test_tls_is_off_unless_configured(tmp_path):
 ])
 def test_bad_tls_settings_rejected(tmp_path, text, match):
     rejected(tmp_path, f"[tls]\n{text}\n", match=match)
+
+
+# --- operations: log format and metrics ----------------------------------------------------------
+
+
+def test_log_format_is_text_unless_json_is_asked_for(tmp_path):
+    assert load_config(env={}).log_format == "text"
+    assert load(tmp_path, '[server]\nlog_format = "json"\n').log_format == "json"
+    assert load(tmp_path, "", env={"RICORD_LOG_FORMAT": "json"}).log_format == "json"
+    assert load(tmp_path, '[server]\nlog_format = "json"\n',
+                env={"RICORD_LOG_FORMAT": "text"}).log_format == "text"  # env over file
+    rejected(tmp_path, '[server]\nlog_format = "xml"\n', "log_format")
+    with pytest.raises(ConfigError, match="RICORD_LOG_FORMAT"):
+        load(tmp_path, "", env={"RICORD_LOG_FORMAT": "yaml"})
+
+
+def test_metrics_on_the_http_port_unless_a_port_is_given(tmp_path):
+    default = load_config(env={}).metrics
+    assert (default.enabled, default.port) == (True, None)
+    own = load(tmp_path, '[metrics]\nport = 9464\nhost = "0.0.0.0"\n').metrics
+    assert (own.enabled, own.host, own.port) == (True, "0.0.0.0", 9464)
+    assert load(tmp_path, "[metrics]\nenabled = false\n").metrics.enabled is False
+    rejected(tmp_path, "[metrics]\nport = 70000\n", "port")
+    rejected(tmp_path, '[metrics]\nenabled = "yes"\n', "enabled")
+    rejected(tmp_path, "[metrics]\npath = 1\n", "unknown setting")

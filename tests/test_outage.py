@@ -10,6 +10,7 @@ import requests
 from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.index.embedded import EmbeddedPostgres
 from tests import dcmtk
+from tests.scrape import scrape
 
 
 def test_database_outage_fails_promptly_and_recovers(make_archive, corpus):
@@ -30,6 +31,11 @@ def test_database_outage_fails_promptly_and_recovers(make_archive, corpus):
     )
     assert answer.status_code == 503
     assert requests.get(f"{archive.dicomweb_url}/studies", timeout=60).status_code == 503
+    failed = scrape(f"{archive.root}/metrics")  # counted as failed: may be sent again
+    for protocol in ("c_store", "stow_rs"):
+        assert failed.value("ricord_ingest_objects_total", protocol=protocol,
+                            outcome="failed") == 1
+    assert failed.value("ricord_http_requests_total", service="qido", status="503") == 1
     blobs = FileBlobStore(archive.data_dir / "blobs")
     assert len(list(blobs.walk())) == 1  # nothing half-written
 

@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import pydicom
+import pytest
 import requests
 
 from tests import dcmtk
@@ -27,8 +28,10 @@ def _files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
-def test_no_planted_value_is_stored_logged_or_answered(make_archive, corpus, tmp_path):
-    archive = make_archive("phi")
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_planted_value_is_stored_logged_or_answered(make_archive, corpus, tmp_path,
+                                                       log_format):
+    archive = make_archive("phi", f'[server]\nlog_format = "{log_format}"\n')
     responses: list[bytes] = []
 
     # each names an issuer: its value, like the PatientID's, is never stored, logged or answered
@@ -72,6 +75,8 @@ def test_no_planted_value_is_stored_logged_or_answered(make_archive, corpus, tmp
     responses.extend(p.read_bytes() for p in (tmp_path / "find").glob("rsp*.dcm"))
 
     assert archive.stop() == 0  # PostgreSQL checkpointed and stopped: its files are final
+    log_lines = [line for line in archive.log().splitlines() if line.strip()]
+    assert all(line.startswith("{") == (log_format == "json") for line in log_lines)
     leaks = {}
     for path in [*_files_under(archive.data_dir), archive.log_path]:
         hits = _hits(path.read_bytes(), needles)

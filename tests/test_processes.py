@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests import dcmtk
+from tests.scrape import scrape
 
 _TWO = "[server]\nprocesses = 2\n"
 
@@ -98,6 +99,11 @@ def test_associations_reach_every_process_and_sigterm_stops_them_all(make_archiv
     _wait_for(lambda: not Path(f"/proc/{worker}").exists())
 
 
+def _pool_connections(archive) -> float:
+    """The connections every server process's pool may open, summed by /metrics."""
+    return scrape(f"{archive.root}/metrics").value("ricord_db_pool_max_connections")
+
+
 def test_a_dead_worker_is_replaced_and_workers_die_with_the_primary(make_archive):
     archive = make_archive("two", _TWO)
     [worker] = _workers(archive.process.pid)
@@ -108,8 +114,11 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_the_primary(make_archive
     assert "worker process 1 exited with code -9" in archive.log()
     _wait_for(lambda: f"worker process 1 started (pid {replacement})" in archive.log())
     assert dcmtk.echoscu(archive.dimse_port).returncode == 0
+    # the dead worker's live gauges are forgotten: two processes' pools, not three
+    _wait_for(lambda: _pool_connections(archive) == 20 or None)
     archive.kill()
     _wait_for(lambda: not Path(f"/proc/{replacement}").exists())
     archive.start()  # and the next start finds the ports free and the index as it was
     assert len(_workers(archive.process.pid)) == 1
     assert dcmtk.echoscu(archive.dimse_port).returncode == 0
+    _wait_for(lambda: _pool_connections(archive) == 20 or None)  # what the killed left: gone

@@ -24,6 +24,7 @@ from ricord_archive.processes import Workers
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.pg_cluster import Cluster
+from tests.scrape import scrape
 
 DEADLINE = 60.0  # seconds for replication, fallback and return to become visible
 _MULTIPART = 'multipart/related; type="application/dicom"'
@@ -102,6 +103,17 @@ def reading_from_replica(archive: Archive, processes: int = 1) -> None:
     """Wait until each server process said that its reads go to the replica."""
     said = re.compile(r"reads \(queries, metadata\) go to the read replica|read replica .* is back")
     poll(lambda: len(said.findall(archive.log())) >= processes, "reads on the replica")
+
+
+def replica_metrics(archive: Archive, in_use: int, fallbacks: int) -> None:
+    """Wait until /metrics says whether reads go to the replica (sampled every second), and
+    check how often they fell back."""
+    def matches() -> bool:
+        found = scrape(f"{archive.root}/metrics")
+        return (found.value("ricord_read_replica_in_use") == in_use
+                and found.value("ricord_read_replica_fallbacks_total") == fallbacks)
+
+    poll(matches, f"replica in use {in_use}, {fallbacks} fallbacks")
 
 
 def metadata_status(archive: Archive, uids: tuple[str, str, str]) -> int:
@@ -201,17 +213,22 @@ def test_reads_fall_back_to_the_primary_and_return_to_the_standby(
     archive = archive_on(primary.url, standby.url)  # starts although the replica is down
     unavailable = f"read replica at 127.0.0.1:{standby.port} unavailable"
     assert archive.log().count(unavailable) == 1
+    replica_metrics(archive, in_use=0, fallbacks=1)
     patient = corpus.patient()
     first = corpus.study(patient, dt.date(2022, 1, 2), slices=2)
     assert "(Success)" in dcmtk.storescu(archive.dimse_port, first).stderr
     assert len(found_instances(archive)) == 2  # read from the primary, at once
 
     standby.start()
+    caught_up = primary.sql("SELECT pg_current_wal_lsn()")  # the migrations, at least
+    poll(lambda: standby.sql(f"SELECT pg_last_wal_replay_lsn() >= '{caught_up}'") == "t",
+         "the standby replaying what it missed")
     standby.pause_replay()  # so that reads from the standby can be told apart
     [second] = corpus.study(patient, dt.date(2022, 2, 3), slices=1)
     _, _, sop = stow(archive, second)
     poll(lambda: sop not in found_instances(archive), "reads back on the standby")
     assert archive.log().count(f"read replica at 127.0.0.1:{standby.port} is back") == 1
+    replica_metrics(archive, in_use=1, fallbacks=1)
     standby.resume_replay()
     poll(lambda: sop in found_instances(archive), "the standby replaying again")
 
@@ -222,6 +239,7 @@ def test_reads_fall_back_to_the_primary_and_return_to_the_standby(
     assert len(found_instances(archive)) == 4
     log = archive.log()
     assert log.count(unavailable) == 2  # once per change of state, not per query
+    replica_metrics(archive, in_use=0, fallbacks=2)
     assert "postgres@" not in log  # the URL (which may hold a password) is never logged
     assert not [value for value in corpus.corpus.planted if value in log]
 

@@ -78,6 +78,8 @@ def test_an_archive_on_s3_stores_and_serves_everything_from_the_bucket(
     files = corpus.study(corpus.patient(), dt.date(2021, 3, 4), slices=5)
     assert dcmtk.storescu(archive.dimse_port, files[:3]).stderr.count("(Success)") == 3
     archive.client().store_instances([pydicom.dcmread(f) for f in files[3:]])
+    ready = requests.get(f"{archive.root}/ready", timeout=60)
+    assert ready.status_code == 200, ready.text  # its probe wrote to the bucket, and removed
 
     assert not list((archive.data_dir / "blobs").rglob("*.dcm"))  # nothing on local disk
     stored = objects(seaweed, bucket)

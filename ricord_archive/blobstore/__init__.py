@@ -26,6 +26,7 @@ from ricord_archive.config import Config
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
 _RECORD = re.compile(r"^(sites|patients)/[A-Za-z0-9_.-]{1,100}\.json$")
 RECORDS = "records"  # the folder (prefix) of the allocation records, beside the blobs
+PROBES = "probes"  # S3: where readiness probes write (and remove at once) an object
 
 
 def new_key() -> str:
@@ -87,6 +88,10 @@ class BlobStore(Protocol):
         left behind, segments whose blobs were all deleted."""
 
     def remove_temporary(self, name: str) -> None: ...
+
+    def probe(self) -> None:
+        """Write a few bytes and remove them (readiness): OSError when the store cannot
+        take new blobs."""
 
     def write_record(self, name: str, data: bytes) -> None:
         """Store a small allocation record (a site's SITEID, a patient's pseudonym and date
@@ -216,6 +221,13 @@ class FileBlobStore:
             name = f"{folder}/{path.name}"
             if _RECORD.fullmatch(name):
                 yield name, path.read_bytes()
+
+    def probe(self) -> None:
+        """A partial write's name: a crash between writing and removing leaves a file the
+        orphan collector removes."""
+        probe = self.tmp / f"probe-{uuid.uuid4().hex}.part"
+        probe.write_bytes(b"ready?")
+        probe.unlink()
 
     def remove_temporary(self, name: str) -> None:
         if name.startswith("segments/"):

@@ -4,11 +4,10 @@ Detach), rejected (Security Alert, Node Authentication), and C-GET/C-MOVE transf
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from ricord_archive import audit
+from ricord_archive import audit, logs
 from ricord_archive.config import Config
 from ricord_archive.dimse.association import Association
 from ricord_archive.errors import NotAuthorized
@@ -56,7 +55,7 @@ class AssociationAudit:
         self._open: dict[Association, tuple[str, float]] = {}
 
     def accepted(self, association: Association) -> None:
-        number = uuid.uuid4().hex[:16]
+        number = logs.association_id.get() or logs.new_id()  # as in the log lines
         self._open[association] = (number, time.monotonic())
         self.trail.record(
             audit.association(actor(association, self.config), True, {"association": number})

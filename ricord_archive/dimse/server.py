@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ricord_archive import audit
+from ricord_archive import audit, logs, metrics
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dimse import audit as dimse_audit
 from ricord_archive.dimse.association import Association, Handler, Rejection, Timeouts
@@ -81,10 +81,15 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 _QUERY_LIMIT = 100_000
+_PROTOCOL = "c_store"  # the protocol label of objects received here (metrics)
 # A-ASSOCIATE-RJ (result, source, diagnostic): permanent, by the service user, calling AE title
 # not recognised; transient, by the presentation layer, local limit exceeded
 _UNKNOWN_CALLING_AET = (0x01, 0x01, 0x03)
 _LOCAL_LIMIT = (0x02, 0x03, 0x02)
+_NOT_FROM_ADDRESS = "calling-ae-title-not-allowed-from-address"
+_NOT_RECOGNISED = "calling-ae-title-not-recognised"
+_OVER_LIMIT = "local-limit-exceeded"
+REJECTION_REASONS = (_NOT_FROM_ADDRESS, _NOT_RECOGNISED, _OVER_LIMIT)  # audit and metrics
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -156,6 +161,7 @@ class DimseServer:
                                   self._timeouts)
         task = asyncio.current_task()
         assert task is not None
+        logs.association_id.set(logs.new_id())  # this connection's task: its log lines
         self._connections[task] = association
         try:
             await association.run()
@@ -173,7 +179,7 @@ class DimseServer:
         if not self._addresses.allows(calling, association.address):
             log.warning("association from %s rejected: calling AE title %r is not allowed from "
                         "this address", peer, calling)
-            return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-allowed-from-address")
+            return Rejection(*_UNKNOWN_CALLING_AET, _NOT_FROM_ADDRESS)
         configured = [a for s in self.config.sites for a in s.aets]
         if not self.config.accept_any_calling_aet and calling not in configured:
             # only then do import sessions decide; else they are asked at the first C-STORE
@@ -181,12 +187,12 @@ class DimseServer:
             if not association.importing:
                 log.warning("association from %s rejected (calling AE title %r not recognised "
                             "or not allowed)", peer, calling)
-                return Rejection(*_UNKNOWN_CALLING_AET, "calling-ae-title-not-recognised")
+                return Rejection(*_UNKNOWN_CALLING_AET, _NOT_RECOGNISED)
         admitted = sum(a.admitted for a in self._connections.values())
         if admitted >= self.config.limits.max_associations:
             log.warning("association from %s rejected: %d associations already (local limit)",
                         peer, admitted)
-            return Rejection(*_LOCAL_LIMIT, "local-limit-exceeded")
+            return Rejection(*_LOCAL_LIMIT, _OVER_LIMIT)
         association.admitted = True  # counted from now on: no await since the count
         return None
 
@@ -199,12 +205,16 @@ class DimseServer:
             return []
 
     def accepted(self, association: Association) -> None:
+        metrics.ASSOCIATIONS.inc()
+        metrics.ASSOCIATIONS_OPEN.inc()
         self._association_audit.accepted(association)
 
     def rejected(self, association: Association, rejection: Rejection) -> None:
+        metrics.ASSOCIATIONS_REJECTED.labels(rejection.reason.replace("-", "_")).inc()
         self._association_audit.rejected(association, rejection.reason)
 
     def closed(self, association: Association, how: str) -> None:
+        metrics.ASSOCIATIONS_OPEN.dec()
         self._association_audit.closed(association, how)
 
     # --- C-ECHO, C-STORE ------------------------------------------------------------------
@@ -232,12 +242,13 @@ class DimseServer:
         )
         if site is None:
             log.info("C-STORE refused: the calling AE title belongs to no site")
+            metrics.count_ingest(_PROTOCOL, "", "refused_calling_ae_without_site")
             self.audit.record(dimse_audit.refused_without_site(association, self.config))
             return STATUS_NOT_AUTHORIZED
         try:
             result = await audit.storing(
                 self.audit, dimse_audit.actor(association, self.config), "C-STORE", site.name,
-                self.ingest.store(data, site.name),
+                metrics.ingesting(_PROTOCOL, site.name, self.ingest.store(data, site.name)),
             )
         except ArchiveError as exc:
             log.info("C-STORE refused: %s", exc.message)

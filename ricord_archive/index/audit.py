@@ -73,6 +73,11 @@ class AuditWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Events waiting to be written."""
+        return len(self._pending)
+
     def record(self, event: AuditEvent) -> None:
         """Buffer an event (any thread, never blocks); drop and count it when full."""
         with self._lock:

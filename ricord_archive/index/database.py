@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from ricord_archive import metrics
 from ricord_archive.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,13 +56,32 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     back to the pool, once per stored instance."""
 
 
+class MeteredPool(asyncpg.Pool):
+    """asyncpg's pool, counting the requests for a connection that had to wait for one (none
+    idle, all opened) and how long they waited (`ricord_db_pool_waits_total`)."""
+
+    async def _acquire(self, timeout: float | None) -> Any:
+        if self._queue is None or not self._queue.empty():
+            return await super()._acquire(timeout)
+        started = time.perf_counter()
+        try:
+            return await super()._acquire(timeout)
+        finally:
+            metrics.DB_POOL_WAITS.inc()
+            metrics.DB_POOL_WAIT_SECONDS.observe(time.perf_counter() - started)
+
+
 async def create_pool(url: str, attempts: int = 20) -> asyncpg.Pool:
     """A connection pool, retried while the server is still coming up."""
     delay = 0.1
     for attempt in range(attempts):
         try:
-            return await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60,
-                                             reset=keep_session)
+            return await MeteredPool(  # asyncpg.create_pool's defaults, but for the sizes
+                url, min_size=1, max_size=10, max_queries=50_000,
+                max_inactive_connection_lifetime=300.0, loop=None,
+                connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                command_timeout=60, reset=keep_session,
+            )
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             if attempt == attempts - 1:
                 raise

@@ -92,3 +92,24 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
         return count
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+
+async def schema_difference(pool: asyncpg.Pool, migrations: list[Migration]) -> str | None:
+    """None when the index holds exactly `migrations` (as applied, unchanged); else what
+    differs, in words: missing, unknown to this version (a newer archive migrated it), or
+    changed since they were applied."""
+    applied = {
+        r["version"]: r["checksum"]
+        for r in await pool.fetch("SELECT version, checksum FROM schema_migration")
+    }
+    known = {m.version: m.checksum for m in migrations}
+    problems = []
+    for label, versions in (
+        ("not applied", sorted(known.keys() - applied.keys())),
+        ("applied but unknown to this version", sorted(applied.keys() - known.keys())),
+        ("changed since applied", sorted(v for v in known.keys() & applied.keys()
+                                         if known[v] != applied[v])),
+    ):
+        if versions:
+            problems.append(f"{label}: {', '.join(str(v) for v in versions)}")
+    return "; ".join(problems) or None

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from ricord_archive import metrics
 from ricord_archive.index.database import DATABASE_UNAVAILABLE, keep_session
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ class Reads:
         if self._replica is not None:
             await _close(self._replica)
 
+    @property
+    def on_replica(self) -> bool:
+        """Whether reads go to the replica now."""
+        return self._available and self._replica is not None
+
     async def run(self, operation: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
         if self._available and self._replica is not None:
             try:
@@ -120,6 +126,7 @@ class Reads:
         if self._closed:
             return
         if self._available or self._probe is None:
+            metrics.REPLICA_FALLBACKS.inc()
             log.warning(
                 "read replica at %s unavailable (%s): reads go to the primary until it is back",
                 self._where(), type(exc).__name__,

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from aiohttp import web
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID
 from pynetdicom import (
@@ -201,12 +202,9 @@ _TRANSACTIONS = {"stow": "STOW-RS", "qido": "QIDO-RS", "wado": "WADO-RS"}
 
 
 def dicomweb_resources() -> str:
-    """The DICOMweb routes of the aiohttp application (an application with no services:
-    only its routing table is read)."""
-    app = web_app.create_app(web_app.Services(
-        ingest=None, query=None, retrieve=None, default_site="", max_stow_bytes=0,  # type: ignore[arg-type]
-        ready=lambda: False,
-    ))
+    """The DICOMweb routes of the aiohttp application."""
+    app = web.Application()
+    web_app.add_dicomweb_routes(app.router)
     rows = []
     for route in app.router.routes():
         path = route.resource.canonical if route.resource else ""

@@ -16,7 +16,7 @@ from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import access, audit, auth, clinical, forwarded, qido, stow, wado
+from ricord_archive.web import access, audit, auth, clinical, forwarded, ops, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Services:
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
     clinical: ClinicalService | None = None  # None: no /api/clinical routes
+    metrics: bool = True  # GET /metrics on this port
+    ready_checks: Callable[[], Awaitable[dict[str, str]]] | None = None  # GET /ready
 
 
 SERVICES = web.AppKey("services", Services)
@@ -75,7 +77,7 @@ async def errors(
 
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_HEADERS = "Accept, Content-Type, Authorization, If-None-Match, Range"
-_CORS_EXPOSED = "Warning, Content-Type, Content-Length, ETag, Content-Location"
+_CORS_EXPOSED = "Warning, Content-Type, Content-Length, ETag, Content-Location, X-Request-ID"
 
 
 def _allowed_origin(request: web.Request) -> str | None:
@@ -123,11 +125,38 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
 
+def add_dicomweb_routes(router: web.UrlDispatcher) -> None:
+    """STOW-RS, QIDO-RS, WADO-RS and WADO-URI (also read by the conformance statement)."""
+    router.add_post(f"{ROOT}/studies", stow.store)
+    router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
+    study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"
+    for path, level in (
+        (f"{ROOT}/studies", Level.STUDY),
+        (f"{ROOT}/series", Level.SERIES),
+        (f"{ROOT}/instances", Level.INSTANCE),
+        (f"{study}/series", Level.SERIES),
+        (f"{study}/instances", Level.INSTANCE),
+        (f"{series}/instances", Level.INSTANCE),
+    ):
+        router.add_get(path, qido.search(level))
+    instance = f"{series}/instances/{{instance}}"
+    for resource in (study, series, instance):
+        router.add_get(resource, wado.retrieve)
+        router.add_get(f"{resource}/metadata", wado.metadata)
+        router.add_get(f"{resource}/thumbnail", wado.thumbnail)
+    router.add_get(f"{instance}/bulkdata/{{tag}}", wado.bulk_data)
+    router.add_get(f"{instance}/rendered", wado.rendered)
+    router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
+    router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
+    router.add_get("/wado", wado.wado_uri)
+
+
 def create_app(services: Services) -> web.Application:
     middlewares = [cors_preflight, errors]
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
     middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
+    middlewares.insert(0, ops.observe)  # outermost: every request has its id and is counted
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
     app[access.SITES] = access.SiteNames(frozenset(services.ingest.sites), services.default_site)
@@ -139,29 +168,13 @@ def create_app(services: Services) -> web.Application:
 
         app.on_cleanup.append(close_authenticator)
     app.on_response_prepare.append(_cors_headers)
+    app.on_response_prepare.append(ops.request_id_header)
     app.router.add_get("/health", health)
-    app.router.add_post(f"{ROOT}/studies", stow.store)
-    app.router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
-    study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"
-    for path, level in (
-        (f"{ROOT}/studies", Level.STUDY),
-        (f"{ROOT}/series", Level.SERIES),
-        (f"{ROOT}/instances", Level.INSTANCE),
-        (f"{study}/series", Level.SERIES),
-        (f"{study}/instances", Level.INSTANCE),
-        (f"{series}/instances", Level.INSTANCE),
-    ):
-        app.router.add_get(path, qido.search(level))
-    instance = f"{series}/instances/{{instance}}"
-    for resource in (study, series, instance):
-        app.router.add_get(resource, wado.retrieve)
-        app.router.add_get(f"{resource}/metadata", wado.metadata)
-        app.router.add_get(f"{resource}/thumbnail", wado.thumbnail)
-    app.router.add_get(f"{instance}/bulkdata/{{tag}}", wado.bulk_data)
-    app.router.add_get(f"{instance}/rendered", wado.rendered)
-    app.router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
-    app.router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
-    app.router.add_get("/wado", wado.wado_uri)
+    if services.ready_checks is not None:
+        app.router.add_get("/ready", ops.ready_page(services.ready_checks))
+    if services.metrics:
+        app.router.add_get("/metrics", ops.metrics_page)
+    add_dicomweb_routes(app.router)
     if services.clinical is not None:
         app.router.add_post("/api/clinical", clinical.import_sheet)
         app.router.add_post("/api/clinical/columns", clinical.declare_columns)

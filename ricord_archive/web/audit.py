@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ricord_archive import audit
+from ricord_archive import audit, metrics
 from ricord_archive.matching import Level
 from ricord_archive.web import app as web_app
 from ricord_archive.web import wado
@@ -48,7 +48,8 @@ def _trail(request: web.Request) -> audit.AuditTrail:
 
 async def storing(request: web.Request, site: str, store: Awaitable[T]) -> T:
     """A STOW-RS object's ingest, recorded."""
-    return await audit.storing(_trail(request), actor(request), "STOW-RS", site, store)
+    return await audit.storing(_trail(request), actor(request), "STOW-RS", site,
+                               metrics.ingesting("stow_rs", site, store))
 
 
 async def searching(request: web.Request, level: Level, search: Awaitable[P]) -> P:

@@ -17,7 +17,7 @@ from ricord_archive.config import ApiToken
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # operations: no PHI
 API_PREFIX = "/api/"  # authenticated here, authorized per route (web/access.py)
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ricord-archive"'}
 _METHODS = {  # what each role may do: GET reads (QIDO, WADO), POST stores (STOW)
