@@ -324,8 +324,6 @@ class IngestService:
             )
         except _DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
-        except OSError as exc:
-            raise StorageUnavailable("the blob store is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
             self.config.project_name,

@@ -18,6 +18,7 @@ import asyncpg
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import Keyring, PatientKeys
+from ricord_archive.errors import StorageUnavailable
 from ricord_archive.index.reads import known_patients
 from ricord_archive.index.store import Patient, PatientEntry, Site, patient_for
 from ricord_archive.records import PatientRecord
@@ -77,4 +78,7 @@ class PatientDirectory:
         patient = entry.patient
         record = PatientRecord(site.siteid, patient.pseudonym, entry.patient_key,
                                patient.date_offset_days, entry.issuer_key)
-        await asyncio.to_thread(self.blobs.write_record, record.record_name, record.encode())
+        try:
+            await asyncio.to_thread(self.blobs.write_record, record.record_name, record.encode())
+        except OSError as exc:  # not the index's fault: say which store failed
+            raise StorageUnavailable("the blob store is unavailable; send again later") from exc

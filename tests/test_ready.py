@@ -91,6 +91,17 @@ def test_ready_names_what_is_not_ready(make_archive, corpus):
     found = scrape(f"{archive.root}/metrics")
     assert found.value("ricord_blob_store_errors_total", operation="write") == 1
     assert found.value("ricord_ingest_objects_total", outcome="failed") == 1
+    newcomer = corpus.study(corpus.patient(), dt.date(2020, 3, 4), slices=1)[0]
+    with _read_only(archive.data_dir / "blobs"):  # a new patient's allocation record fails
+        answer = requests.post(
+            f"{archive.dicomweb_url}/studies",
+            data=b"--b\r\nContent-Type: application/dicom\r\n\r\n" + newcomer.read_bytes()
+            + b"\r\n--b--\r\n",
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+            timeout=60,
+        )
+        assert answer.status_code == 503
+        assert "the blob store is unavailable" in answer.text  # not "the index"
     _until_ready(archive, ready=True)
     assert "(Success)" in dcmtk.storescu(archive.dimse_port, large).stderr
 
