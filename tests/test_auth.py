@@ -3,16 +3,21 @@ token check, and the role x site x endpoint matrix against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
 import pydicom
 import pytest
 import requests
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 
 from ricord_archive.config import ApiToken, ConfigError, load_config
+from ricord_archive.web import access
+from ricord_archive.web import auth as web_auth
 from ricord_archive.web.auth import Authenticator, Principal
 from tests.conftest import Archive
 
@@ -327,3 +332,38 @@ def test_log_names_tokens_never_shows_them(archive, stored):
     assert "token research" in log
     for token in TOKENS.values():
         assert token not in log and sha(token) not in log
+
+
+def test_an_api_route_without_an_access_rule_is_refused():
+    """/api routes fail closed: one whose handler declares no roles (`access.allow`) answers
+    403 to every token, admin included; a declared one lets its roles in; an unknown /api path
+    stays 404. A real aiohttp server on loopback, driven by a real HTTP client."""
+    admin = ApiToken("admin", hashlib.sha256(b"tok-admin").hexdigest(), "admin")
+    research = ApiToken("research", hashlib.sha256(b"tok-research").hexdigest(), "researcher")
+
+    async def forgotten(request: web.Request) -> web.Response:
+        return web.Response(text="open")
+
+    @access.allow("admin")
+    async def declared(request: web.Request) -> web.Response:
+        return web.Response(text="admin only")
+
+    async def exchange() -> list[tuple[str, str, int]]:
+        app = web.Application(middlewares=[
+            web_auth.middleware(Authenticator([admin, research], {}))])
+        app.router.add_get("/api/forgotten", forgotten)
+        app.router.add_get("/api/declared", declared)
+        answers = []
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for path in ("/api/forgotten", "/api/declared", "/api/nowhere"):
+                for token in ("tok-admin", "tok-research"):
+                    response = await client.get(
+                        path, headers={"Authorization": f"Bearer {token}"})
+                    answers.append((path, token, response.status))
+        return answers
+
+    assert asyncio.run(exchange()) == [
+        ("/api/forgotten", "tok-admin", 403), ("/api/forgotten", "tok-research", 403),
+        ("/api/declared", "tok-admin", 200), ("/api/declared", "tok-research", 403),
+        ("/api/nowhere", "tok-admin", 404), ("/api/nowhere", "tok-research", 404),
+    ]

@@ -2,7 +2,9 @@
 handlers with this helper. DICOMweb keeps its rule by HTTP method (`auth.middleware`); for /api
 the middleware only authenticates and leaves the decision to the route.
 
-A handler calls `require(request, *roles)` first (403 for any other role), then:
+Every /api handler is declared with `@allow(*roles)`: the roles are checked before it runs (403
+for any other role), and the authentication middleware refuses an /api route that declares no
+rule (fail closed: a new route cannot be left open by forgetting it). The handler then uses:
 - `upload_site(request)`: the site a write goes to: an uploader's own (a `?site=` naming
   another is refused), else `?site=` (admin, or anyone with authentication off), else the
   default site;
@@ -15,12 +17,14 @@ Site names are checked against the configured sites (400 for an unknown one).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ricord_archive.web.auth import PRINCIPAL, Principal
+from ricord_archive.web.auth import API_ROLES, PRINCIPAL, Principal
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,23 @@ SITES = web.AppKey("site_names", SiteNames)
 def principal(request: web.Request) -> Principal | None:
     """The authenticated caller; None when authentication is off."""
     return request.get(PRINCIPAL)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def allow(*roles: str) -> Callable[[Handler], Handler]:
+    """Declare the roles that may call an /api handler; checked before it runs."""
+    def declare(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            require(request, *roles)
+            return await handler(request)
+
+        setattr(checked, API_ROLES, roles)
+        return checked
+
+    return declare
 
 
 def require(request: web.Request, *roles: str) -> Principal | None:

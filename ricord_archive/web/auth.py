@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # operations: no PHI
 API_PREFIX = "/api/"  # authenticated here, authorized per route (web/access.py)
+API_ROLES = "api_roles"  # the attribute `access.allow` sets on an /api handler
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ricord-archive"'}
 _METHODS = {  # what each role may do: GET reads (QIDO, WADO), POST stores (STOW)
     "uploader": frozenset({"GET", "HEAD", "POST"}),
@@ -121,9 +122,14 @@ def middleware(
         except Forbidden as exc:
             log.warning("refused %s %s: %s", request.method, request.path, exc)
             raise web.HTTPForbidden(text=str(exc)) from None
-        if not request.path.startswith(API_PREFIX) and request.method not in _METHODS[
-            principal.role
-        ]:
+        if request.path.startswith(API_PREFIX):
+            if request.match_info.http_exception is None and not hasattr(
+                request.match_info.handler, API_ROLES
+            ):
+                log.error("refused %s %s: the route declares no access rule", request.method,
+                          request.path)
+                raise web.HTTPForbidden(text="this route declares no access rule")
+        elif request.method not in _METHODS[principal.role]:
             log.warning("refused %s %s to token %s: role %s may not", request.method,
                         request.path, principal.name, principal.role)
             raise web.HTTPForbidden(text=f"the {principal.role} role may not do this")

@@ -39,9 +39,9 @@ def _service(request: web.Request) -> ClinicalService:
     return service
 
 
+@access.allow("uploader", "admin")
 async def import_sheet(request: web.Request) -> web.Response:
     """POST /api/clinical: import a sheet; 200 with the summary (refused rows included)."""
-    access.require(request, "uploader", "admin")
     site = access.upload_site(request)
     media_type = request.content_type
     if media_type not in (sheet.CSV, sheet.XLSX):
@@ -53,9 +53,9 @@ async def import_sheet(request: web.Request) -> web.Response:
     return web_app.json_response({"site": site, **summary.as_dict()}, 200)
 
 
+@access.allow("uploader", "admin")
 async def declare_columns(request: web.Request) -> web.Response:
     """POST /api/clinical/columns: a column map (TOML) for the site."""
-    access.require(request, "uploader", "admin")
     site = access.upload_site(request)
     try:
         text = (await _body(request, MAX_MAP_BYTES)).decode("utf-8")
@@ -78,9 +78,9 @@ def _wants_csv(request: web.Request) -> bool:
     raise NotAcceptable(f"clinical rows are {_CSV_MEDIA} or {_JSON_MEDIA}")
 
 
+@access.allow("uploader", "researcher", "admin")
 async def export_rows(request: web.Request) -> web.Response:
     """GET /api/clinical: one row per examination, filtered by the query parameters."""
-    access.require(request, "uploader", "researcher", "admin")
     site = access.site_scope(request)
     columns = request.query.get("columns", "archive")
     if columns not in ("archive", "ricord"):
