@@ -15,7 +15,7 @@ from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import audit, auth, forwarded, qido, stow, wado
+from ricord_archive.web import access, audit, auth, forwarded, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def create_app(services: Services) -> web.Application:
     middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services
+    app[access.SITES] = access.SiteNames(frozenset(services.ingest.sites), services.default_site)
     if services.authenticator is not None:
         authenticator = services.authenticator
 
