@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import open_blob_store
+from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
@@ -165,6 +166,7 @@ async def serve(
             body_idle_timeout=config.limits.http_body_idle_timeout,
             send_timeout=config.limits.http_send_timeout,
             audit=trail,
+            cohorts=CohortService(pool, blobs),
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()

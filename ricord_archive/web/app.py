@@ -10,12 +10,13 @@ import orjson
 from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
+from ricord_archive.cohorts import CohortService
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import access, audit, auth, forwarded, qido, stow, wado
+from ricord_archive.web import access, audit, auth, cohorts, forwarded, qido, stow, wado
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Services:
     body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
+    cohorts: CohortService | None = None  # None: no /api/cohorts (tests of DICOMweb alone)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -160,4 +162,5 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
     app.router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
     app.router.add_get("/wado", wado.wado_uri)
+    cohorts.add_routes(app)
     return app
