@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import open_blob_store
+from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
@@ -167,6 +168,7 @@ async def serve(
             send_timeout=config.limits.http_send_timeout,
             audit=trail,
             cohorts=CohortService(pool, blobs),
+            clinical=ClinicalService(pool, keys, ingest, trail),
         )
         runner = web.AppRunner(create_app(services), access_log=None)
         await runner.setup()

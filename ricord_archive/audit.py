@@ -45,6 +45,8 @@ class EventId(_Coded):
     """PS3.15 A.5.3 audit message EventIDs: (DCM code, meaning)."""
 
     AUDIT_LOG_USED = ("110101", "Audit Log Used")
+    EXPORT = ("110106", "Export")
+    IMPORT = ("110107", "Import")
     BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
     INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
     NETWORK_ENTRY = ("110108", "Network Entry")
@@ -300,6 +302,28 @@ def access_refused(actor: Actor, status: int, route: str | None, method: str) ->
         Outcome.MINOR_FAILURE, actor, "HTTP", resource=route,
         event_type=EventType.LOGIN if unknown else EventType.USE_OF_RESTRICTED_FUNCTION,
         site=actor.site, detail={"status": status, "method": method},
+    )
+
+
+def clinical_imported(
+    actor: Actor, protocol: str, site: str, counts: Mapping[str, Any],
+    exc: BaseException | None = None,
+) -> AuditEvent:
+    """A clinical sheet imported (counts of rows only, never a value) or refused whole."""
+    detail = dict(counts) if exc is None else {"reason": failure_reason(exc)}
+    return AuditEvent(
+        EventId.IMPORT, Action.CREATE, Outcome.SUCCESS if exc is None else failure_outcome(exc),
+        actor, protocol, resource="clinical", site=site, detail=detail,
+    )
+
+
+def clinical_exported(
+    actor: Actor, protocol: str, site: str | None, keywords: list[str], rows: int,
+) -> AuditEvent:
+    """Clinical rows exported: the filters' column names and the number of rows."""
+    return AuditEvent(
+        EventId.EXPORT, Action.READ, Outcome.SUCCESS, actor, protocol, resource="clinical",
+        site=site, detail={"keys": keywords, "rows": rows},
     )
 
 

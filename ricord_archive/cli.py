@@ -85,7 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     ))
     _import_parsers(commands, common)
     _audit_parser(commands, common)
+    _clinical_parser(commands, common)
     return parser
+
+
+def _clinical_parser(
+    commands: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    clinical = commands.add_parser("clinical", help="clinical data around the images")
+    actions = clinical.add_subparsers(dest="clinical_command", required=True)
+    sheet = actions.add_parser(
+        "import", help="import a site's clinical sheet (CSV or .xlsx)",
+        description="Import one row per examination: PatientID (or MRN), optional "
+        "IssuerOfPatientID, AccessionNumber or StudyInstanceUID, StudyDate, and the clinical "
+        "columns Age, Sex, TestMethod, TestResult, TestDate and those --columns declares. "
+        "Identifiers and dates are keyed and shifted as for the images; the file is not kept. "
+        "Exit status 1 when some rows were refused.",
+    )
+    common(sheet)
+    sheet.add_argument("--site", required=True, help="the configured site of the sheet")
+    sheet.add_argument("--sheet", help="the workbook's sheet (default: the first)")
+    sheet.add_argument("--columns", type=Path, metavar="MAP.toml",
+                       help="declare other columns: [columns.NAME] type = number (unit = ...), "
+                       "category (values = [...]), boolean or date")
+    sheet.add_argument("file", metavar="FILE", type=Path, help="a .csv or .xlsx file")
 
 
 def _audit_parser(
@@ -335,6 +358,20 @@ def _import_pacs(config: Config, args: argparse.Namespace) -> int:
     return 1 if any(r.outcome in ("failed", "incomplete") for r in reports) else 0
 
 
+def _import_clinical(config: Config, args: argparse.Namespace) -> int:
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools.clinical import import_clinical
+
+    try:
+        summary = asyncio.run(import_clinical(
+            config, args.site, args.file, args.sheet, args.columns, sys.stdout
+        ))
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 1 if summary.refusals else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -358,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             return _import_pacs(config, args)
         if args.command == "audit":
             return _audit(config, args)
+        if args.command == "clinical":
+            return _import_clinical(config, args)
         if args.command == "fsck":
             return asyncio.run(_fsck(config, args.repair))
         if args.command == "rebuild-index":

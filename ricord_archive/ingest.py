@@ -294,6 +294,12 @@ class IngestService:
             self._patients[(site.id, patient_key)] = cached
         return cached
 
+    async def patient(self, site: Site, patient_key: bytes) -> Patient:
+        """The patient of a keyed identity, allocated exactly as for an image (with its
+        allocation record) when unknown: for the data imported about patients (clinical rows),
+        so rows and images meet whichever comes first."""
+        return await self._patient(site, patient_key)
+
     def _hash_and_write(self, key: str, blob: bytes) -> bytes:
         """In the blob-write thread: the SHA-256 (hashlib lets go of the GIL on large
         buffers) and the durable write; the digest."""

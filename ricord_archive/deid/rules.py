@@ -129,6 +129,19 @@ def shift_datetime(value: str, days: int) -> str:
     return date_part + text[8:] if date_part else ""
 
 
+def keyed_uid(keys: Keyring, siteid: str, value: str) -> str:
+    """The UID the archive gives an original UID at a site (registry UIDs kept)."""
+    value = value.strip().rstrip("\x00")
+    if not value or value.startswith(REGISTRY_UID_ROOT):
+        return value
+    return keys.uid(siteid, value)
+
+
+def keyed_accession(keys: Keyring, siteid: str, accession: str) -> str:
+    """The AccessionNumber the archive gives an original (stripped, non-empty) one at a site."""
+    return keys.short_code("accession", siteid, accession)
+
+
 def cap_age(value: str) -> str:
     """Ages over 89 years become 090Y (HIPAA safe harbour); malformed ages are dropped.
 
@@ -199,10 +212,7 @@ class Rules:
         }
 
     def remap_uid(self, value: str) -> str:
-        value = value.strip().rstrip("\x00")
-        if not value or value.startswith(REGISTRY_UID_ROOT):
-            return value
-        return self.context.keys.uid(self.context.siteid, value)
+        return keyed_uid(self.context.keys, self.context.siteid, value)
 
     def settled(self, tag: int, vr: str) -> bool | None:
         """Decide from tag and VR alone: True keep untouched, False remove, None rewrite
@@ -302,7 +312,7 @@ def inserted(context: DeidContext, originals: Originals) -> list[Inserted]:
     """The pseudonyms and de-identification attributes, in tag order."""
     keys, siteid = context.keys, context.siteid
     out = [
-        Inserted(ACCESSION_NUMBER, "SH", keys.short_code("accession", siteid, originals.accession)
+        Inserted(ACCESSION_NUMBER, "SH", keyed_accession(keys, siteid, originals.accession)
                  if originals.accession else None),
         Inserted(PATIENT_NAME, "PN", context.pseudonym),
         Inserted(PATIENT_ID, "LO", context.pseudonym),

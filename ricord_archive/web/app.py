@@ -10,13 +10,24 @@ import orjson
 from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
+from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.cohorts import CohortService
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import access, audit, auth, cohorts, forwarded, qido, stow, wado
+from ricord_archive.web import (
+    access,
+    audit,
+    auth,
+    clinical,
+    cohorts,
+    forwarded,
+    qido,
+    stow,
+    wado,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,7 @@ class Services:
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
     cohorts: CohortService | None = None  # None: no /api/cohorts (tests of DICOMweb alone)
+    clinical: ClinicalService | None = None  # None: no /api/clinical routes
 
 
 SERVICES = web.AppKey("services", Services)
@@ -162,5 +174,10 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
     app.router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
     app.router.add_get("/wado", wado.wado_uri)
-    cohorts.add_routes(app)
+    if services.cohorts is not None:
+        cohorts.add_routes(app)
+    if services.clinical is not None:
+        app.router.add_post("/api/clinical", clinical.import_sheet)
+        app.router.add_post("/api/clinical/columns", clinical.declare_columns)
+        app.router.add_get("/api/clinical", clinical.export_rows)
     return app
