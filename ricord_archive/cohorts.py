@@ -7,29 +7,27 @@ import asyncio
 import datetime as dt
 import hashlib
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
 
 from ricord_archive import cohort_export
 from ricord_archive.blobstore import Blob, BlobStore
+from ricord_archive.clinical import export as clinical_export
 from ricord_archive.cohort_export import CohortSpec, SeriesRow
 from ricord_archive.errors import BadRequest, NotFound
+from ricord_archive.index import clinical as clinical_index
 from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
-from ricord_archive.matching import KEYS, Condition, Level, attribute_path, parse_query
+from ricord_archive.matching import KEYS, Condition, Level, Query, attribute_path, parse_query
 from ricord_archive.query import site_condition
 from ricord_archive.zip_layout import Entry, ZipLayout
 
 _CHUNK = 1024 * 1024
 _CRC_THREADS = 4
-# the clinical columns' SQL predicate on the study (alias st) from {column: value}
-ClinicalFilter = Callable[[dict[str, str]], Condition]
-# clinical.csv of the given studies (index study pks)
-ClinicalTable = Callable[[asyncpg.Pool, Sequence[int]], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -67,33 +65,56 @@ def crc32_of(blob: Blob, size: int) -> int:
 
 
 class CohortService:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore,
-                 clinical_filter: ClinicalFilter | None = None,
-                 clinical_table: ClinicalTable | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore) -> None:
         self.pool = pool
         self.blobs = blobs
-        self.clinical_filter = clinical_filter
-        self.clinical_table = clinical_table
 
-    def _query(self, filters: dict[str, str], site_id: int | None):
+    async def _query(self, filters: dict[str, str], site_id: int | None) -> Query:
+        """The series-level query of a cohort's filters: QIDO-RS keys through the query
+        engine, clinical columns as the studies whose clinical rows match them."""
         dicom, clinical = _split_filters(filters)
         query = parse_query(Level.SERIES, dicom, max_limit=1)
         if query.ignored:
             raise BadRequest("; ".join(query.ignored))
         conditions = list(query.conditions)
         if clinical:
-            if self.clinical_filter is None:
-                raise BadRequest(f"{sorted(clinical)[0][:64]!r} is neither a matching key of "
-                                 "this archive nor a clinical column")
-            conditions.append(self.clinical_filter(clinical))
+            conditions.append(await self._clinical_condition(clinical, site_id))
         if site_id is not None:
             conditions.append(site_condition(Level.SERIES, site_id))
         return replace(query, conditions=tuple(conditions))
 
+    async def _clinical_condition(self, columns: dict[str, str], site_id: int | None
+                                  ) -> Condition:
+        """Studies whose clinical rows match every column condition (Age=18-65, ...)."""
+        named = set(columns) & clinical_export.CONTROL
+        if named:
+            raise BadRequest(f"{sorted(named)[0]!r} is not a cohort filter")
+        try:
+            async with reporting_outages():
+                declared = clinical_export.merge_declared(
+                    await clinical_index.declared_columns(self.pool, site_id))
+                wanted = clinical_export.parse_filters(columns.items(), site_id, declared)
+                uids = await clinical_index.matching_study_uids(self.pool, wanted)
+        except clinical_export.FilterError as exc:
+            raise BadRequest(str(exc)) from None
+        return Condition("st.study_uid = ANY({})", (sorted(uids),))
+
+    async def _clinical_csv(self, study_uids: Sequence[str]) -> bytes:
+        """clinical.csv: the clinical row of each study that has one, as GET /api/clinical
+        exports it."""
+        async with reporting_outages():
+            rows = await clinical_index.clinical_rows(
+                self.pool, clinical_export.ClinicalFilter(), study_uids)
+        extra = {k for row in rows for k in row} - set(clinical_export.OUTPUT_COLUMNS)
+        return clinical_export.to_csv(
+            clinical_export.column_names(extra, False),
+            [clinical_export.renamed(r, False) for r in rows],
+        ).encode("utf-8")
+
     async def create(self, spec: CohortSpec, site_id: int | None,
                      created_by: str | None) -> Cohort:
         """Freeze the series matching the filters now (only `site_id`'s when given)."""
-        query = self._query(spec.filters, site_id)
+        query = await self._query(spec.filters, site_id)
         async with reporting_outages():
             files = await index.matching_files(self.pool, query)
         crcs = await self._crcs(files)
@@ -103,8 +124,7 @@ class CohortService:
         async with reporting_outages():
             records = await index.series_records(
                 self.pool, list(firsts), [f.instance_pk for f in firsts.values()])
-            clinical = (await self.clinical_table(self.pool, list(
-                dict.fromkeys(f.study_pk for f in files))) if self.clinical_table else b"")
+        clinical = await self._clinical_csv(list(dict.fromkeys(f.study_uid for f in files)))
         images: dict[int, list[CohortFile]] = {}
         for f in files:
             images.setdefault(f.series_pk, []).append(f)

@@ -350,3 +350,41 @@ def _multipart(files: list[Path]) -> tuple[bytes, str]:
         + f.read_bytes() + b"\r\n" for f in files
     ) + f"--{boundary}--\r\n".encode()
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_clinical_columns_filter_the_cohort_and_fill_clinical_csv(make_archive, tmp_path):
+    """A sheet of the original identifiers (CSV writer) imported before one study's images and
+    after the others'; the cohort keeps the studies whose rows match, clinical.csv their rows."""
+    archive = make_archive("clinical", CONFIG)
+    corpus = PhiCorpus(seed=77, out_dir=tmp_path / "corpus")
+    people = [corpus.patient() for _ in range(3)]
+    studies = [corpus.study(p, dt.date(2021, 6, 1 + n), slices=2) for n, p in enumerate(people)]
+    assert dcmtk.storescu(archive.dimse_port, [*studies[0], *studies[1]]).returncode == 0
+    sheet = io.StringIO()
+    writer = csv.writer(sheet)
+    writer.writerow(["PatientID", "StudyInstanceUID", "Age", "Sex", "TestResult"])
+    for person, files, age, result in zip(people, studies, (34, 70, 50),
+                                          ("POSITIVE", "POSITIVE", "DETECTED"), strict=True):
+        study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+        writer.writerow([person.patient_id, study_uid, age, "F", result])
+    imported = requests.post(f"{archive.root}/api/clinical", data=sheet.getvalue().encode(),
+                             headers={"Content-Type": "text/csv"}, timeout=60)
+    assert imported.status_code == 200, imported.text
+    assert dcmtk.storescu(archive.dimse_port, studies[2]).returncode == 0  # after the sheet
+
+    cohort = create(archive, {"TestResult": "POSITIVE", "Age": "18-65", "Modality": "CT"},
+                    name="positive-adults")
+    assert cohort["counts"] == {"studies": 2, "series": 2, "instances": 4}
+    zipped = requests.get(f"{api(archive)}/{cohort['id']}/archive.zip", timeout=60)
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as archive_file:
+        rows = list(csv.DictReader(io.StringIO(archive_file.read("clinical.csv").decode())))
+        subjects = {n.split("/")[0] for n in archive_file.namelist() if n.endswith(".dcm")}
+    assert sorted(int(r["Age"]) for r in rows) == [34, 50]
+    assert {r["TestResult"] for r in rows} == {"POSITIVE"}
+    assert {r["PatientID"] for r in rows} == subjects
+    everything = zipped.content + json.dumps(cohort).encode()
+    for planted in corpus.corpus.planted:
+        assert planted.encode() not in everything
+    refused = requests.post(api(archive), json={"name": "x", "filters": {"Age": "old"}},
+                            timeout=30)
+    assert refused.status_code == 400
