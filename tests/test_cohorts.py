@@ -10,7 +10,9 @@ import hashlib
 import io
 import itertools
 import json
+import random
 import subprocess
+import sys
 import time
 import zipfile
 from email.parser import BytesParser
@@ -388,3 +390,71 @@ def test_clinical_columns_filter_the_cohort_and_fill_clinical_csv(make_archive, 
     refused = requests.post(api(archive), json={"name": "x", "filters": {"Age": "old"}},
                             timeout=30)
     assert refused.status_code == 400
+
+
+def cli(archive: Archive, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ricord_archive", "cohort", *args[:1], "--url", archive.root,
+         *args[1:]], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_cli_download_resumes_across_a_restart_and_checks_every_file(make_archive, tmp_path):
+    # one server process: killing it ends every connection (a worker would finish its own)
+    archive = make_archive("restart", "[server]\nprocesses = 1\n" + CONFIG)
+    corpus = PhiCorpus(seed=5, out_dir=tmp_path / "corpus")
+    files = corpus.study(corpus.patient(), dt.date(2021, 2, 2), slices=24, size=16)
+    noise = random.Random(5)
+    for path in files:  # 512 x 512 slices: 12 MB, more than the sockets' buffers hold
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = noise.randbytes(512 * 512 * 2)
+        ds.save_as(path)
+    assert dcmtk.storescu(archive.dimse_port, files).returncode == 0
+    created = cli(archive, "create", "--name", "big-ct", "--filter", "Modality=CT",
+                  "--license", "CC0")
+    assert created.returncode == 0, created.stderr
+    cohort = json.loads(created.stdout)
+    assert cohort["counts"]["instances"] == 24
+    listed = cli(archive, "list")
+    assert f"{cohort['id']}\tbig-ct\t1\t1\t24\t{cohort['bytes']}" in listed.stdout
+
+    out = tmp_path / "big-ct.zip"
+    part = tmp_path / "big-ct.zip.part"
+    size = requests.get(f"{api(archive)}/{cohort['id']}/files", timeout=30).json()[
+        "archive"]["size"]
+    log = (tmp_path / "download.log").open("w")
+    download = subprocess.Popen(
+        [sys.executable, "-m", "ricord_archive", "cohort", "download", "--url", archive.root,
+         str(cohort["id"]), str(out), "--limit-rate", str(size // 8)],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (part.exists() and part.stat().st_size > size // 3):
+        assert download.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)  # polling the partial file's size
+    archive.kill()  # the archive goes away mid-download, and comes back
+    archive.start()
+    assert download.wait(timeout=300) == 0, (tmp_path / "download.log").read_text()
+    output = (tmp_path / "download.log").read_text()
+    assert "interrupted" in output and "every file matches" in output
+    assert not part.exists()
+
+    with zipfile.ZipFile(out) as zipped:
+        assert zipped.testzip() is None
+        names = [n for n in zipped.namelist() if n.endswith(".dcm")]
+        study, series = names[0].split("/")[1:3]
+        assert [zipped.read(n) for n in names] == stored_bytes(archive, study, series)
+        assert zipped.read("LICENSE.txt") == b"CC0"
+    resumed = [e for e in audit_events(archive, "--limit", "1000")
+               if e["resource"] == "/api/cohorts/{id}/archive.zip"]
+    assert any(e["detail"]["status"] == 206 and e["detail"]["bytes"] < size for e in resumed)
+
+    # a partial download spoiled on disk is caught by the check, not handed out
+    spoiled = bytearray(out.read_bytes()[: size * 9 // 10])
+    spoiled[size // 2] ^= 0xFF
+    part.write_bytes(bytes(spoiled))
+    listing = requests.get(f"{api(archive)}/{cohort['id']}/files", timeout=30).json()
+    (tmp_path / "big-ct.zip.part.json").write_text(json.dumps(listing["archive"]))
+    out.unlink()
+    again = cli(archive, "download", str(cohort["id"]), str(out))
+    assert again.returncode == 2
+    assert "do not match" in again.stderr and not out.exists()
