@@ -23,8 +23,8 @@ RICORD_NAMES = {
     col.TEST_RESULT: "Result",
 }
 CONTROL = frozenset({"site", "columns"})
-_KINDS = {col.AGE: "number", col.SEX: "category", col.TEST_METHOD: "category",
-          col.TEST_RESULT: "category", col.TEST_DATE: "date"}
+_KINDS = {col.STUDY_DATE: "date", col.AGE: "number", col.SEX: "category",
+          col.TEST_METHOD: "category", col.TEST_RESULT: "category", col.TEST_DATE: "date"}
 
 
 class FilterError(ValueError):
@@ -47,7 +47,7 @@ class ColumnFilter:
 @dataclass(frozen=True)
 class ClinicalFilter:
     """Which examinations: at a site (its index id), of a pseudonym, of a de-identified study,
-    and matching every column condition."""
+    and matching every column condition (StudyDate: a range of shifted dates)."""
 
     site_id: int | None = None
     pseudonym: str | None = None
@@ -79,11 +79,9 @@ def _range(text: str, read: Any) -> tuple[Any, Any]:
 
 
 def _filter(name: str, value: str, declared: Mapping[str, col.Column]) -> ColumnFilter:
-    builtin = col.BUILT_IN.get(name)
+    builtin = "exam_study_date" if name == col.STUDY_DATE else col.BUILT_IN.get(name)
     if builtin is not None:
-        kind, read = _KINDS[name], col.BUILT_IN_READERS[name]
-        if name == col.AGE:
-            read = col.number  # a bound, not an age to cap
+        kind, read = _KINDS[name], col.BUILT_IN_READERS.get(name)
     else:
         column = declared[name]
         kind, read = column.kind, col.reader(column)
@@ -111,11 +109,11 @@ def parse_filters(
             pseudonym = value
         elif name == col.STUDY_UID:
             study_uid = value
-        elif name in col.BUILT_IN or name in declared:
+        elif name in _KINDS or name in declared:
             conditions.append(_filter(name, value, declared))
         else:
             raise FilterError(f"unknown filter {name!r}: filters are PatientID, "
-                              "StudyInstanceUID, site and the clinical columns")
+                              "StudyInstanceUID, StudyDate, site and the clinical columns")
     return ClinicalFilter(site_id, pseudonym, study_uid, tuple(conditions))
 
 

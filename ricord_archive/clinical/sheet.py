@@ -121,9 +121,14 @@ def _xlsx_table(data: bytes, sheet: str | None) -> Table:
         if sheet is not None and sheet not in book.sheetnames:
             raise SheetError("the workbook has no sheet of that name")
         chosen = book[sheet] if sheet is not None else book.worksheets[0]
-        return _table([list(row) for row in chosen.iter_rows(values_only=True)])
+        lines = [list(row) for row in chosen.iter_rows(values_only=True)]
+    except SheetError:
+        raise
+    except Exception:  # openpyxl reads lazily: a broken part surfaces while reading rows
+        raise SheetError("the workbook's sheet cannot be read") from None
     finally:
         book.close()
+    return _table(lines)
 
 
 def _blank(cell: Any) -> bool:
