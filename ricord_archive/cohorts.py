@@ -195,7 +195,10 @@ class CohortService:
     async def archive(self, cohort: Cohort) -> CohortArchive:
         """The cohort's ZIP: every object, then metadata.csv, clinical.csv, LICENSE.txt and
         CITATION.txt; every CRC known up front, so any byte range can be served."""
-        files, names, texts = await self._contents(cohort)
+        return self._archive(cohort, *await self._contents(cohort))
+
+    def _archive(self, cohort: Cohort, files: list[CohortFile], names: list[str],
+                 texts: dict[str, bytes]) -> CohortArchive:
         entries = [Entry(name, f.size_bytes, f.crc32) for name, f in zip(names, files, strict=True)]
         entries += [Entry(name, len(data), zlib.crc32(data)) for name, data in texts.items()]
         layout = ZipLayout(entries, cohort.created_at)
@@ -217,8 +220,9 @@ class CohortService:
         entries = [Entry(name, i.size_bytes) for name, (i, _) in zip(names, found, strict=True)]
         return ZipLayout(entries, dt.datetime.now(dt.UTC)), [blob for _, blob in found]
 
-    async def file_list(self, cohort: Cohort) -> list[dict[str, object]]:
-        """Each file of the cohort's ZIP with its size and SHA-256, for a downloader's check."""
+    async def file_list(self, cohort: Cohort) -> tuple[CohortArchive, list[dict[str, object]]]:
+        """The cohort's ZIP, and each file of it with its size and SHA-256 (for a downloader's
+        check)."""
         files, names, texts = await self._contents(cohort)
         listed: list[dict[str, object]] = [
             {"path": name, "size": f.size_bytes, "sha256": f.sha256.hex()}
@@ -226,4 +230,4 @@ class CohortService:
         ]
         listed += [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                    for name, data in texts.items()]
-        return listed
+        return self._archive(cohort, files, names, texts), listed

@@ -133,10 +133,9 @@ async def metadata(request: web.Request) -> web.Response:
 async def files(request: web.Request) -> web.Response:
     """Every file of the cohort's ZIP with its size and SHA-256, and the ZIP's size and ETag."""
     cohort = await _cohort(request)
-    service = _service(request)
-    archive = await service.archive(cohort)
+    archive, listed = await _service(request).file_list(cohort)
     return _json({"archive": {"size": archive.layout.size, "etag": archive.etag},
-                  "files": await service.file_list(cohort)})
+                  "files": listed})
 
 
 async def archive_zip(request: web.Request) -> web.StreamResponse:
