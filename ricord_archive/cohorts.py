@@ -28,6 +28,7 @@ from ricord_archive.zip_layout import Entry, ZipLayout
 
 _CHUNK = 1024 * 1024
 _CRC_THREADS = 4
+__all__ = ["Cohort", "CohortArchive", "CohortService"]
 
 
 @dataclass(frozen=True)

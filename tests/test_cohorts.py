@@ -252,6 +252,8 @@ def test_range_requests_resume_anywhere(site):
     assert tail.status_code == 206 and tail.content == whole.content[-10:]
     rest = requests.get(url, headers={"Range": f"bytes={size // 2}-"}, timeout=30)
     assert rest.content == whole.content[size // 2:]
+    several = requests.get(url, headers={"Range": "bytes=0-9,20-29"}, timeout=30)
+    assert several.status_code == 200 and several.content == whole.content  # the whole, once
     stale = requests.get(url, headers={"Range": "bytes=5-", "If-Range": '"other"'}, timeout=30)
     assert stale.status_code == 200 and stale.content == whole.content
     outside = requests.get(url, headers={"Range": f"bytes={size}-"}, timeout=30)
@@ -384,7 +386,10 @@ def test_clinical_columns_filter_the_cohort_and_fill_clinical_csv(make_archive, 
     assert sorted(int(r["Age"]) for r in rows) == [34, 50]
     assert {r["TestResult"] for r in rows} == {"POSITIVE"}
     assert {r["PatientID"] for r in rows} == subjects
-    everything = zipped.content + json.dumps(cohort).encode()
+    base = f"{api(archive)}/{cohort['id']}"
+    everything = zipped.content + json.dumps(cohort).encode() + b"".join(
+        requests.get(f"{base}/{name}", timeout=30).content
+        for name in ("manifest.tcia", "metadata.csv", "files"))
     for planted in corpus.corpus.planted:
         assert planted.encode() not in everything
     refused = requests.post(api(archive), json={"name": "x", "filters": {"Age": "old"}},

@@ -11,9 +11,8 @@ from aiohttp import web
 
 from ricord_archive import audit
 from ricord_archive.cohort_export import parse_spec
-from ricord_archive.cohorts import CohortService
+from ricord_archive.cohorts import Cohort, CohortService
 from ricord_archive.errors import BadRequest
-from ricord_archive.index.cohorts import Cohort
 from ricord_archive.web import access, forwarded
 from ricord_archive.web import app as web_app
 from ricord_archive.web import audit as web_audit
