@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,13 +133,18 @@ class ClinicalService:
                                                      patient.date_offset_days)))
             stored = await index.store_rows(self.pool, site.id, rows, parsed.present,
                                             list(mapped.values()))
-            absent = await index.studies_absent(self.pool, site.id, [r for _, r in rows])
+            absent = await index.studies_absent(
+                self.pool, site.id, [r for _, r in rows if r.line not in stored.named_twice]
+            )
         except (sheet.SheetError, col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
         except _UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
+        twice = [sheet.Refusal(line, col.ACCESSION, sheet.DUPLICATE_EXAMINATION,
+                               "the examination is named by another row too")
+                 for line in stored.named_twice]
         return ImportSummary(stored.imported, stored.updated, stored.unchanged, absent,
-                             parsed.refusals)
+                             sorted([*parsed.refusals, *twice], key=lambda r: r.line))
 
     async def export(
         self, actor: audit.Actor, protocol: str, site_name: str | None,
@@ -163,3 +168,21 @@ class ClinicalService:
         ))
         return Export(export.column_names(extra, ricord),
                       [export.renamed(r, ricord) for r in rows])
+
+
+async def split_filters(
+    pool: asyncpg.Pool, site_id: int | None, filters: Mapping[str, str],
+) -> tuple[export.ClinicalFilter | None, dict[str, str]]:
+    """For cohorts: the clinical part of mixed filters (None when they name no clinical
+    column) and the rest (the QIDO-RS keys), at a site (its index id; None: every site). Then
+    `index.clinical.matching_study_uids(pool, clinical)` gives the matching studies."""
+    try:
+        declared = export.merge_declared(await index.declared_columns(pool, site_id))
+        keys = export.clinical_keys(declared)
+        clinical = [(k, v) for k, v in filters.items() if k in keys]
+        wanted = export.parse_filters(clinical, site_id, declared) if clinical else None
+    except export.FilterError as exc:
+        raise BadRequest(str(exc)) from None
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable("the index is unavailable; try again later") from exc
+    return wanted, {k: v for k, v in filters.items() if k not in keys}

@@ -20,6 +20,9 @@ import requests
 
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import sheet
+from ricord_archive.clinical.export import ClinicalFilter
+from ricord_archive.clinical_service import split_filters
+from ricord_archive.index import clinical as index
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.test_auth import CONFIG as AUTH_CONFIG
@@ -159,10 +162,14 @@ def _needles(rows: list[list], refused: tuple[str, ...]) -> set[bytes]:
     return {v.encode() for v in values}
 
 
+def _db_url(archive: Archive) -> str:
+    return subprocess.run(archive.command("db-url"), capture_output=True, text=True,
+                          timeout=60, check=True).stdout.strip()
+
+
 def _index_text(archive: Archive) -> bytes:
     """Every row of every table of the index as text (a logical dump: dates as text too)."""
-    url = subprocess.run(archive.command("db-url"), capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip()
+    url = _db_url(archive)
 
     async def dump() -> bytes:
         conn = await asyncpg.connect(url)
@@ -275,6 +282,28 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     shifted_b = pseudonym["StudyDate"]
     assert [r["Age"] for r in rows_for(StudyDate=f"{shifted_b}-{shifted_b}")] == [44]
     assert rows_for(site="site-a") == []
+
+    # C, named by its accession number so far, now also by its study UID (and A by its
+    # accession only): the same rows are updated, none is added
+    late_uid = "1.2.826.0.1.3680043.10.5555.31"
+    needles.add(late_uid.encode())
+    renamed = [[*rows[2][:3], late_uid, *rows[2][4:]],
+               [rows[0][0], "", rows[0][2], "", *rows[0][4:5], 91, *rows[0][6:]]]
+    answers.append((late := requests.post(
+        api, data=_write_csv(tmp_path / "late.csv", renamed).read_bytes(),
+        headers={"Content-Type": "text/csv"}, timeout=60)).content)
+    assert {k: late.json()[k] for k in ("imported", "updated", "unchanged")} == {
+        "imported": 0, "updated": 2, "unchanged": 0}
+    both_ways = [rows[0], [rows[0][0], "", rows[0][2], "", *rows[0][4:]]]  # A twice
+    answers.append((twice := requests.post(
+        api, data=_write_csv(tmp_path / "twice.csv", both_ways).read_bytes(),
+        headers={"Content-Type": "text/csv"}, timeout=60)).content)
+    assert twice.json()["refused"] == {"duplicate-examination": 1}
+    assert twice.json()["errors"][0]["row"] == 3
+    latest = {r["Age"]: r for r in rows_for()}
+    assert sorted(latest) == [30, 44, 90]  # A's 91 is 90 too; still three examinations
+    assert latest[30]["StudyInstanceUID"] is not None  # C's keyed study UID
+    assert latest[30]["StudyInstanceUID"] != late_uid
     bad = requests.get(api, params={"Notes": "x"}, timeout=30)
     assert bad.status_code == 400
 
@@ -291,11 +320,14 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     events = subprocess.run(archive.command("audit", "--json", "--action", "Import"),
                             capture_output=True, text=True, timeout=120)
     imports = [json.loads(line) for line in events.stdout.splitlines()]
-    assert [e["detail"]["imported"] for e in imports] == [3, 0, 0]
+    assert [(e["detail"]["imported"], e["detail"]["updated"]) for e in imports] == [
+        (3, 0), (0, 0), (0, 1), (0, 2), (0, 0)]
     exports = subprocess.run(archive.command("audit", "--json", "--action", "Export"),
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
 
+    assert _cohort_view(archive, {"Age": "18-65", "Modality": "CT"}) == (
+        {studies[2]["StudyInstanceUID"]}, [44], {"Modality": "CT"})  # C is not in the archive
     index_text = _index_text(archive)
     assert b"Temperature" in index_text  # the dump holds the clinical rows
     assert archive.stop() == 0
@@ -351,6 +383,26 @@ def test_roles_and_sites_with_authentication_on(make_archive):
     rows = call("GET", "research").json()["rows"]
     assert rows[0]["PatientID"] != rows[1]["PatientID"]  # one ID, two sites, two patients
     assert rows[0]["AccessionNumber"] != rows[1]["AccessionNumber"]
+
+
+def _cohort_view(
+    archive: Archive, filters: dict[str, str],
+) -> tuple[set[str], list[int], dict[str, str]]:
+    """What the cohorts see through the interface they use: the studies in the archive whose
+    clinical rows match, those rows' ages, and the filters left for QIDO-RS."""
+
+    async def view() -> tuple[set[str], list[int], dict[str, str]]:
+        pool = await asyncpg.create_pool(_db_url(archive), min_size=1, max_size=2)
+        try:
+            wanted, rest = await split_filters(pool, None, filters)
+            assert wanted is not None
+            uids = await index.matching_study_uids(pool, wanted)
+            rows = await index.clinical_rows(pool, ClinicalFilter(), uids)
+            return uids, [r["Age"] for r in rows], rest
+        finally:
+            await pool.close()
+
+    return asyncio.run(view())
 
 
 def _studies_by_size(archive: Archive) -> dict[int, dict[str, str]]:

@@ -95,6 +95,12 @@ def _filter(name: str, value: str, declared: Mapping[str, col.Column]) -> Column
     return ColumnFilter(name, builtin, kind, values=values)
 
 
+def clinical_keys(declared: Mapping[str, col.Column]) -> frozenset[str]:
+    """The filter keys that name clinical columns (built-in or declared), e.g. to tell them
+    from the QIDO-RS keys of a cohort's filters."""
+    return frozenset((*col.BUILT_IN, *declared))
+
+
 def parse_filters(
     params: Iterable[tuple[str, str]], site_id: int | None,
     declared: Mapping[str, col.Column],

@@ -9,7 +9,7 @@ study_uids)` -> one row per examination (optionally only of these studies).
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -31,6 +31,7 @@ class Stored:
     imported: int
     updated: int
     unchanged: int
+    named_twice: list[int]  # lines naming an examination another row of the sheet names
 
 
 async def declared_columns(pool: asyncpg.Pool, site_id: int | None) -> list[Column]:
@@ -62,23 +63,57 @@ async def declare_columns(pool: asyncpg.Pool, site_id: int, columns: Collection[
         await _declare(conn, site_id, columns)
 
 
+_SET = ("patient_pk", "accession_number", "study_date", *_BUILT_IN_COLUMNS, "extra")
+
+
 def _upsert(present: frozenset[str], conflict: str) -> str:
-    """The upsert of one batch: the columns of the sheet (`present`, index names and 'extra')
-    are set, the others kept; a row whose values do not change is not written."""
-    sets = [f"{c} = excluded.{c}" if c in present else f"{c} = r.{c}"
-            for c in ("patient_pk", "accession_number", "study_date", *_BUILT_IN_COLUMNS)]
-    sets.append("extra = (r.extra - $12::text[]) || excluded.extra")
-    new_values = ", ".join(s.split(" = ", 1)[1] for s in sets)
-    old_values = ", ".join(s.split(" = ", 1)[0] for s in sets)
+    """The upsert of one batch: the columns of the sheet (`present`, index names) are set, the
+    others kept; declared columns of the sheet ($12) are replaced in `extra`, the others kept;
+    a row whose values do not change is not written."""
+    new = [f"excluded.{c}" if c in present else f"r.{c}" for c in _SET[:-1]]
+    new.append("(r.extra - $12::text[]) || excluded.extra")
     return f"""
         INSERT INTO clinical_row AS r (site_id, patient_pk, study_uid, accession_number,
             study_date, age, sex, test_method, test_result, test_date, extra)
         SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::date[],
             $6::smallint[], $7::text[], $8::text[], $9::text[], $10::date[], $11::jsonb[])
-        ON CONFLICT {conflict} DO UPDATE SET {", ".join(sets)}, updated_at = now()
-        WHERE ({", ".join(f"r.{c}" for c in old_values.split(", "))})
-            IS DISTINCT FROM ({new_values})
-        RETURNING (xmax = 0) AS inserted"""
+        ON CONFLICT {conflict} DO UPDATE
+        SET {", ".join(f"{c} = {v}" for c, v in zip(_SET, new, strict=True))}, updated_at = now()
+        WHERE ({", ".join(f"r.{c}" for c in _SET)}) IS DISTINCT FROM ({", ".join(new)})
+        RETURNING pk, (xmax = 0) AS inserted"""
+
+
+async def _same_examinations(
+    conn: asyncpg.Connection, site_id: int, rows: Sequence[tuple[int, ExamRow]],
+) -> tuple[list[tuple[int, ExamRow]], set[int], list[int]]:
+    """An examination named by its accession number in one sheet and by its study UID in
+    another is one row: a row naming it by accession only updates the row stored under its
+    study UID, and a row stored under its accession only takes the study UID a row now gives.
+    Returns the rows to store, the rows given their study UID, and the lines of rows that name
+    an examination another row of the sheet names too."""
+    known = dict(await conn.fetch(
+        "SELECT accession_number, study_uid FROM clinical_row WHERE site_id = $1 "
+        "AND study_uid IS NOT NULL AND accession_number = ANY($2::text[])",
+        site_id, [r.accession for _, r in rows if not r.study_uid],
+    ))
+    named = {r.study_uid for _, r in rows if r.study_uid}
+    keep, twice = [], []
+    for patient_pk, row in rows:
+        uid = None if row.study_uid else known.get(row.accession)
+        if uid in named:
+            twice.append(row.line)
+        else:
+            keep.append((patient_pk, replace(row, study_uid=uid) if uid else row))
+    named_both = [(r.study_uid, r.accession) for _, r in keep if r.study_uid and r.accession]
+    promoted = await conn.fetch(
+        "UPDATE clinical_row c SET study_uid = u.uid, updated_at = now() "
+        "FROM unnest($2::text[], $3::text[]) AS u(uid, accession) "
+        "WHERE c.site_id = $1 AND c.study_uid IS NULL AND c.accession_number = u.accession "
+        "AND NOT EXISTS (SELECT 1 FROM clinical_row x WHERE x.site_id = $1 "
+        "AND x.study_uid = u.uid) RETURNING c.pk",
+        site_id, [uid for uid, _ in named_both], [accession for _, accession in named_both],
+    )
+    return keep, {p["pk"] for p in promoted}, twice
 
 
 async def store_rows(
@@ -95,10 +130,11 @@ async def store_rows(
     returned: list[asyncpg.Record] = []
     async with pool.acquire() as conn, conn.transaction():
         await _declare(conn, site_id, declared)
+        keep, promoted, twice = await _same_examinations(conn, site_id, rows)
         for conflict, batch in (
-            ("(site_id, study_uid)", [r for r in rows if r[1].study_uid]),
+            ("(site_id, study_uid)", [r for r in keep if r[1].study_uid]),
             ("(site_id, accession_number) WHERE study_uid IS NULL",
-             [r for r in rows if not r[1].study_uid]),
+             [r for r in keep if not r[1].study_uid]),
         ):
             if not batch:
                 continue
@@ -113,7 +149,8 @@ async def store_rows(
             returned += await conn.fetch(_upsert(frozenset(index_present), conflict),
                                          site_id, *columns, extra_present)
     imported = sum(1 for r in returned if r["inserted"])
-    return Stored(imported, len(returned) - imported, len(rows) - len(returned))
+    updated = len({r["pk"] for r in returned if not r["inserted"]} | promoted)
+    return Stored(imported, updated, len(keep) - imported - updated, twice)
 
 
 async def studies_absent(pool: asyncpg.Pool, site_id: int, rows: Sequence[ExamRow]) -> int:
