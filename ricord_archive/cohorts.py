@@ -15,6 +15,7 @@ import asyncpg
 from ricord_archive import cohort_export
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.clinical import export as clinical_export
+from ricord_archive.clinical_service import split_filters
 from ricord_archive.cohort_export import CohortSpec, SeriesRow
 from ricord_archive.errors import BadRequest, NotFound
 from ricord_archive.index import clinical as clinical_index
@@ -22,7 +23,7 @@ from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
-from ricord_archive.matching import KEYS, Condition, Level, Query, attribute_path, parse_query
+from ricord_archive.matching import Condition, Level, Query, parse_query
 from ricord_archive.query import site_condition
 from ricord_archive.zip_layout import Entry, ZipLayout
 
@@ -38,19 +39,6 @@ class CohortArchive:
     layout: ZipLayout
     sources: list[Blob | bytes]
     etag: str
-
-
-def _split_filters(filters: dict[str, str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(QIDO-RS keys, clinical columns) of a cohort's filters: a DICOM keyword or tag the
-    query engine matches on is a QIDO-RS key, anything else a clinical column."""
-    dicom, clinical = [], {}
-    for key, value in filters.items():
-        path = attribute_path(key)
-        if path is not None and path[0] in KEYS:
-            dicom.append((key, value))
-        else:
-            clinical[key] = value
-    return dicom, clinical
 
 
 def crc32_of(blob: Blob, size: int) -> int:
@@ -73,32 +61,18 @@ class CohortService:
     async def _query(self, filters: dict[str, str], site_id: int | None) -> Query:
         """The series-level query of a cohort's filters: QIDO-RS keys through the query
         engine, clinical columns as the studies whose clinical rows match them."""
-        dicom, clinical = _split_filters(filters)
-        query = parse_query(Level.SERIES, dicom, max_limit=1)
-        if query.ignored:
+        clinical, dicom = await split_filters(self.pool, site_id, filters)
+        query = parse_query(Level.SERIES, dicom.items(), max_limit=1)
+        if query.ignored:  # a cohort never silently ignores a filter
             raise BadRequest("; ".join(query.ignored))
         conditions = list(query.conditions)
-        if clinical:
-            conditions.append(await self._clinical_condition(clinical, site_id))
+        if clinical is not None:
+            async with reporting_outages():
+                uids = await clinical_index.matching_study_uids(self.pool, clinical)
+            conditions.append(Condition("st.study_uid = ANY({})", (sorted(uids),)))
         if site_id is not None:
             conditions.append(site_condition(Level.SERIES, site_id))
         return replace(query, conditions=tuple(conditions))
-
-    async def _clinical_condition(self, columns: dict[str, str], site_id: int | None
-                                  ) -> Condition:
-        """Studies whose clinical rows match every column condition (Age=18-65, ...)."""
-        named = set(columns) & clinical_export.CONTROL
-        if named:
-            raise BadRequest(f"{sorted(named)[0]!r} is not a cohort filter")
-        try:
-            async with reporting_outages():
-                declared = clinical_export.merge_declared(
-                    await clinical_index.declared_columns(self.pool, site_id))
-                wanted = clinical_export.parse_filters(columns.items(), site_id, declared)
-                uids = await clinical_index.matching_study_uids(self.pool, wanted)
-        except clinical_export.FilterError as exc:
-            raise BadRequest(str(exc)) from None
-        return Condition("st.study_uid = ANY({})", (sorted(uids),))
 
     async def _clinical_csv(self, study_uids: Sequence[str]) -> bytes:
         """clinical.csv: the clinical row of each study that has one, as GET /api/clinical
