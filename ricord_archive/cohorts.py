@@ -17,7 +17,7 @@ from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.clinical import export as clinical_export
 from ricord_archive.clinical_service import split_filters
 from ricord_archive.cohort_export import CohortSpec, SeriesRow
-from ricord_archive.errors import BadRequest, NotFound
+from ricord_archive.errors import BadRequest, Gone, NotFound
 from ricord_archive.index import clinical as clinical_index
 from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
@@ -156,8 +156,12 @@ class CohortService:
 
     async def _contents(self, cohort: Cohort
                         ) -> tuple[list[CohortFile], list[str], dict[str, bytes]]:
-        """The cohort's objects, their names in the ZIP, and its text files by name."""
+        """The cohort's objects, their names in the ZIP, and its text files by name; Gone when
+        an object was replaced since the cohort was frozen (its bytes are no longer kept)."""
         async with reporting_outages():
+            if await index.replaced_files(self.pool, cohort.id):
+                raise Gone("objects of this cohort were replaced since it was frozen: create "
+                           "the cohort again")
             files = await index.cohort_files(self.pool, cohort.id)
             metadata, clinical = await index.cohort_texts(self.pool, cohort.id)
         names = cohort_export.entry_names([

@@ -101,3 +101,9 @@ class NotAcceptable(ArchiveError):
 
 class UnsupportedMediaType(ArchiveError):
     http_status = 415
+
+
+class Gone(ArchiveError):
+    """What was asked for existed and no longer does (e.g. a frozen object since replaced)."""
+
+    http_status = 410

@@ -463,3 +463,23 @@ def test_cli_download_resumes_across_a_restart_and_checks_every_file(make_archiv
     again = cli(archive, "download", str(cohort["id"]), str(out))
     assert again.returncode == 2
     assert "do not match" in again.stderr and not out.exists()
+
+
+def test_an_object_replaced_after_the_freeze_makes_the_cohort_gone(make_archive, tmp_path):
+    """With the `overwrite` duplicate policy a re-sent object replaces the stored one (and its
+    bytes): the frozen cohort can no longer be served as frozen, and says so before any byte."""
+    archive = make_archive("overwrite", "[ingest]\nduplicates = \"overwrite\"\n" + CONFIG)
+    corpus = PhiCorpus(seed=9, out_dir=tmp_path / "corpus")
+    files = corpus.study(corpus.patient(), dt.date(2021, 7, 7), slices=2)
+    assert dcmtk.storescu(archive.dimse_port, files).returncode == 0
+    cohort = create(archive, {"Modality": "CT"}, name="replaced")
+    base = f"{api(archive)}/{cohort['id']}"
+    assert requests.get(f"{base}/archive.zip", timeout=30).status_code == 200
+    changed = pydicom.dcmread(files[0])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(files[0])
+    assert dcmtk.storescu(archive.dimse_port, files[:1]).returncode == 0
+    for name in ("archive.zip", "files"):
+        response = requests.get(f"{base}/{name}", timeout=30)
+        assert response.status_code == 410
+        assert "replaced" in response.json()["error"]

@@ -213,3 +213,12 @@ async def subjects(pool: asyncpg.Pool, study_uids: Sequence[str]) -> dict[str, s
         "WHERE st.study_uid = ANY($1::text[])", list(study_uids),
     )
     return {r["study_uid"]: r["pseudonym"] for r in rows}
+
+
+async def replaced_files(pool: asyncpg.Pool, cohort_id: int) -> int:
+    """How many of a cohort's objects were replaced since it was frozen (an `overwrite`
+    duplicate policy stores the new object under a new blob and deletes the old one)."""
+    return await pool.fetchval(
+        "SELECT count(*) FROM cohort_instance c JOIN instance i ON i.pk = c.instance_pk "
+        "WHERE c.cohort_id = $1 AND i.blob_key <> c.blob_key", cohort_id,
+    )
