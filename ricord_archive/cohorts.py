@@ -117,17 +117,19 @@ class CohortService:
         return await self.get(cohort_id, None)
 
     async def _crcs(self, files: Sequence[CohortFile]) -> list[int]:
-        """Each object's CRC-32: known from an earlier cohort, else read from the store."""
-        limit = asyncio.Semaphore(_CRC_THREADS)
+        """Each object's CRC-32: known from an earlier cohort, else read from the store
+        (a few threads at a time)."""
+        crcs = [f.crc32 for f in files]
+        todo = iter([n for n, crc in enumerate(crcs) if crc is None])
 
-        async def crc(f: CohortFile) -> int:
-            if f.crc32 is not None:
-                return f.crc32
-            async with limit:
-                return await asyncio.to_thread(
+        async def worker() -> None:
+            for n in todo:
+                f = files[n]
+                crcs[n] = await asyncio.to_thread(
                     crc32_of, Blob(self.blobs, f.blob_key, f.size_bytes), f.size_bytes)
 
-        return list(await asyncio.gather(*(crc(f) for f in files)))
+        await asyncio.gather(*(worker() for _ in range(_CRC_THREADS)))
+        return [crc for crc in crcs if crc is not None]
 
     async def list(self, site_id: int | None) -> list[Cohort]:
         async with reporting_outages():
