@@ -8,7 +8,8 @@
 -- An examination is named by its study UID when the sheet gives one, else by its accession
 -- number: (site_id, study_uid) or, for rows without a study UID, (site_id, accession_number)
 -- is unique, so importing a sheet again changes nothing and a corrected sheet updates the rows
--- it names. No link step: rows meet their study by a join on the site and the keyed study UID
+-- it names (a row stored under its accession number only takes the study UID a later sheet
+-- gives it: index/clinical.py). No link step: rows meet their study by a join on the site and the keyed study UID
 -- (or the keyed accession number), whichever came first; the view `clinical_exam` does it.
 
 CREATE TABLE clinical_row (

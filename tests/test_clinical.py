@@ -220,7 +220,13 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
     assert sent.stderr.count("(Success)") == len(images_b), sent.stderr
 
     api = f"{archive.root}/api/clinical"
-    again = requests.post(api, data=_xlsx(rows), headers={"Content-Type": XLSX}, timeout=60)
+    workbook = _xlsx(rows)
+    wrong = requests.post(api, data=workbook, params={"sheet": "Other"},
+                          headers={"Content-Type": XLSX}, timeout=60)
+    assert (wrong.status_code, wrong.json()) == (
+        400, {"error": "the workbook has no sheet of that name"})
+    again = requests.post(api, data=workbook, params={"sheet": "Clinical"},
+                          headers={"Content-Type": XLSX}, timeout=60)
     answers.append(again.content)
     assert again.status_code == 200, again.text
     summary = again.json()
@@ -319,15 +325,31 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
 
     events = subprocess.run(archive.command("audit", "--json", "--action", "Import"),
                             capture_output=True, text=True, timeout=120)
-    imports = [json.loads(line) for line in events.stdout.splitlines()]
-    assert [(e["detail"]["imported"], e["detail"]["updated"]) for e in imports] == [
-        (3, 0), (0, 0), (0, 1), (0, 2), (0, 0)]
+    imports = [json.loads(line)["detail"] for line in events.stdout.splitlines()]
+    assert [(e.get("imported"), e.get("updated"), e.get("reason")) for e in imports] == [
+        (3, 0, None), (None, None, "BadRequest"), (0, 0, None), (0, 1, None), (0, 2, None),
+        (0, 0, None)]  # the refused workbook is recorded too, without counts
     exports = subprocess.run(archive.command("audit", "--json", "--action", "Export"),
                              capture_output=True, text=True, timeout=120)
     assert len(exports.stdout.splitlines()) >= 8
 
+    # authentication off: ?site= names the site of an import and of an export
+    other = requests.post(api, params={"site": "site-a"}, timeout=60,
+                          data=b"PatientID,AccessionNumber,Age\r\nPIDOTHER66,ACCOTHER66,50\r\n",
+                          headers={"Content-Type": "text/csv"})
+    answers.append(other.content)
+    assert (other.json()["site"], other.json()["imported"]) == ("site-a", 1)
+    needles.update({b"PIDOTHER66", b"ACCOTHER66"})
+    assert [(r["SITEID"], r["Age"]) for r in rows_for(site="site-a")] == [
+        (SITEIDS["site-a"], 50)]
+    assert requests.get(api, params={"site": "nowhere"}, timeout=30).status_code == 400
     assert _cohort_view(archive, {"Age": "18-65", "Modality": "CT"}) == (
         {studies[2]["StudyInstanceUID"]}, [44], {"Modality": "CT"})  # C is not in the archive
+    # a shifted date that happens to equal an original date of the sheet is no leak
+    shifted = {r[k] for r in rows_for() for k in ("StudyDate", "TestDate", "AdmissionDate")
+               if r.get(k)}
+    needles -= {form.encode() for day in shifted for form in (day, _iso(day))}
+    assert len(needles) >= 20
     index_text = _index_text(archive)
     assert b"Temperature" in index_text  # the dump holds the clinical rows
     assert archive.stop() == 0

@@ -16,7 +16,9 @@ from typing import Any
 
 from ricord_archive.deid.rules import cap_age
 
-KINDS = ("number", "category", "boolean", "date")
+_SETTINGS = {"number": {"type", "unit"}, "category": {"type", "values"}, "boolean": {"type"},
+             "date": {"type"}}  # what a column map may say of each kind
+KINDS = tuple(_SETTINGS)
 
 # identifier columns (originals: mapped through the keyed functions, never stored)
 PATIENT_ID, ISSUER, ACCESSION, STUDY_UID, STUDY_DATE = (
@@ -90,10 +92,10 @@ def _column(name: str, spec: Any) -> Column:
     if not isinstance(spec, dict) or spec.get("type") not in KINDS:
         raise ColumnMapError(f"column {name!r}: type must be one of {', '.join(KINDS)}")
     kind = spec["type"]
-    keys = {"type", "unit"} if kind == "number" else {"type", "values"} \
-        if kind == "category" else {"type"}
-    if set(spec) - keys:
-        raise ColumnMapError(f"column {name!r}: a {kind} takes only {', '.join(sorted(keys))}")
+    if set(spec) - _SETTINGS[kind]:
+        raise ColumnMapError(
+            f"column {name!r}: a {kind} takes only {', '.join(sorted(_SETTINGS[kind]))}"
+        )
     unit = spec.get("unit")
     if kind == "number" and not (isinstance(unit, str) and unit.strip()):
         raise ColumnMapError(f"column {name!r}: a number needs its unit")

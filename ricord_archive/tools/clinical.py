@@ -33,7 +33,10 @@ async def import_clinical(
     if media_type is None:
         raise ToolError("a clinical sheet is a .csv or an .xlsx file")
     data = _read(path)
-    map_text = _read(columns).decode("utf-8", "replace") if columns is not None else None
+    try:
+        map_text = _read(columns).decode("utf-8") if columns is not None else None
+    except UnicodeDecodeError:
+        raise ToolError("the column map is not UTF-8 text") from None
     async with archive_services(config) as services:
         clinical = ClinicalService(services.pool, services.keys, services.ingest,
                                    services.audit)

@@ -24,7 +24,6 @@ from ricord_archive.web.auth import PRINCIPAL, Principal
 
 log = logging.getLogger(__name__)
 
-ROLES = ("uploader", "researcher", "admin")
 SITE_PARAMETER = "site"
 
 
