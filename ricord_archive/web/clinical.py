@@ -16,7 +16,7 @@ from ricord_archive.web.audit import actor
 
 MAX_SHEET_BYTES = 64 * 1024**2
 MAX_MAP_BYTES = 1024**2
-_CSV_MEDIA = "text/csv"
+_CSV_MEDIA = sheet.CSV
 _JSON_MEDIA = "application/json"
 
 
