@@ -18,6 +18,7 @@ from ricord_archive import metrics
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import open_blob_store
 from ricord_archive.clinical_service import ClinicalService
+from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.dicom_io import configure_pydicom
@@ -169,6 +170,7 @@ async def serve(
             body_idle_timeout=config.limits.http_body_idle_timeout,
             send_timeout=config.limits.http_send_timeout,
             audit=trail,
+            cohorts=CohortService(pool, blobs),
             clinical=ClinicalService(pool, keys, ingest, trail),
             metrics=config.metrics.enabled and config.metrics.port is None,
             ready_checks=Readiness(pool, blobs, readiness).checks,

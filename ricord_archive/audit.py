@@ -332,3 +332,16 @@ def audit_log_used(actor: Actor, filters: Mapping[str, Any], rows: int) -> Audit
         EventId.AUDIT_LOG_USED, Action.READ, Outcome.SUCCESS, actor, "CLI",
         resource="audit_event", detail={"filters": sorted(filters), "rows": rows},
     )
+
+
+def cohort_downloaded(
+    actor: Actor, resource: str | None, cohort_id: int, studies: int, sent: int,
+    outcome: Outcome, status: int,
+) -> AuditEvent:
+    """A cohort's ZIP, manifest or metadata.csv handed out: the cohort, its number of studies
+    and the bytes sent (never a name or value of it)."""
+    return AuditEvent(
+        EventId.INSTANCES_TRANSFERRED, Action.READ, outcome, actor, "HTTP", resource=resource,
+        site=actor.site, detail={"cohort": cohort_id, "studies": studies, "bytes": sent,
+                                 "status": status},
+    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +93,46 @@ def _parser() -> argparse.ArgumentParser:
     _import_parsers(commands, common)
     _audit_parser(commands, common)
     _clinical_parser(commands, common)
+    _cohort_parser(commands)
     return parser
+
+
+def _cohort_parser(commands: argparse._SubParsersAction) -> None:
+    cohort = commands.add_parser(
+        "cohort", help="create, list and download cohorts of a running archive (over HTTP)")
+    actions = cohort.add_subparsers(dest="cohort_command", required=True)
+
+    def http(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--url", default=os.environ.get("RICORD_URL", "http://127.0.0.1:8042"),
+                         help="the archive (default $RICORD_URL or http://127.0.0.1:8042)")
+        sub.add_argument("--token", default=os.environ.get("RICORD_TOKEN"),
+                         help="bearer token (default $RICORD_TOKEN)")
+
+    create = actions.add_parser(
+        "create", help="freeze the series matching the filters into a cohort",
+        description="Filters are QIDO-RS keys at study and series level (Modality=CT, "
+        "StudyDate=20200101-20201231, ModalitiesInStudy=CT, ClinicalTrialSiteID=...) and "
+        "clinical columns (TestResult=POSITIVE, Age=18-65). Prints the cohort as JSON.")
+    http(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--description", default="")
+    create.add_argument("--license", default="", help="the text of LICENSE.txt")
+    create.add_argument("--citation", default="", help="the text of CITATION.txt")
+    create.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        dest="filters")
+    http(actions.add_parser("list", help="list the cohorts"))
+    download = actions.add_parser(
+        "download", help="download a cohort's ZIP, resuming a partial one, checking every file",
+        description="Writes OUT.part while downloading (resumed with HTTP Range after an "
+        "interruption), then checks each file against the size and SHA-256 the archive "
+        "lists, and renames it OUT.")
+    http(download)
+    download.add_argument("cohort_id", metavar="ID", type=int)
+    download.add_argument("out", metavar="OUT", type=Path, help="the ZIP file to write")
+    download.add_argument("--retries", type=int, default=20, metavar="N",
+                          help="tries again after this many interruptions in a row (default 20)")
+    download.add_argument("--limit-rate", type=_positive, metavar="BYTES_PER_SECOND",
+                          help="download at most this fast on average")
 
 
 def _clinical_parser(
@@ -378,6 +419,28 @@ def _import_clinical(config: Config, args: argparse.Namespace) -> int:
     return 1 if summary.refusals else 0
 
 
+def _cohort(args: argparse.Namespace) -> int:
+    from ricord_archive.tools import ToolError
+    from ricord_archive.tools import cohort_client as client
+
+    api = client.Api(args.url, args.token)
+    try:
+        if args.cohort_command == "create":
+            filters = dict(f.split("=", 1) for f in args.filters if "=" in f)
+            if len(filters) != len(args.filters):
+                raise ToolError("a filter is KEY=VALUE")
+            print(json.dumps(client.create(api, args.name, filters, args.description,
+                                           args.license, args.citation), indent=2))
+        elif args.cohort_command == "list":
+            client.print_cohorts(api, sys.stdout)
+        else:
+            client.download(api, args.cohort_id, args.out, args.retries, args.limit_rate)
+    except ToolError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -389,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     configure_pydicom()
+    if args.command == "cohort":
+        return _cohort(args)
     try:
         config = _config(args)
         logs.use_format(config.log_format)

@@ -115,3 +115,9 @@ class UnsupportedMediaType(ArchiveError):
     """A STOW-RS body that is not multipart/related of application/dicom parts."""
 
     http_status = 415
+
+
+class Gone(ArchiveError):
+    """What was asked for existed and no longer does (e.g. a frozen object since replaced)."""
+
+    http_status = 410

@@ -84,7 +84,7 @@ def _instance(row: asyncpg.Record, query: Query, cache: dict[bytes, dict]) -> di
     return document
 
 
-def _site_condition(level: Level, site_id: int) -> Condition:
+def site_condition(level: Level, site_id: int) -> Condition:
     """Only the given site's patients or studies: the column ClinicalTrialSiteID matches on."""
     return Condition(f"{KEYS['ClinicalTrialSiteID'].column_at(level)} = {{}}", (site_id,))
 
@@ -111,7 +111,7 @@ class QueryService:
         retrieves, whose bytes are looked up on the primary)."""
         query = parse_query(level, params, max_limit or self.max_limit, scope)
         if site_id is not None:
-            query = replace(query, conditions=(*query.conditions, _site_condition(level, site_id)))
+            query = replace(query, conditions=(*query.conditions, site_condition(level, site_id)))
         async with reporting_outages():
             if fresh:
                 page = await search(self.pool, query)

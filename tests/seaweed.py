@@ -58,7 +58,9 @@ class Seaweed:
         self.process = subprocess.Popen(
             [_weed(), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+             "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             # each bucket (a collection) takes 7 volumes: room for the buckets of a module
+             "-volume.max=64", "-master.volumeSizeLimitMB=64"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

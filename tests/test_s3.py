@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import io
 import shutil
 import subprocess
 import time
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
@@ -188,3 +190,27 @@ def test_two_nodes_on_one_database_and_one_bucket(make_archive, corpus, seaweed,
     while blobs_in_bucket() != indexed and time.monotonic() < deadline:  # collected
         time.sleep(0.5)  # polling for the orphan collector's rounds
     assert blobs_in_bucket() == indexed
+
+
+def test_a_cohort_zip_is_served_from_the_bucket_by_ranged_reads(
+    make_archive, corpus, seaweed, bucket
+):
+    """Cohorts (issue #14) on an object store: each entry and each byte range of the ZIP read
+    from the bucket by ranged GETs (no local file to sendfile from)."""
+    archive = make_archive("s3-cohort", s3_config(seaweed, bucket))
+    files = corpus.study(corpus.patient(), dt.date(2021, 3, 4), slices=3, size=64)
+    assert dcmtk.storescu(archive.dimse_port, files).stderr.count("(Success)") == 3
+    created = requests.post(f"{archive.root}/api/cohorts", timeout=60,
+                            json={"name": "on-s3", "filters": {"Modality": "CT"}})
+    assert created.status_code == 201, created.text
+    url = f"{archive.root}/api/cohorts/{created.json()['id']}/archive.zip"
+    whole = requests.get(url, timeout=60)
+    assert whole.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(whole.content)) as zipped:
+        assert zipped.testzip() is None
+        stored = {hashlib.sha256(zipped.read(n)).digest() for n in zipped.namelist()
+                  if n.endswith(".dcm")}
+    assert stored == {sha for _, _, sha in index_rows(archive).values()}
+    middle = len(whole.content) // 3
+    part = requests.get(url, headers={"Range": f"bytes={middle}-{2 * middle}"}, timeout=60)
+    assert part.status_code == 206 and part.content == whole.content[middle:2 * middle + 1]

@@ -104,3 +104,12 @@ async def search(pool: asyncpg.Pool, query: Query) -> Page:
             count_sql, count_arguments = rest_count_sql(query)
             more = await conn.fetchval(count_sql, *count_arguments)
     return Page(rows, more)
+
+
+def matches_sql(query: Query, columns: str) -> tuple[str, list]:
+    """SELECT `columns` of every match of the query, unpaged, in the stable order (cohorts
+    freeze what a query matches with it)."""
+    where, values = where_clause(query.conditions)
+    level = query.level
+    return (f"SELECT {columns} {_from(level, columns, where)} WHERE {where} "
+            f"ORDER BY {_ORDER[level]}", values)

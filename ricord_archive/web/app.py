@@ -11,12 +11,24 @@ from aiohttp import web
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.clinical_service import ClinicalService
+from ricord_archive.cohorts import CohortService
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
-from ricord_archive.web import access, audit, auth, clinical, forwarded, ops, qido, stow, wado
+from ricord_archive.web import (
+    access,
+    audit,
+    auth,
+    clinical,
+    cohorts,
+    forwarded,
+    ops,
+    qido,
+    stow,
+    wado,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,7 @@ class Services:
     body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
     send_timeout: float = 60.0  # seconds a response may wait for a client not reading
     audit: AuditTrail = NO_AUDIT
+    cohorts: CohortService | None = None  # None: no /api/cohorts (tests of DICOMweb alone)
     clinical: ClinicalService | None = None  # None: no /api/clinical routes
     metrics: bool = True  # GET /metrics on this port
     ready_checks: Callable[[], Awaitable[dict[str, str]]] | None = None  # GET /ready
@@ -175,6 +188,8 @@ def create_app(services: Services) -> web.Application:
     if services.metrics:
         app.router.add_get("/metrics", ops.metrics_page)
     add_dicomweb_routes(app.router)
+    if services.cohorts is not None:
+        cohorts.add_routes(app)
     if services.clinical is not None:
         app.router.add_post("/api/clinical", clinical.import_sheet)
         app.router.add_post("/api/clinical/columns", clinical.declare_columns)

@@ -8,7 +8,6 @@ import logging
 import re
 import uuid
 from collections.abc import Iterable
-from typing import BinaryIO
 
 from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
@@ -19,7 +18,7 @@ from ricord_archive.index.reads import StoredInstance
 from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
 from ricord_archive.web import app as web_app
-from ricord_archive.web import auth
+from ricord_archive.web import auth, zip_stream
 from ricord_archive.web.media import (
     DICOM,
     DICOM_JSON,
@@ -27,11 +26,11 @@ from ricord_archive.web.media import (
     accepts,
     parse_accept,
 )
+from ricord_archive.web.sendfile import sendfile
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
-_SENDFILE_CHUNK = 4 * 1024 * 1024  # sent within send_timeout, or the client is cut off
 OCTET_STREAM = "application/octet-stream"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 STORED = "*"
@@ -83,35 +82,35 @@ async def _part(response: web.StreamResponse, boundary: str, headers: str, body:
     await response.write(f"--{boundary}\r\n{headers}\r\n\r\n".encode("ascii") + body + b"\r\n")
 
 
-async def _sendfile(request: web.Request, handle: BinaryIO, base: int, size: int) -> None:
-    """`size` bytes of the file from `base` (where the blob starts in it) to the client by
-    sendfile, in chunks each of which must go out within the send timeout: sendfile bypasses
-    the transport's buffer, so the connection's own send deadline does not see a client that
-    stopped reading. A HEAD request gets no body."""
-    if request.method == "HEAD":
-        return
-    loop = asyncio.get_running_loop()
-    timeout = request.app[web_app.SERVICES].send_timeout
-    for offset in range(0, size, _SENDFILE_CHUNK):
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("the client went away")
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.sendfile(transport, handle, base + offset,
-                                    min(_SENDFILE_CHUNK, size - offset))
-        except TimeoutError:
-            log.warning("closed an HTTP connection from %s: the client read nothing for %g s",
-                        request.remote, timeout)
-            transport.abort()
-            raise ConnectionResetError("the client stopped reading") from None
+def _wants_zip(accept: str | None) -> bool:
+    """Whether the first media range of `accept` that this answers is application/zip."""
+    for media in parse_accept(accept):
+        if media.type == zip_stream.ZIP:
+            return True
+        if media.type in ("*/*", "multipart/related"):
+            return False
+    return False
+
+
+async def _retrieve_zip(request: web.Request) -> web.StreamResponse:
+    """A study or series as one ZIP of its stored objects (as dcm4chee offers), in the
+    layout of a cohort's ZIP."""
+    services = request.app[web_app.SERVICES]
+    uids = _uids(request)
+    if len(uids) == 3 or services.cohorts is None:
+        raise NotAcceptable("a ZIP is offered for a study or a series")
+    found = await services.retrieve.instances(*uids, site_id=auth.site_id(request))
+    layout, sources = await services.cohorts.instances_archive(found)
+    return await zip_stream.send_zip(request, layout, sources, f"{uids[-1]}.zip")
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """multipart/related; type="application/dicom", one part per instance: stored bytes
     sent from disk with sendfile (from an object store in ranged reads), or the object
-    re-encoded when another transfer syntax is asked for."""
+    re-encoded when another transfer syntax is asked for; or a ZIP (Accept: application/zip)."""
     services = request.app[web_app.SERVICES]
+    if _wants_zip(request.headers.get("Accept")):
+        return await _retrieve_zip(request)
     syntaxes = _dicom_syntaxes(request.headers.get("Accept"))
     found = await services.retrieve.instances(*_uids(request), site_id=auth.site_id(request))
     chosen = [_choose(item, syntaxes) for item, _ in found]  # 406 before anything is sent
@@ -139,7 +138,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             local = blob.local if as_stored and request.transport is not None else None
             if local is not None:
                 with local.path.open("rb") as handle:
-                    await _sendfile(request, handle, local.offset, item.size_bytes)
+                    await sendfile(request, handle, local.offset, item.size_bytes)
             else:
                 with await asyncio.to_thread(blob.open) as handle:
                     while chunk := await asyncio.to_thread(handle.read, _CHUNK):
@@ -307,7 +306,7 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
             response.content_length = item.size_bytes
             await response.prepare(request)
             with local.path.open("rb") as handle:
-                await _sendfile(request, handle, local.offset, item.size_bytes)
+                await sendfile(request, handle, local.offset, item.size_bytes)
             await response.write_eof()
             return response
         return web.Response(body=await services.retrieve.transcoded(blob, syntax),
