@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 from ricord_archive import audit, logs, metrics
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dimse import audit as dimse_audit
+from ricord_archive.dimse import identifiers
 from ricord_archive.dimse.association import Association, Handler, Rejection, Timeouts
 from ricord_archive.dimse.commands import (
     C_ECHO_RQ,
@@ -291,9 +292,8 @@ class DimseServer:
 
     async def _on_find(self, association: Association, request: Message,
                        context: PresentationContext) -> None:
-        async def respond(status: int, found: Dataset | None = None) -> None:
-            await association.respond(request, context, status,
-                                      None if found is None else encoded(found, context))
+        async def respond(status: int, found: bytes | None = None) -> None:
+            await association.respond(request, context, status, found)
 
         try:
             keys = decoded(request.dataset, context)
@@ -309,11 +309,7 @@ class DimseServer:
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
                 params, self.query.search(level, params, None, _QUERY_LIMIT),
             )
-            wanted = [f"{element.tag:08X}" for element in keys]
-            answers = (  # only the requested attributes of each match become a Dataset
-                _response(keys, Dataset.from_json({t: d[t] for t in wanted if t in d}))
-                for d in result.documents
-            )
+            answers = (_answer(keys, document, context) for document in result.documents)
             for answer in answers:
                 if association.is_cancelled(request.command["MessageID"]):
                     await respond(STATUS_CANCEL)
@@ -379,10 +375,28 @@ def _value_text(value: object) -> str:
     return str(value)
 
 
+def _answer(keys: Dataset, document: dict, context: PresentationContext) -> bytes:
+    """The encoded response identifier of one match: straight from its DICOM JSON where
+    `identifiers` can, else through pydicom (the reference)."""
+    syntax = context.transfer_syntax[0]
+    requested = [(e.tag, e.VR) for e in keys if e.keyword not in _SET_IN_RESPONSE]
+    if syntax.is_little_endian and not syntax.is_deflated and identifiers.encodable(requested):
+        fast = identifiers.identifier(requested, str(keys.QueryRetrieveLevel), document,
+                                      syntax.is_implicit_VR)
+        if fast is not None:
+            return fast
+    wanted = [f"{element.tag:08X}" for element in keys]
+    found = Dataset.from_json({t: document[t] for t in wanted if t in document})
+    return encoded(_response(keys, found), context)
+
+
+_SET_IN_RESPONSE = ("SpecificCharacterSet", "QueryRetrieveLevel")
+
+
 def _response(identifier: Dataset, found: Dataset) -> Dataset:
     """The requested keys only, filled from the match (empty where the archive has no value)."""
     response = _requested(identifier, found)
-    response.SpecificCharacterSet = "ISO_IR 192"
+    response.SpecificCharacterSet = identifiers.RESPONSE_CHARSET
     response.QueryRetrieveLevel = identifier.QueryRetrieveLevel
     return response
 
@@ -392,7 +406,7 @@ def _requested(requested: Dataset, found: Dataset) -> Dataset:
     each found item reduced to the attributes that item names (PS3.4 C.2.2.1.3)."""
     subset = Dataset()
     for element in requested:
-        if element.keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
+        if element.keyword in _SET_IN_RESPONSE:
             continue
         if element.tag not in found:
             subset.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
