@@ -52,16 +52,11 @@ class NewCohort:
     created_by: str | None
 
 
-@dataclass(frozen=True)
-class Cohort:
+@dataclass(frozen=True, kw_only=True)
+class Cohort(NewCohort):
+    """A frozen cohort: what it was created with, its id, counts and size."""
+
     id: int
-    name: str
-    description: str
-    license: str
-    citation: str
-    filters: dict[str, str]
-    site_id: int | None
-    created_by: str | None
     num_studies: int
     num_series: int
     num_instances: int
