@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 
 import pydicom
@@ -309,7 +309,8 @@ class DimseServer:
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
                 params, self.query.search(level, params, None, _QUERY_LIMIT),
             )
-            answers = (_answer(keys, document, context) for document in result.documents)
+            encode = _answers(keys, context)
+            answers = (encode(document) for document in result.documents)
             for answer in answers:
                 if association.is_cancelled(request.command["MessageID"]):
                     await respond(STATUS_CANCEL)
@@ -375,19 +376,25 @@ def _value_text(value: object) -> str:
     return str(value)
 
 
-def _answer(keys: Dataset, document: dict, context: PresentationContext) -> bytes:
-    """The encoded response identifier of one match: straight from its DICOM JSON where
-    `identifiers` can, else through pydicom (the reference)."""
+def _answers(keys: Dataset, context: PresentationContext) -> Callable[[dict], bytes]:
+    """What encodes the response identifier of each match of a request: straight from its
+    DICOM JSON where `identifiers` can, else through pydicom (the reference)."""
     syntax = context.transfer_syntax[0]
     requested = [(e.tag, e.VR) for e in keys if e.keyword not in _SET_IN_RESPONSE]
-    if syntax.is_little_endian and not syntax.is_deflated and identifiers.encodable(requested):
-        fast = identifiers.identifier(requested, str(keys.QueryRetrieveLevel), document,
-                                      syntax.is_implicit_VR)
-        if fast is not None:
-            return fast
+    direct = (syntax.is_little_endian and not syntax.is_deflated
+              and identifiers.encodable(requested))
+    level = str(keys.QueryRetrieveLevel)
     wanted = [f"{element.tag:08X}" for element in keys]
-    found = Dataset.from_json({t: document[t] for t in wanted if t in document})
-    return encoded(_response(keys, found), context)
+
+    def answer(document: dict) -> bytes:
+        if direct:
+            fast = identifiers.identifier(requested, level, document, syntax.is_implicit_VR)
+            if fast is not None:
+                return fast
+        found = Dataset.from_json({t: document[t] for t in wanted if t in document})
+        return encoded(_response(keys, found), context)
+
+    return answer
 
 
 _SET_IN_RESPONSE = ("SpecificCharacterSet", "QueryRetrieveLevel")
