@@ -92,6 +92,9 @@ class CohortService:
         query = await self._query(spec.filters, site_id)
         async with reporting_outages():
             files = await index.matching_files(self.pool, query)
+        if not files:  # nothing to freeze; and a filter value that matches nothing (an
+            # original identifier typed by mistake) is never stored
+            raise BadRequest("no series match the filters: a cohort is never created empty")
         crcs = await self._crcs(files)
         firsts: dict[int, CohortFile] = {}
         for f in files:

@@ -124,6 +124,20 @@ def test_bad_definitions_are_refused(site, body, message):
     assert message in response.json()["error"]
 
 
+def test_a_filter_that_matches_nothing_is_refused_and_never_stored(site):
+    """An original PatientID typed as a filter by mistake matches no pseudonym: the cohort is
+    refused, so the value is kept nowhere (not in the index, not in an answer)."""
+    archive, _, files = site
+    original = pydicom.dcmread(files[0]).PatientID
+    before = requests.get(api(archive), timeout=30).json()
+    response = requests.post(api(archive), json={"name": "mistake",
+                                                 "filters": {"PatientID": original}}, timeout=30)
+    assert response.status_code == 400
+    assert "no series match" in response.json()["error"]
+    assert original not in response.text
+    assert requests.get(api(archive), timeout=30).json() == before
+
+
 def test_a_cohort_is_frozen_against_later_arrivals(site, tmp_path):
     archive, corpus, files = site
     cohort = create(archive, {"Modality": "CT"}, name="frozen")
