@@ -307,14 +307,19 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}\Z")
 _TOKEN_KEYS = frozenset({"name", "sha256", "role", "site"})
 
 
+def _check_table(raw: Any, name: str, known: set[str] | frozenset[str]) -> None:
+    """ConfigError unless `raw` is a table whose settings are all `known`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} must be a table")
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}")
+
+
 def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
     """`[auth]`: enabled, `[[auth.tokens]]` (name, sha256, role, site for uploaders) and
     `[auth.oidc]`."""
-    if not isinstance(raw, dict):
-        raise ConfigError("[auth] must be a table")
-    unknown = sorted(set(raw) - {"enabled", "tokens", "oidc"})
-    if unknown:
-        raise ConfigError(f"[auth]: unknown setting(s) {', '.join(unknown)}")
+    _check_table(raw, "[auth]", {"enabled", "tokens", "oidc"})
     enabled = raw.get("enabled", False)
     if not isinstance(enabled, bool):
         raise ConfigError("[auth] enabled must be true or false")
@@ -373,11 +378,7 @@ def _jwks_url(value: Any) -> str:
 
 def _parse_oidc(raw: Any) -> OidcConfig:
     """`[auth.oidc]`: issuer, audience, jwks_url or jwks_file, algorithms, claims, leeway."""
-    if not isinstance(raw, dict):
-        raise ConfigError("[auth.oidc] must be a table")
-    unknown = sorted(set(raw) - _OIDC_KEYS)
-    if unknown:
-        raise ConfigError(f"[auth.oidc]: unknown setting(s) {', '.join(unknown)}")
+    _check_table(raw, "[auth.oidc]", _OIDC_KEYS)
     issuer = raw.get("issuer")
     if not isinstance(issuer, str) or not issuer:
         raise ConfigError("[auth.oidc] needs issuer (the iss of its tokens)")
@@ -421,11 +422,7 @@ def _parse_tls(raw: Any) -> TlsConfig | None:
     """`[tls]`: port, cert, key, ca, require_client_cert; absent: no TLS port."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError("[tls] must be a table")
-    unknown = sorted(set(raw) - _TLS_KEYS)
-    if unknown:
-        raise ConfigError(f"[tls]: unknown setting(s) {', '.join(unknown)}")
+    _check_table(raw, "[tls]", _TLS_KEYS)
     paths = {}
     for key in ("cert", "key", "ca"):
         value = raw.get(key)
@@ -461,12 +458,7 @@ def _parse_s3(raw: Any, env: Mapping[str, str]) -> S3Config | None:
     RICORD_S3_SECRET_ACCESS_KEY); absent: blobs on the local filesystem."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError("[s3] must be a table")
-    known = {f.name for f in fields(S3Config)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"[s3]: unknown setting(s) {', '.join(unknown)}")
+    _check_table(raw, "[s3]", {f.name for f in fields(S3Config)})
     if not isinstance(raw.get("bucket"), str) or not raw["bucket"]:
         raise ConfigError("[s3] needs a bucket")
     for key in ("endpoint", "prefix", "region", "access_key_id", "secret_access_key"):
@@ -569,11 +561,7 @@ def _log_format(value: Any) -> str:
 
 def _parse_metrics(raw: Any) -> MetricsConfig:
     """`[metrics]`: enabled, host and port (a listener of its own; absent: the HTTP port)."""
-    if not isinstance(raw, dict):
-        raise ConfigError("[metrics] must be a table")
-    unknown = sorted(set(raw) - {"enabled", "host", "port"})
-    if unknown:
-        raise ConfigError(f"[metrics]: unknown setting(s) {', '.join(unknown)}")
+    _check_table(raw, "[metrics]", {"enabled", "host", "port"})
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError("[metrics] enabled must be true or false")
