@@ -398,10 +398,13 @@ def test_generated_data_sets_match(data):
 
 
 def test_generated_data_sets_mostly_take_the_walker():
-    """The generator is not so odd that every object falls back (which would test nothing)."""
+    """The generator is not so odd that every object falls back (which would test nothing).
+
+    Derandomized: a count over random draws failed CI once at 29 of 60 (45 with this seed).
+    """
     fast = 0
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(generated())
     def count(data):
@@ -409,7 +412,7 @@ def test_generated_data_sets_mostly_take_the_walker():
         fast += check(data).fast
 
     count()
-    assert fast >= 30
+    assert fast >= 30, f"only {fast} of 60 generated objects took the walker"
 
 
 def _dump(a: bytes, b: bytes) -> str:
