@@ -245,7 +245,7 @@ def test_unknown_move_destination_is_a801(archive, stored):
 
 
 def _get_association(archive: Archive, on_store, model=StudyRootQueryRetrieveInformationModelGet,
-                     syntaxes=([ExplicitVRLittleEndian],), sop_class=CTImageStorage):
+                     syntaxes=(ExplicitVRLittleEndian,), sop_class=CTImageStorage):
     """A C-GET requestor taking `sop_class` in each of `syntaxes` (a context each)."""
     ae = AE(ae_title="PYGET")
     ae.add_requested_context(model)

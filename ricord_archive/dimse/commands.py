@@ -2,7 +2,7 @@
 and decoded here, and messages cut into presentation data values and assembled from them
 (PS3.8 E.2).
 
-pynetdicom's DIMSEMessage does the same through a pydicom Dataset: about 200 µs per message
+pynetdicom's DIMSEMessage does the same through a pydicom Dataset: about 200 μs per message
 (bench/dimse_floor.py), most of a C-STORE's protocol cost. The command group has twenty
 elements of five VRs; they are encoded directly.
 """
