@@ -61,8 +61,3 @@ def accepts_multipart(header: str | None, part_type: str) -> bool:
         ):
             return True
     return False
-
-
-def accepts_multipart_dicom(header: str | None) -> bool:
-    """Whether the Accept header admits multipart/related; type="application/dicom"."""
-    return accepts_multipart(header, DICOM)
