@@ -135,7 +135,8 @@ async def serve(
     shared_ports = worker_of is not None or processes > 1
     prepare_data_dir(config)
     keys = Keyring(load_secret(config))
-    tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+    tls = (tls_context(config.tls_cert, config.tls_key)
+           if config.tls_cert and config.tls_key else None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -23,7 +23,8 @@ _MAX_LISTED_STUDIES = 100
 
 
 class SearchPage(Protocol):
-    documents: list[Any]
+    @property
+    def documents(self) -> list[Any]: ...
 
 
 P = TypeVar("P", bound=SearchPage)

@@ -12,7 +12,7 @@ import io
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import obstore
 from obstore.store import S3Store
@@ -29,6 +29,9 @@ from ricord_archive.blobstore import (
 from ricord_archive.blobstore.ranged import RangedFile
 from ricord_archive.config import S3Config
 
+if TYPE_CHECKING:
+    from obstore.store import S3Config as ObstoreConfig
+
 _MULTIPART_ABOVE = 64 * 1024**2  # bytes: larger objects are uploaded in parts
 _READ_BUFFER = 1024**2
 # An unreachable store fails a request within seconds (C-STORE 0xA700, STOW 503), not minutes.
@@ -39,7 +42,8 @@ _RETRY_TIMEOUT = timedelta(seconds=15)
 
 class S3BlobStore:
     def __init__(self, config: S3Config) -> None:
-        settings = {"region": config.region, "virtual_hosted_style_request": not config.path_style}
+        settings: ObstoreConfig = {"region": config.region,
+                                   "virtual_hosted_style_request": not config.path_style}
         if config.endpoint:
             settings["endpoint"] = config.endpoint
         if config.access_key_id:
@@ -67,7 +71,7 @@ class S3BlobStore:
             with _as_os_errors():
                 size = obstore.head(self._store, check_file_key(key))["size"]
         raw = _RangeReader(self._store, check_file_key(key), size)
-        return io.BufferedReader(raw, buffer_size=_READ_BUFFER)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=_READ_BUFFER)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError), _as_os_errors():  # gone already: deleted

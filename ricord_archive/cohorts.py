@@ -4,6 +4,7 @@ columns), and hand a cohort out as a manifest, metadata.csv, a file list, or one
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime as dt
 import hashlib
 import zlib
@@ -160,7 +161,8 @@ class CohortService:
             return (await index.cohort_texts(self.pool, cohort.id))[0]
 
     async def _contents(self, cohort: Cohort
-                        ) -> tuple[list[CohortFile], list[str], dict[str, bytes]]:
+                        ) -> tuple[builtins.list[CohortFile], builtins.list[str],
+                                   dict[str, bytes]]:
         """The cohort's objects, their names in the ZIP, and its text files by name; Gone when
         an object was replaced since the cohort was frozen (its bytes are no longer kept)."""
         async with reporting_outages():
@@ -181,7 +183,7 @@ class CohortService:
         CITATION.txt; every CRC known up front, so any byte range can be served."""
         return self._archive(cohort, *await self._contents(cohort))
 
-    def _archive(self, cohort: Cohort, files: list[CohortFile], names: list[str],
+    def _archive(self, cohort: Cohort, files: builtins.list[CohortFile], names: builtins.list[str],
                  texts: dict[str, bytes]) -> CohortArchive:
         entries = [Entry(name, f.size_bytes, f.crc32) for name, f in zip(names, files, strict=True)]
         entries += [Entry(name, len(data), zlib.crc32(data)) for name, data in texts.items()]
@@ -192,7 +194,7 @@ class CohortService:
         return CohortArchive(layout, sources, f'"{tag.hexdigest()[:32]}"')
 
     async def instances_archive(self, found: Sequence[tuple[StoredInstance, Blob]]
-                                ) -> tuple[ZipLayout, list[Blob | bytes]]:
+                                ) -> tuple[ZipLayout, builtins.list[Blob | bytes]]:
         """Instances retrieved by WADO-RS as a ZIP of the cohorts' layout (the objects only);
         CRCs are computed as they are sent (data descriptors)."""
         async with reporting_outages():
@@ -204,7 +206,8 @@ class CohortService:
         entries = [Entry(name, i.size_bytes) for name, (i, _) in zip(names, found, strict=True)]
         return ZipLayout(entries, dt.datetime.now(dt.UTC)), [blob for _, blob in found]
 
-    async def file_list(self, cohort: Cohort) -> tuple[CohortArchive, list[dict[str, object]]]:
+    async def file_list(self, cohort: Cohort
+                        ) -> tuple[CohortArchive, builtins.list[dict[str, object]]]:
         """The cohort's ZIP, and each file of it with its size and SHA-256 (for a downloader's
         check)."""
         files, names, texts = await self._contents(cohort)

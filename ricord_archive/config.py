@@ -538,7 +538,7 @@ def _tls(server: Mapping[str, Any]) -> tuple[Path | None, Path | None]:
     for name, value in (("tls_cert", cert), ("tls_key", key)):
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"[server] {name} must be a file path")
-    if cert is None:
+    if cert is None or key is None:
         return None, None
     return Path(cert).expanduser(), Path(key).expanduser()
 

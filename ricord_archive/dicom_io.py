@@ -10,7 +10,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import pydicom
 import pydicom.config
@@ -24,7 +24,7 @@ from ricord_archive import __version__
 from ricord_archive.errors import InvalidObject, ObjectTooLarge
 
 # Our implementation identity in the file meta: a fixed 2.25 UID (derived once from a UUID).
-IMPLEMENTATION_CLASS_UID = "2.25.160133569416932096125839520520128475921"
+IMPLEMENTATION_CLASS_UID = UID("2.25.160133569416932096125839520520128475921")
 IMPLEMENTATION_VERSION_NAME = f"RICORD_{__version__.replace('.', '')}"[:16]
 _PREAMBLE = b"\x00" * 128
 
@@ -108,7 +108,7 @@ def pixel_data_location(data: bytes | BinaryIO) -> PixelDataLocation | None:
     start = stream.tell()
     header = stream.read(12)
     syntax = UID(dataset.file_meta.TransferSyntaxUID)
-    order = "little" if syntax.is_little_endian else "big"
+    order: Literal["little", "big"] = "little" if syntax.is_little_endian else "big"
     if len(header) < 8 or header[:4] != (0x7FE0).to_bytes(2, order) + (0x0010).to_bytes(2, order):
         return None
     if syntax.is_implicit_VR:
@@ -156,7 +156,8 @@ def serialize(dataset: Dataset, transfer_syntax: str) -> tuple[bytes, PixelDataL
     location = PixelDataLocation(out.tell(), None if undefined else len(value))
     out.write(value)
     if undefined:  # the encapsulated value ends with a sequence delimiter
-        order = "little" if UID(transfer_syntax).is_little_endian else "big"
+        order: Literal["little", "big"] = (
+            "little" if UID(transfer_syntax).is_little_endian else "big")
         out.write((0xFFFE).to_bytes(2, order) + (0xE0DD).to_bytes(2, order) + bytes(4))
     return out.getvalue(), location
 
@@ -169,7 +170,7 @@ def _pixel_data_header(
 ) -> tuple[bytes, bytes, bool]:
     """The encoded tag, VR and length of Pixel Data, its (even-length) value, and whether the
     length is undefined (encapsulated)."""
-    order = "little" if syntax.is_little_endian else "big"
+    order: Literal["little", "big"] = "little" if syntax.is_little_endian else "big"
     value = pixels.value
     undefined = syntax.is_compressed
     if len(value) % 2 and not undefined:

@@ -57,10 +57,10 @@ def to_json(dataset: Dataset, bulk_base: str) -> dict[str, Any]:
             )
         except Exception:  # an element pydicom cannot express in JSON is left out
             continue
-    for tag in PIXEL_DATA_TAGS:  # pixel data is bulk data whatever its size: viewers expect it
-        if tag in document and "InlineBinary" in document[tag]:
-            uri = f"{bulk_base}/bulkdata/{tag}"
-            document[tag] = {"vr": document[tag]["vr"], "BulkDataURI": uri}
+    for key in PIXEL_DATA_TAGS:  # pixel data is bulk data whatever its size: viewers expect it
+        if key in document and "InlineBinary" in document[key]:
+            uri = f"{bulk_base}/bulkdata/{key}"
+            document[key] = {"vr": document[key]["vr"], "BulkDataURI": uri}
     return document
 
 

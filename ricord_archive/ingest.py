@@ -285,7 +285,7 @@ class IngestService:
         self.blobs.write(key, blob)
         return digest
 
-    async def _discard(self, written: asyncio.Future[None], key: str) -> None:
+    async def _discard(self, written: asyncio.Future[Any], key: str) -> None:
         """Remove the blob of an instance that was not indexed, once its write has ended (if
         the store refuses, the orphan collector removes it later)."""
         try:
@@ -318,6 +318,7 @@ class IngestService:
             admitted.study_uid, self.keys.uid(site.siteid, admitted.study_uid)
         ):
             raise StudyMismatch("the object belongs to another study than the request URL")
+        assert admitted.patient_id is not None  # only a refused object has none
         try:
             patient = await self.patients.resolve(
                 site, site_config, admitted.patient_id, admitted.issuer
@@ -365,6 +366,7 @@ class IngestService:
                              duplicate=row.outcome != "inserted")
         if row.outcome == "replaced":
             log.info("instance %s overwritten by a re-send with other content", rec.sop_uid)
+            assert row.replaced_blob_key is not None  # a replaced row names its old blob
             await asyncio.to_thread(self.blobs.delete, row.replaced_blob_key)
             return result
         if row.outcome == "duplicate":

@@ -279,6 +279,7 @@ def attribute_path(key: str) -> tuple[str, str] | None:
     for part in key.split("."):
         if not part:
             return None
+        tag: int | None
         if re.fullmatch(r"[0-9A-Fa-f]{8}", part):
             tag = int(part, 16)
             keyword = keyword_for_tag(tag) or part.upper()
@@ -375,6 +376,7 @@ def parse_query(
             time_key
         ]:
             date_column, time_column = KEYS[date_key].column, KEYS[time_key].column
+            assert date_column is not None and time_column is not None  # both are indexed
             conditions.append(match_date_time(
                 date_column, time_column, values.pop(date_key), values.pop(time_key),
                 date_key, time_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -55,7 +56,7 @@ def parse_options(params: dict[str, str], accepted: str) -> RenderOptions:
     return RenderOptions(accepted, window, viewport, quality)
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     """The first of a multi-valued window attribute (several windows may be offered)."""
     return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
 

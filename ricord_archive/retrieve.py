@@ -172,6 +172,8 @@ class RetrieveService:
 
     def _native(self, item: StoredInstance, blob: Blob, numbers: list[int]) -> list[bytes]:
         offset, _ = self._offset(item, blob)
+        if item.rows is None or item.columns is None:
+            raise NotFound("the instance has no image pixel description (Rows, Columns)")
         size = pixels.frame_size(item.rows, item.columns, item.samples_per_pixel or 1,
                                  item.bits_allocated or 8)
         with blob.open() as stream:

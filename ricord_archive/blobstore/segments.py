@@ -69,7 +69,7 @@ MAX_PENDING = 512
 
 class Slot(NamedTuple):
     segment: str
-    index: int
+    index: int  # type: ignore[assignment]  # the slot's number; hides tuple.index, unused here
     kind: int
     offset: int
     length: int
@@ -233,7 +233,7 @@ class SegmentFiles:
             os.close(fd)
             return self.external(found.segment, found.index).open("rb")
         raw = _Slice(fd, found.offset, found.length, found.crc, key)
-        return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=64 * 1024)
 
     def location(self, key: str) -> Location:
         found, fd = self._live(key)

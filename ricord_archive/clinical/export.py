@@ -88,6 +88,7 @@ def _filter(name: str, value: str, declared: Mapping[str, col.Column]) -> Column
     if kind in ("number", "date"):
         low, high = _range(value, col.number if kind == "number" else col.date)
         return ColumnFilter(name, builtin, kind, low=low, high=high)
+    assert read is not None  # only the study date, a range, has no reader
     try:
         values = tuple(read(v) for v in value.split(","))
     except col.CellError as exc:

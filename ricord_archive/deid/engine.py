@@ -100,6 +100,7 @@ def _text(dataset: Dataset, keyword: str) -> str:
 
 def _set(dataset: Dataset, attribute: Inserted) -> None:
     if attribute.vr == "SQ":
+        assert not isinstance(attribute.value, str)  # a sequence's value is its items
         items = []
         for members in attribute.value or ():
             item = Dataset()

@@ -293,11 +293,11 @@ class Originals:
 @dataclass(frozen=True)
 class Inserted:
     """An attribute the archive sets after cleaning: `value` is text, None (empty) or, for a
-    sequence, its items as lists of Inserted. `only_if_present`: set only if it is there."""
+    sequence, its items as tuples of Inserted. `only_if_present`: set only if it is there."""
 
     tag: int
     vr: str
-    value: str | list[list[Inserted]] | None
+    value: str | tuple[tuple[Inserted, ...], ...] | None
     only_if_present: bool = False
 
 

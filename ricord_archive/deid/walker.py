@@ -218,6 +218,7 @@ class _Walker:
     def kept(self, element: Element, vr: str, encodings: list[str] | None, depth: int) -> _Out:
         tag = element.tag
         value = self.view[element.vstart:element.vend]
+        chunks: list[bytes | memoryview]
         if tag & 0xFFFF == 0 and tag >> 16 > 6:  # group lengths are not written, as pydicom
             chunks, size = [], 0
         else:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -79,7 +80,10 @@ class Acceptor(Protocol):
     """What an association asks of the server that accepted its connection."""
 
     contexts: list[PresentationContext]
-    handlers: Mapping[int, tuple[Handler, frozenset[str]]]  # by command: the abstract syntaxes
+
+    @property
+    def handlers(self) -> Mapping[int, tuple[Handler, frozenset[str]]]:
+        """By command field: its handler and the abstract syntaxes it serves."""
 
     async def admit(self, association: Association) -> Rejection | None: ...
     def accepted(self, association: Association) -> None: ...
@@ -176,20 +180,24 @@ class Association:
         results, role_items = negotiate_as_acceptor(
             primitive.presentation_context_definition_list, self.acceptor.contexts, roles
         )
-        self.contexts = {cx.context_id: cx for cx in results if cx.result == 0x00}
+        self.contexts = {cx.context_id: cx for cx in results
+                         if cx.result == 0x00 and cx.context_id is not None}
         self.stream.write(self._acceptance(primitive, results, role_items))
         await self.stream.drain()
         self.established = True
         self.acceptor.accepted(self)
         return True
 
-    def _read_user_information(self, primitive: A_ASSOCIATE) -> dict[str, tuple[bool, bool]]:
+    def _read_user_information(
+        self, primitive: A_ASSOCIATE,
+    ) -> dict[UID, tuple[bool | None, bool | None]]:
         """The requestor's Maximum Length; its SCP/SCU role selections by SOP class."""
         roles = {}
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            elif (isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+                  and item.sop_class_uid is not None):  # always set in a decoded item
                 roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
         if 0 < self.peer_max_pdu < 16:
             raise ValueError("maximum length too small")
@@ -370,6 +378,7 @@ class Association:
     async def respond(self, request: Message, context: PresentationContext, status: int,
                       dataset: bytes | None = None, **fields: Any) -> None:
         """The response to `request` (its command field with the response bit)."""
+        assert context.context_id is not None  # an accepted context has its id
         await self.send({
             "AffectedSOPClassUID": request.command.get("AffectedSOPClassUID"),
             "CommandField": request.command["CommandField"] | 0x8000,
@@ -383,6 +392,7 @@ class Association:
     ) -> int | None:
         """A C-STORE request on this association (a C-GET's sub-operation): the status the peer
         answered, None when it answered nothing within the DIMSE timeout."""
+        assert context.context_id is not None  # an accepted context has its id
         self._message_id = message_id = self._message_id % 0xFFFF + 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._responses[message_id] = future

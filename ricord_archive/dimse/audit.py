@@ -4,10 +4,10 @@ Detach), rejected (Security Alert, Node Authentication), and C-GET/C-MOVE transf
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from ricord_archive import audit, logs
+from ricord_archive.blobstore import Blob
 from ricord_archive.config import Config
 from ricord_archive.dimse.association import Association
 from ricord_archive.errors import NotAuthorized
@@ -29,7 +29,7 @@ def refused_without_site(association: Association, config: Config) -> audit.Audi
 
 def transfer(
     association: Association, config: Config, protocol: str,
-    found: list[tuple[StoredInstance, Path]] | int | None, destination: str | None = None,
+    found: list[tuple[StoredInstance, Blob]] | int | None, destination: str | None = None,
 ) -> audit.AuditEvent:
     """A C-GET or C-MOVE: what the identifier resolved to, or the failure status answered
     (None: the move destination is unknown)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -139,12 +140,12 @@ class PacsClient:
                 ae.add_requested_context(abstract)
             else:
                 ae.add_requested_context(abstract, syntaxes)
-        handlers = [(evt.EVT_CONN_OPEN, no_delay)]
+        handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, no_delay)]
         if on_store is not None:
             handlers.append((evt.EVT_C_STORE, on_store))
         association = ae.associate(
-            self.pacs.host, self.pacs.port, ae_title=self.pacs.aet, ext_neg=roles or None,
-            evt_handlers=handlers,
+            self.pacs.host, self.pacs.port, ae_title=self.pacs.aet,
+            ext_neg=[*roles] if roles else None, evt_handlers=handlers,
         )
         if association.is_rejected:
             raise PacsError(f"the PACS {self.pacs} rejected the association (check its AE "

@@ -55,7 +55,7 @@ def identifier(requested: Sequence[tuple[int, str]], level: str, document: dict[
 
 
 def _value(element: dict[str, Any]) -> bytes | None:
-    vr, values = element.get("vr"), element.get("Value")
+    vr, values = element.get("vr", ""), element.get("Value")
     if "InlineBinary" in element or "BulkDataURI" in element:
         return None
     if not values:

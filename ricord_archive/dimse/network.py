@@ -11,4 +11,6 @@ from pynetdicom import evt
 def no_delay(event: evt.Event) -> None:
     """Nagle off: pynetdicom never sets TCP_NODELAY, and every response would wait for an ACK.
     Bound to EVT_CONN_OPEN."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection = event.assoc.dul.socket
+    assert connection is not None and connection.socket is not None  # the connection is open
+    connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -91,14 +91,15 @@ _NOT_FROM_ADDRESS = "calling-ae-title-not-allowed-from-address"
 _NOT_RECOGNISED = "calling-ae-title-not-recognised"
 _OVER_LIMIT = "local-limit-exceeded"
 REJECTION_REASONS = (_NOT_FROM_ADDRESS, _NOT_RECOGNISED, _OVER_LIMIT)  # audit and metrics
+STORAGE_CLASSES = [c.abstract_syntax for c in AllStoragePresentationContexts if c.abstract_syntax]
 
 
 def supported_contexts() -> list[PresentationContext]:
     """What the archive accepts: storage in both roles (a C-GET requestor takes the SCP role
     to receive what it asked for), verification, query and retrieve."""
     contexts = []
-    for storage in AllStoragePresentationContexts:
-        context = build_context(storage.abstract_syntax, TRANSFER_SYNTAXES)
+    for storage in STORAGE_CLASSES:
+        context = build_context(storage, TRANSFER_SYNTAXES)
         context.scu_role = context.scp_role = True
         contexts.append(context)
     for model in (Verification, StudyRootQueryRetrieveInformationModelFind,
@@ -122,7 +123,7 @@ class DimseServer:
         self.audit = trail
         self.contexts = supported_contexts()
         retrieve_handlers = RetrieveHandlers(config, query, retrieve, trail)
-        storage = frozenset(c.abstract_syntax for c in AllStoragePresentationContexts)
+        storage = frozenset(STORAGE_CLASSES)
         finds = frozenset({StudyRootQueryRetrieveInformationModelFind,
                            PatientRootQueryRetrieveInformationModelFind})
         self.handlers: dict[int, tuple[Handler, frozenset[str]]] = {

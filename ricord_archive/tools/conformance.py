@@ -29,6 +29,7 @@ from pynetdicom import (
     sop_class,
 )
 from pynetdicom import status as dimse_status
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import SOPClass
 
 from ricord_archive import errors, ingest, matching
@@ -66,6 +67,11 @@ def _name(uid: str) -> str:
     return name if name and name != uid else _KEYWORDS.get(uid, uid)
 
 
+def _uid(context: PresentationContext) -> str:
+    assert context.abstract_syntax is not None  # every context the archive offers names one
+    return context.abstract_syntax
+
+
 def _storage_fate(uid: str) -> str:
     """Whether ingest keeps objects of this class: by default, when a site lists it, never."""
     try:
@@ -81,9 +87,9 @@ def storage_sop_classes() -> str:
     storage = {c.abstract_syntax for c in AllStoragePresentationContexts}
     contexts = [c for c in dimse_server.supported_contexts() if c.abstract_syntax in storage]
     rows = [
-        (_name(c.abstract_syntax), f"`{c.abstract_syntax}`", "yes",
-         "yes" if c.scp_role else "no", _storage_fate(c.abstract_syntax))
-        for c in sorted(contexts, key=lambda c: _name(c.abstract_syntax))
+        (_name(_uid(c)), f"`{c.abstract_syntax}`", "yes",
+         "yes" if c.scp_role else "no", _storage_fate(_uid(c)))
+        for c in sorted(contexts, key=lambda c: _name(_uid(c)))
     ]
     return _table(("SOP Class", "UID", "SCP (C-STORE)", "SCU (C-GET/C-MOVE sub-operations)",
                    "Stored"), rows)
@@ -93,7 +99,7 @@ def other_sop_classes() -> str:
     storage = {c.abstract_syntax for c in AllStoragePresentationContexts}
     used_as_scu = {str(v) for v in vars(dimse_client).values() if isinstance(v, SOPClass)}
     rows = [
-        (_name(c.abstract_syntax), f"`{c.abstract_syntax}`", "yes",
+        (_name(_uid(c)), f"`{c.abstract_syntax}`", "yes",
          "yes (`import-pacs`)" if c.abstract_syntax in used_as_scu else "no",
          ", ".join(f"`{s}`" for s in c.transfer_syntax))
         for c in dimse_server.supported_contexts() if c.abstract_syntax not in storage
@@ -145,8 +151,8 @@ def dimse_statuses() -> str:
     for error in _archive_errors():
         sources.append(("any", error.dimse_status, f"`{error.__name__}`", (store, find)))
     rows = []
-    for services, code, named, tables in sorted(sources, key=lambda s: (s[1], s[2])):
-        category, meaning = _status_meaning(code, tables)
+    for services, code, named, cited in sorted(sources, key=lambda s: (s[1], s[2])):
+        category, meaning = _status_meaning(code, cited)
         rows.append((f"`0x{code:04X}`", category, meaning, services, named))
     return _table(("Status", "Category", "Meaning", "Service", "Named in the code"), rows)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ricord_archive.audit import NO_AUDIT, AuditTrail
 from ricord_archive.clinical_service import ClinicalService
@@ -165,7 +166,7 @@ def add_dicomweb_routes(router: web.UrlDispatcher) -> None:
 
 
 def create_app(services: Services) -> web.Application:
-    middlewares = [cors_preflight, errors]
+    middlewares: list[Middleware] = [cors_preflight, errors]
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
     middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ricord_archive.config import ApiToken
 
@@ -98,10 +99,7 @@ class Authenticator:
         return found
 
 
-def middleware(
-    authenticator: Authenticator,
-) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-              Awaitable[web.StreamResponse]]:
+def middleware(authenticator: Authenticator) -> Middleware:
     """401 without a known token, 403 when the role may not use the method (DICOMweb; the /api
     routes decide per route with `web.access`); else the request goes on with its principal
     stored on it."""

@@ -29,7 +29,9 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     """The media ranges of an Accept header, split on commas outside quotes."""
     if not header:
         return [MediaRange("*/*", {})]
-    ranges, current, quoted = [], [], False
+    ranges: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in header:
         if char == '"':
             quoted = not quoted

@@ -45,6 +45,12 @@ def _uids(request: web.Request) -> tuple[str, ...]:
     return uids
 
 
+def _instance_uids(request: web.Request) -> tuple[str, str, str]:
+    """The study, series and instance UIDs of an instance route."""
+    study, series, instance = _uids(request)
+    return study, series, instance
+
+
 def _multipart_types(accept: str | None, part_type: str) -> list[MediaRange]:
     """The media ranges of `accept` that admit multipart/related parts of `part_type`."""
     found = []
@@ -169,7 +175,7 @@ async def frames(request: web.Request) -> web.Response:
     """Frames as stored (compressed stays compressed) when the client accepts that, else
     decoded to uncompressed pixel values (application/octet-stream)."""
     services = request.app[web_app.SERVICES]
-    uids = _uids(request)
+    uids = _instance_uids(request)
     numbers = parse_frame_list(request.match_info["frames"])
     ranges = [m for m in parse_accept(request.headers.get("Accept"))
               if m.type in ("*/*", "multipart/related")]
@@ -214,7 +220,7 @@ async def rendered(request: web.Request) -> web.Response:
     if len(numbers) != 1:
         raise BadRequest("one frame is rendered at a time")
     body = await services.retrieve.rendered(
-        _uids(request), numbers[0], options, site_id=auth.site_id(request)
+        _instance_uids(request), numbers[0], options, site_id=auth.site_id(request)
     )
     return web.Response(body=body, content_type=options.media_type)
 
@@ -252,7 +258,7 @@ async def bulk_data(request: web.Request) -> web.Response:
     tag_text = request.match_info["tag"]
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
         raise BadRequest("bulk data is addressed by an 8-digit hexadecimal tag")
-    uids = _uids(request)
+    uids = _instance_uids(request)
     value = await services.retrieve.bulk_data(*uids, int(tag_text, 16),
                                               site_id=auth.site_id(request))
     status, extra = 200, {}
