@@ -29,6 +29,8 @@ from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
 from tests.test_phi_leak import _hits, _needles
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 ACTOR = audit.Actor("PACS_A", "calling-ae", "site-a", "127.0.0.1")
 TOKENS = {"upload": "tok-audit-upload-7c1d", "research": "tok-audit-research-90ab"}
 

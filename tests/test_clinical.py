@@ -28,6 +28,8 @@ from tests.conftest import Archive
 from tests.test_auth import CONFIG as AUTH_CONFIG
 from tests.test_auth import SITEIDS, TOKENS
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 XLSX = sheet.XLSX
 COLUMN_MAP = """
 [columns.Temperature]

@@ -31,6 +31,8 @@ from tests.test_audit import audit_events
 from tests.test_auth import CONFIG as AUTH_CONFIG
 from tests.test_auth import SITEIDS, TOKENS
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 CONFIG = """
 [[sites]]
 name = "cohort-site"

@@ -24,11 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
 import requests
 
 from ricord_archive.deid import Keyring
 from tests import dcmtk, load
 from tests.conftest import DCMTK_ENV, Archive
+
+pytestmark = pytest.mark.slow  # kill -9 under concurrent DCMTK and STOW-RS load
 
 SEED = 20260707
 STUDIES, SLICES = 50, 20  # 1,000 instances of 64 x 64 pixels

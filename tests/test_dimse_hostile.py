@@ -19,6 +19,8 @@ from tests import dcmtk
 from tests.conftest import Archive
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # hostile DIMSE peers waiting out timeouts
+
 MAX_PDU = 16384
 NETWORK_TIMEOUT = 2  # seconds: the archive closes a connection stalled mid-PDU after this
 DEADLINE = 30.0  # generous: for an outcome that otherwise never comes

@@ -15,6 +15,8 @@ from ricord_archive.blobstore import FileBlobStore
 from tests import dcmtk
 from tests.conftest import Archive
 
+pytestmark = pytest.mark.slow  # a server process per test, DCMTK
+
 SITES_CONFIG = """
 [[sites]]
 name = "site-a"

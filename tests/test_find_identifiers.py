@@ -23,6 +23,8 @@ from ricord_archive.dimse.messages import encoded
 from ricord_archive.dimse.server import _answers, _response
 from ricord_archive.matching import KEYS
 
+pytestmark = pytest.mark.slow  # every pydicom test file, both encoders
+
 CONTEXTS = {
     name: build_context(StudyRootQueryRetrieveInformationModelFind, [syntax])
     for name, syntax in (("implicit", ImplicitVRLittleEndian), ("explicit", ExplicitVRLittleEndian))

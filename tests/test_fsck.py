@@ -13,6 +13,8 @@ import pytest
 from ricord_archive.blobstore import FileBlobStore
 from tests import dcmtk, load
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 
 def fsck(archive, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(archive.command("fsck", *extra), capture_output=True, text=True,

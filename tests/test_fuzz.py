@@ -30,6 +30,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # thousands of fuzzed objects
+
 INPUT_TIMEOUT = 20.0  # seconds one input may take (normally a few milliseconds): else a hang
 MEMORY_LIMIT = 2 * 1024**3  # address space of the worker: a huge allocation fails there
 OBJECT_LIMIT = 64 * 1024**2  # the archive's max_object_bytes for these inputs

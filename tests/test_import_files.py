@@ -26,6 +26,8 @@ from ricord_archive.tools.import_files import collect, read_report
 from tests import load
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CONFIG = '[[sites]]\nname = "registry"\nsiteid = "616161"\n'
 

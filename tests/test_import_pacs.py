@@ -28,6 +28,8 @@ from tests.conftest import free_port
 from tests.pacs import PACS_AET, Pacs
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # a PACS and an archive per test
+
 HOSPITAL_SITEID = "424242"
 # The PACS's AE title belongs to another site: an import still files under the importing one.
 PACS_IN_OTHER_SITE = f"""

@@ -28,6 +28,8 @@ from ricord_archive.web.listener import tls_context
 from tests.conftest import Archive
 from tests.test_auth import ct
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 DEADLINE = 60.0  # generous: the configured timeouts below are 2 s
 ROOT = "1.2.826.0.1.3680043.10.3"
 LIMITS = """

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import asyncpg
 import pydicom
+import pytest
 import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from tests import dcmtk, load
 from tests.conftest import Archive
+
+pytestmark = pytest.mark.slow  # many concurrent senders
 
 SLICES = 50
 PYNETDICOM_SENDERS, STORESCU_SENDERS, STOW_SENDERS = 15, 5, 20

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 
 import pydicom
+import pytest
 import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -26,6 +27,8 @@ from ricord_archive.metrics import outcome_of
 from tests import dcmtk
 from tests.conftest import free_port
 from tests.scrape import Scrape, scrape
+
+pytestmark = pytest.mark.slow  # a server process per test
 
 CONFIG = """
 [server]

@@ -25,6 +25,8 @@ from tests.conftest import Archive
 from tests.ohif import app_config, ohif_dist, serve_viewer
 from tests.ohif_browser import Page, Request, chromium_binary, chromium_page, poll
 
+pytestmark = pytest.mark.slow  # the OHIF viewer in headless Chromium
+
 T = TypeVar("T")
 
 LIST_DEADLINE = 60.0

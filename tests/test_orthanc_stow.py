@@ -20,6 +20,8 @@ import requests
 from tests.conftest import Archive, free_port
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # Orthanc as the STOW-RS client
+
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 SHIM_SOURCE = Path(__file__).parent / "data" / "loopback_bind.c"

@@ -32,6 +32,8 @@ from tests.conftest import Archive, fresh_database
 from tests.phi_corpus import PhiCorpus
 from tests.test_tools import run
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 SECRET = b"s" * 32
 SITEID = "123456"
 

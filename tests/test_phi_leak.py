@@ -11,6 +11,8 @@ import requests
 
 from tests import dcmtk
 
+pytestmark = pytest.mark.slow  # a server process, DCMTK, every byte of the data directory
+
 
 def _needles(planted: set[str]) -> set[bytes]:
     """Each planted value, and each component of a person name, as bytes."""

@@ -26,6 +26,8 @@ from tests import dcmtk, load
 from tests.conftest import Archive
 from tests.phi_trap import PhiTrap
 
+pytestmark = pytest.mark.slow  # a server process, DCMTK
+
 SEED = 20260301
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 ARCHIVE_BLOCK = (0x0013, "RSNA")  # the archive's own private block

@@ -18,6 +18,8 @@ from ricord_archive.deid.policy import DEFAULT_SOP_CLASSES, check_acceptable, so
 from ricord_archive.errors import NotAuthorized, SopClassRefused
 from tests import dcmtk, load
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 REFUSED = {
     "1.2.840.10008.5.1.4.1.1.7": "secondary-capture",

@@ -10,11 +10,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests import dcmtk
 from tests.scrape import scrape
+
+pytestmark = pytest.mark.slow  # several server processes
 
 _TWO = "[server]\nprocesses = 2\n"
 

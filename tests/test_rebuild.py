@@ -10,11 +10,14 @@ import shutil
 import subprocess
 
 import pydicom
+import pytest
 import requests
 
 from ricord_archive.blobstore import FileBlobStore
 from tests import dcmtk
 from tests.conftest import Archive
+
+pytestmark = pytest.mark.slow  # a server process, stopped and rebuilt
 
 
 def studies(archive: Archive) -> dict[str, tuple[str, str, int]]:

@@ -31,6 +31,8 @@ from tests import dcmtk
 from tests.conftest import Archive
 from tests.phi_trap import PhiTrap
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 ORDERS = ("references first", "images first")
 PROTOCOLS = ("stow", "dimse")  # the referencing object's; the images take the other one
 

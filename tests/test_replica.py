@@ -26,6 +26,8 @@ from tests.conftest import Archive
 from tests.pg_cluster import Cluster
 from tests.scrape import scrape
 
+pytestmark = pytest.mark.slow  # Debian's PostgreSQL as primary and standby
+
 DEADLINE = 60.0  # seconds for replication, fallback and return to become visible
 _MULTIPART = 'multipart/related; type="application/dicom"'
 _RETRIEVE_URL = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)$")

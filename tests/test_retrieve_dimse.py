@@ -31,6 +31,8 @@ from tests import dcmtk, load
 from tests.conftest import Archive, free_port
 from tests.phi_corpus import PhiCorpus
 
+pytestmark = pytest.mark.slow  # C-GET and C-MOVE against a server process, DCMTK
+
 LARGE_SERIES = 40
 
 

@@ -25,6 +25,8 @@ from tests import dcmtk
 from tests.conftest import DCMTK_ENV, Archive
 from tests.seaweed import Seaweed
 
+pytestmark = pytest.mark.slow  # SeaweedFS as the S3 store, archives per test
+
 SECRET = "two-nodes-share-this-secret-key-0123456789"
 
 

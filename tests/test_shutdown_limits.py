@@ -8,11 +8,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests import dcmtk
 from tests.conftest import DCMTK_ENV
+
+pytestmark = pytest.mark.slow  # a server process per test, graceful shutdown
 
 
 def test_associations_beyond_the_limit_are_rejected(make_archive):

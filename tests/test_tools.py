@@ -23,6 +23,8 @@ from ricord_archive.tools.lookup import Wanted, print_csv, read_patients
 from tests import load
 from tests.conftest import Archive
 
+pytestmark = pytest.mark.slow  # a server process per test
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
