@@ -109,7 +109,7 @@ class RetrieveService:
         """Frames by number (1-based): the stored bytes when `stored` (compressed frames stay
         compressed), else decoded to native little-endian pixel values."""
         item, blob = await self.instance(*uids, site_id=site_id)
-        if item.rows is None:
+        if item.rows is None or item.columns is None:
             raise BadRequest("the instance has no pixel data")
         pixels.check_frame_numbers(numbers, item.number_of_frames)
         syntax = UID(item.transfer_syntax_uid)
@@ -172,8 +172,7 @@ class RetrieveService:
 
     def _native(self, item: StoredInstance, blob: Blob, numbers: list[int]) -> list[bytes]:
         offset, _ = self._offset(item, blob)
-        if item.rows is None or item.columns is None:
-            raise NotFound("the instance has no image pixel description (Rows, Columns)")
+        assert item.rows is not None and item.columns is not None  # checked by frames()
         size = pixels.frame_size(item.rows, item.columns, item.samples_per_pixel or 1,
                                  item.bits_allocated or 8)
         with blob.open() as stream:

@@ -157,6 +157,19 @@ def test_bad_frame_numbers(stored, frames, status):
     assert response.status_code == status
 
 
+def test_frames_of_an_instance_without_columns_are_400(archive):
+    """Rows without Columns: no frame size to cut the pixel data by (was a TypeError, 500)."""
+    dataset = pydicom.dcmread(get_testdata_file(SOURCES["ct"]))
+    dataset.StudyInstanceUID = "1.2.826.0.1.3680043.10.1234.90"
+    dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1234.91"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = (
+        "1.2.826.0.1.3680043.10.1234.92")
+    del dataset.Columns
+    [stored] = archive.client().store_instances([dataset]).ReferencedSOPSequence
+    response = requests.get(f"{stored.RetrieveURL}/frames/1", headers={"Accept": OCTET})
+    assert response.status_code == 400, response.text
+
+
 def test_metadata_etag_gzip_and_bulk_data(stored):
     original, url = stored["ct"]
     first = requests.get(f"{url}/metadata", headers={"Accept-Encoding": "gzip"})
