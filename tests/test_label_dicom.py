@@ -5,7 +5,7 @@ after a correction replaces them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -25,7 +25,7 @@ from ricord_archive.labels.model import (
 )
 from ricord_archive.tools.services import archive_services
 from tests.conftest import Archive
-from tests.test_ohif import ct_series
+from tests.ct_phantom import ct_series
 
 SIZE = 64
 SLICES = 6
@@ -120,14 +120,15 @@ def annotations(ct: dict, corrected: bool = False) -> list[Annotation]:
     ]
 
 
-def publish(archive: Archive, items: Sequence[Annotation]) -> PublishReport:
+def publish(archive: Archive, items: Sequence[Annotation],
+            labels: Mapping[str, Label] = LABELS) -> PublishReport:
     """What `ricord-archive labels to-dicom` does, against the running archive's data."""
     config = load_config(None, env={}, overrides={"data_dir": archive.data_dir})
 
     async def run() -> PublishReport:
         async with archive_services(config) as services:
             service = LabelDicomService(services.ingest, services.retrieve, services.keys)
-            return await service.publish(items, LABELS)
+            return await service.publish(items, labels)
 
     return asyncio.run(run())
 
