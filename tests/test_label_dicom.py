@@ -5,6 +5,7 @@ after a correction replaces them."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Mapping, Sequence
 
 import highdicom as hd
@@ -14,7 +15,9 @@ import pytest
 
 from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import load_config
-from ricord_archive.label_dicom_service import LabelDicomService, PublishReport
+from ricord_archive.deid import Keyring
+from ricord_archive.label_dicom_service import PublishReport
+from ricord_archive.labels.dicom import build, plan
 from ricord_archive.labels.model import (
     Annotation,
     AnnotationMode,
@@ -23,7 +26,7 @@ from ricord_archive.labels.model import (
     LabelType,
     Scope,
 )
-from ricord_archive.tools.services import archive_services
+from ricord_archive.tools.label_dicom import labels_to_dicom
 from tests.conftest import Archive
 from tests.ct_phantom import ct_series
 
@@ -125,12 +128,13 @@ def publish(archive: Archive, items: Sequence[Annotation],
     """What `ricord-archive labels to-dicom` does, against the running archive's data."""
     config = load_config(None, env={}, overrides={"data_dir": archive.data_dir})
 
-    async def run() -> PublishReport:
-        async with archive_services(config) as services:
-            service = LabelDicomService(services.ingest, services.retrieve, services.keys)
-            return await service.publish(items, labels)
+    async def load(pool) -> tuple[Sequence[Annotation], Mapping[str, Label]]:
+        return items, labels
 
-    return asyncio.run(run())
+    out = io.StringIO()
+    report = asyncio.run(labels_to_dicom(config, load, out))
+    assert out.getvalue().splitlines() == report.lines()
+    return report
 
 
 def series_of(archive: Archive, modality: str, study: str | None = None) -> list[pydicom.Dataset]:
@@ -200,6 +204,8 @@ def test_labels_published_as_seg_and_sr(archive, ct):
     report = publish(archive, annotations(ct))
     assert report.counts() == {"SEG inserted": 2, "SR inserted": 3}, report.as_dict()
     assert report.skipped == {"line is not an area": 1, "frame not in the archive": 1}
+    assert report.lines()[:2] == ["SEG: 2 new, 0 replaced, 0 unchanged",
+                                  "SR: 3 new, 0 replaced, 0 unchanged"]
 
     # QIDO-RS finds one SEG per reader of the series, one SR per reader of the examination.
     segs, srs = series_of(archive, "SEG"), series_of(archive, "SR", ct["study"])
@@ -276,3 +282,39 @@ def test_publishing_again_replaces(archive, ct):
 
 def archive_instances(archive: Archive, study: str) -> list[pydicom.Dataset]:
     return [pydicom.Dataset.from_json(i) for i in archive.client().search_for_instances(study)]
+
+
+def test_mask_on_frames_of_a_multiframe_instance():
+    """Pure: a mask with a hole on frame 3 of an enhanced (multi-frame) CT; a frame past the
+    last one and an unreadable geometry are counted, not drawn."""
+    slices = ct_series("P", "A^B", "20210304", slices=4, size=32)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(),
+        instance_number=1)
+    source = pydicom.dcmread(io.BytesIO(part10(enhanced)))
+    mask = label("L_mask", "Mask", LabelType.LOCAL, AnnotationMode.MASK,
+                 Code("99RICORD", "R0200", "Mask"))
+    uids = (str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
+            str(source.SOPInstanceUID))
+    geometries = [
+        (3, {"foreground": [[[2, 2], [20, 2], [20, 20], [2, 20]]],
+             "background": [[[8, 8], [12, 8], [12, 12], [8, 12]]]}),
+        (5, {"foreground": [[[2, 2], [20, 2], [20, 20]]]}),
+        (1, {"foreground": "not polygons"}),
+    ]
+    items = [Annotation(f"M{n}", mask.id, *uids, frame, READERS[0], geometry, None)
+             for n, (frame, geometry) in enumerate(geometries)]
+    [target] = plan(items, {mask.id: mask}).targets
+    built = build(target, {mask.id: mask}, [source], Keyring(b"k" * 32))
+    assert built.skipped == {"frame not in the archive": 1, "geometry not readable": 1}
+    seg = hd.seg.segread(io.BytesIO(part10(built.dataset)))
+    pixels = seg.get_pixels_by_source_frame(uids[2], [1, 2, 3, 4], segment_numbers=[1],
+                                            assert_missing_frames_are_empty=True)[..., 0]
+    assert [int(frame.sum()) for frame in pixels] == [0, 0, 19 * 19 - 5 * 5, 0]
+    assert pixels[2, 5, 5] and not pixels[2, 10, 10] and not pixels[2, 21, 21]
+
+
+def part10(dataset: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
