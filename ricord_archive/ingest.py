@@ -408,8 +408,11 @@ class IngestService:
         try:
             row = await store_instance(self.pool, site, patient, replace(new, blob_key=key),
                                        "overwrite", written)
-        except BaseException:
+        except BaseException as exc:
             await self._discard(written, key)
+            if isinstance(exc, (OSError, *_DATABASE_ERRORS)):
+                raise StorageUnavailable("the archive's storage is unavailable; try again "
+                                         "later") from exc
             raise
         if row.outcome != "inserted":  # replaced (its old blob goes) or unchanged (the new one)
             await asyncio.to_thread(self.blobs.delete, row.replaced_blob_key or key)

@@ -16,6 +16,7 @@ import pytest
 from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import load_config
 from ricord_archive.deid import Keyring
+from ricord_archive.errors import ArchiveError, InvalidObject, NotFound
 from ricord_archive.label_dicom_service import PublishReport
 from ricord_archive.labels.dicom import build, plan
 from ricord_archive.labels.model import (
@@ -27,6 +28,7 @@ from ricord_archive.labels.model import (
     Scope,
 )
 from ricord_archive.tools.label_dicom import labels_to_dicom
+from ricord_archive.tools.services import archive_services
 from tests.conftest import Archive
 from tests.ct_phantom import ct_series
 
@@ -282,6 +284,31 @@ def test_publishing_again_replaces(archive, ct):
 
 def archive_instances(archive: Archive, study: str) -> list[pydicom.Dataset]:
     return [pydicom.Dataset.from_json(i) for i in archive.client().search_for_instances(study)]
+
+
+def test_own_objects_must_name_their_study_and_pseudonym(archive, ct):
+    """The trusted entry takes only objects of a study the archive holds that name its
+    pseudonymous patient: one still naming an original identifier, or of an unknown study,
+    is refused and nothing is stored."""
+    config = load_config(None, env={}, overrides={"data_dir": archive.data_dir})
+    before = archive_instances(archive, ct["study"])
+
+    async def attempt(change: dict[str, str]) -> Exception:
+        async with archive_services(config) as services:
+            [(_, blob)] = await services.retrieve.instances(ct["study"], ct["series"],
+                                                            ct["slices"][1])
+            dataset = pydicom.dcmread(io.BytesIO(blob.read()))
+            dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "2.25.7"
+            for keyword, value in change.items():
+                setattr(dataset, keyword, value)
+            with pytest.raises(ArchiveError) as raised:
+                await services.ingest.store_own(dataset)
+            return raised.value
+
+    refused = asyncio.run(attempt({"PatientID": ORIGINALS[0]}))
+    assert isinstance(refused, InvalidObject) and ORIGINALS[0] not in refused.message
+    assert isinstance(asyncio.run(attempt({"StudyInstanceUID": "2.25.8"})), NotFound)
+    assert len(archive_instances(archive, ct["study"])) == len(before)
 
 
 def test_mask_on_frames_of_a_multiframe_instance():
