@@ -85,6 +85,10 @@ class Built:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+class LabelObjectError(ValueError):
+    """A SEG or SR cannot be built from these annotations and sources."""
+
+
 def plan(annotations: Iterable[Annotation], labels: Mapping[str, Label]) -> Plan:
     """Group annotations into the objects to build; count those no object can hold."""
     segs: dict[tuple[str, str, str], list[Annotation]] = defaultdict(list)
@@ -132,10 +136,6 @@ def build(target: Target, labels: Mapping[str, Label], sources: Sequence[Dataset
                                f"({type(exc).__name__})") from exc
 
 
-class LabelObjectError(ValueError):
-    """A SEG or SR cannot be built from these annotations and sources."""
-
-
 def _person(reader: str) -> str:
     """A reader code as a person name (one component, made explicit by the caret)."""
     return f"{reader}^"
@@ -152,17 +152,17 @@ def _dates(source: Dataset) -> dict[str, Any]:
             "content_time": time}
 
 
-def _pinned(dataset: Dataset, uid: str) -> Dataset:
+def _pinned(dataset: Dataset, uid: str | None = None) -> Dataset:
     """`dataset` with what highdicom stamps from the clock or draws at random (creation and
-    contribution times, the dimension organisation UID) set from its content date and time
-    and `uid`, so that the same content is always built to the same bytes."""
+    contribution times, a SEG's dimension organisation UID) set from its content date and
+    time and `uid`, so that the same content is always built to the same bytes."""
     date, time = dataset.get("ContentDate"), dataset.get("ContentTime")
     if date and time:
         dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
         for item in dataset.get("ContributingEquipmentSequence") or ():
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = f"{date}{time}"
-    for name in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+    for name in ("DimensionOrganizationSequence", "DimensionIndexSequence") if uid else ():
         for item in dataset.get(name) or ():
             item.DimensionOrganizationUID = uid
     return dataset
@@ -287,4 +287,4 @@ def report(target: Target, labels: Mapping[str, Label], sources: Sequence[Datase
         sop_instance_uid=derived_uid(keys, target, "instance"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=True,
         series_description=f"Labels {target.reader}", **_dates(sources[0]),
-    ), "")
+    ))
