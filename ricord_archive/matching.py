@@ -198,6 +198,7 @@ KEYS: dict[str, Key] = {
         Key("InstanceNumber", _I, _IS),
     )
 }
+_KEY_ORDER = {path: number for number, path in enumerate(KEYS)}
 _DATE_TIME_PAIRS = (
     ("StudyDate", "StudyTime"),
     ("PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime"),
@@ -393,8 +394,8 @@ class QueryKeys:
                 self._values[path] = value
 
     def terms(self) -> tuple[Term, ...]:
-        """The conditions (malformed values raise BadRequest): combined date-time ranges
-        first, then each key with a value, then the universal keys."""
+        """One term per key named, in the order of KEYS whatever the request's order (a
+        combined date-time range on its date key); malformed values raise BadRequest."""
         values = dict(self._values)
         terms = []
         for date_key, time_key in _DATE_TIME_PAIRS:
@@ -405,4 +406,4 @@ class QueryKeys:
         terms.extend(Term(path, condition(path, value, self.fuzzy))
                      for path, value in values.items())
         terms.extend(Term(path, Universal()) for path in self._named if path not in self._values)
-        return tuple(terms)
+        return tuple(sorted(terms, key=lambda term: _KEY_ORDER[term.key]))
