@@ -209,6 +209,7 @@ def attribute_path(key: str) -> tuple[str, str] | None:
     """(keyword path, hex tag path) of a key given by keywords or tags, dotted for sequences;
     None when a component is neither a DICOM keyword nor a tag."""
     keywords, tags = [], []
+    tag: int | None
     for part in key.split("."):
         if not part:
             return None
