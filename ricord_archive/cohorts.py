@@ -24,8 +24,8 @@ from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
-from ricord_archive.matching import Condition, Level, Query, parse_query
-from ricord_archive.query import site_condition
+from ricord_archive.matching import Level, Query, Term, UidList
+from ricord_archive.qido_query import parse_qido
 from ricord_archive.zip_layout import Entry, ZipLayout
 
 _CHUNK = 1024 * 1024
@@ -63,17 +63,15 @@ class CohortService:
         """The series-level query of a cohort's filters: QIDO-RS keys through the query
         engine, clinical columns as the studies whose clinical rows match them."""
         clinical, dicom = await split_filters(self.pool, site_id, filters)
-        query = parse_query(Level.SERIES, dicom.items(), max_limit=1)
+        query = parse_qido(Level.SERIES, dicom.items(), max_limit=1)
         if query.ignored:  # a cohort never silently ignores a filter
             raise BadRequest("; ".join(query.ignored))
-        conditions = list(query.conditions)
+        terms = list(query.terms)
         if clinical is not None:
             async with reporting_outages():
                 uids = await clinical_index.matching_study_uids(self.pool, clinical)
-            conditions.append(Condition("st.study_uid = ANY({})", (sorted(uids),)))
-        if site_id is not None:
-            conditions.append(site_condition(Level.SERIES, site_id))
-        return replace(query, conditions=tuple(conditions))
+            terms.append(Term("StudyInstanceUID", UidList(tuple(sorted(uids)))))
+        return replace(query, terms=tuple(terms), site_id=site_id)
 
     async def _clinical_csv(self, study_uids: Sequence[str]) -> bytes:
         """clinical.csv: the clinical row of each study that has one, as GET /api/clinical
