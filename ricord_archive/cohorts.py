@@ -23,6 +23,7 @@ from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
+from ricord_archive.label_service import split_label_filters
 from ricord_archive.matching import Condition, Level, Query, parse_query
 from ricord_archive.query import site_condition
 from ricord_archive.zip_layout import Entry, ZipLayout
@@ -60,7 +61,9 @@ class CohortService:
 
     async def _query(self, filters: dict[str, str], site_id: int | None) -> Query:
         """The series-level query of a cohort's filters: QIDO-RS keys through the query
-        engine, clinical columns as the studies whose clinical rows match them."""
+        engine, clinical columns as the studies whose clinical rows match them, label filters
+        (`label=`, `consensus=`) as the studies whose annotations match them."""
+        labelled, filters = await split_label_filters(self.pool, filters)
         clinical, dicom = await split_filters(self.pool, site_id, filters)
         query = parse_query(Level.SERIES, dicom.items(), max_limit=1)
         if query.ignored:  # a cohort never silently ignores a filter
@@ -70,6 +73,8 @@ class CohortService:
             async with reporting_outages():
                 uids = await clinical_index.matching_study_uids(self.pool, clinical)
             conditions.append(Condition("st.study_uid = ANY({})", (sorted(uids),)))
+        if labelled is not None:
+            conditions.append(Condition("st.study_uid = ANY({})", (sorted(labelled),)))
         if site_id is not None:
             conditions.append(site_condition(Level.SERIES, site_id))
         return replace(query, conditions=tuple(conditions))
