@@ -128,7 +128,7 @@ class LabelService:
         try:
             document = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise BadRequest("the body is not JSON") from None
+            raise BadRequest("the MD.ai export is not JSON") from None
         try:
             known = {label.id: label for label in await index.labels(self.pool)}
             parsed = mdai.parse_export(document, self.keys, known, _coder(known), keep_notes)

@@ -384,6 +384,15 @@ def test_mdai_export_in_and_out_of_a_running_archive(make_archive, corpus, tmp_p
     assert cohort("unknown", {"label": "Nothing like it"}, 400)["error"] == (
         "label: no label of that name")
 
+    events = _run(archive, "audit", "--json", "--action", "Import")
+    answers.append(events.stdout.encode())
+    imports = [json.loads(line)["detail"] for line in events.stdout.splitlines()]
+    assert imports[0] == {  # the CLI's import: counts only
+        "labels": {"imported": 8, "updated": 0, "unchanged": 0},
+        "annotations": {"imported": 17, "updated": 0, "unchanged": 0}, "notInArchive": 2,
+        "refusedByReason": {"unknown-label": 1}, "keepNotes": False}
+    assert len(imports) == 6 and imports[4]["keepNotes"] is True
+
     needles = {v.encode() for v in (*READERS, *READERS.values(), DROPPED_NOTE, READER_NAME)}
     assert {n for n in needles if n in path.read_bytes()} == needles  # the scan can find them
     assert _scan(archive, answers, needles) == {}
@@ -442,7 +451,8 @@ def test_unknown_schema_and_bad_files_are_refused(make_archive, tmp_path):
     assert _run(archive, "labels", "init-schema", "other").returncode == 2
     broken = requests.post(f"{archive.root}/api/annotations", data=b"{not json", timeout=30,
                            headers={"Content-Type": "application/json"})
-    assert (broken.status_code, broken.json()) == (400, {"error": "the body is not JSON"})
+    assert (broken.status_code, broken.json()) == (
+        400, {"error": "the MD.ai export is not JSON"})
     wrong = requests.post(f"{archive.root}/api/annotations", data=b"{}", timeout=30,
                           headers={"Content-Type": "text/csv"})
     assert wrong.status_code == 415
