@@ -9,7 +9,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,23 @@ class Config:
         raise ConfigError(f"no site named {name!r} in the configuration")
 
 
+def _table(raw: Any, name: str, known: Iterable[str]) -> dict[str, Any]:
+    """`raw` as a table whose settings are all `known`; otherwise a ConfigError naming the
+    table and every unknown setting (a misspelt setting is never silently ignored)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} must be a table")
+    allowed = set(known)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(allowed))}")
+    return raw
+
+
+_SITE_KEYS = ("name", "aets", "siteid", "default", "sop_classes", "move_destinations",
+              "addresses", "default_issuer")
+
+
 def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
     if raw is None:
         return (SiteConfig(DEFAULT_SITE_NAME, default=True),), True
@@ -207,8 +224,7 @@ def _parse_sites(raw: Any) -> tuple[tuple[SiteConfig, ...], bool]:
         raise ConfigError("[[sites]] must be a non-empty array of tables")
     sites = []
     for entry in raw:
-        if not isinstance(entry, dict):
-            raise ConfigError("every [[sites]] entry must be a table")
+        entry = _table(entry, "every [[sites]] entry", _SITE_KEYS)
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError("every [[sites]] entry needs a name")
@@ -285,9 +301,7 @@ def _parse_move_destinations(raw: Any, where: str) -> tuple[MoveDestination, ...
         raise ConfigError(f"{where}: move_destinations must be an array of tables")
     destinations = []
     for entry in raw:
-        unknown = sorted(set(entry) - _MOVE_DESTINATION_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown move destination setting(s) {', '.join(unknown)}")
+        _table(entry, f"{where}: a move destination", _MOVE_DESTINATION_KEYS)
         aet, host, port = entry.get("aet"), entry.get("host"), entry.get("port")
         if not isinstance(aet, str) or not _AE_TITLE.match(aet) or aet != aet.strip():
             raise ConfigError(f"{where}: a move destination's aet must be an AE title of 1-16 "
@@ -307,19 +321,12 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}\Z")
 _TOKEN_KEYS = frozenset({"name", "sha256", "role", "site"})
 
 
-def _check_table(raw: Any, name: str, known: set[str] | frozenset[str]) -> None:
-    """ConfigError unless `raw` is a table whose settings are all `known`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name} must be a table")
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}")
 
 
 def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
     """`[auth]`: enabled, `[[auth.tokens]]` (name, sha256, role, site for uploaders) and
     `[auth.oidc]`."""
-    _check_table(raw, "[auth]", {"enabled", "tokens", "oidc"})
+    _table(raw, "[auth]", {"enabled", "tokens", "oidc"})
     enabled = raw.get("enabled", False)
     if not isinstance(enabled, bool):
         raise ConfigError("[auth] enabled must be true or false")
@@ -332,9 +339,7 @@ def _parse_auth(raw: Any, sites: tuple[SiteConfig, ...]) -> AuthConfig:
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ConfigError("every [[auth.tokens]] entry needs a name")
-        unknown = sorted(set(entry) - _TOKEN_KEYS)
-        if unknown:
-            raise ConfigError(f"token {name!r}: unknown setting(s) {', '.join(unknown)}")
+        _table(entry, f"token {name!r}", _TOKEN_KEYS)
         digest = entry.get("sha256")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise ConfigError(f"token {name!r}: sha256 must be 64 hexadecimal digits (the "
@@ -378,7 +383,7 @@ def _jwks_url(value: Any) -> str:
 
 def _parse_oidc(raw: Any) -> OidcConfig:
     """`[auth.oidc]`: issuer, audience, jwks_url or jwks_file, algorithms, claims, leeway."""
-    _check_table(raw, "[auth.oidc]", _OIDC_KEYS)
+    _table(raw, "[auth.oidc]", _OIDC_KEYS)
     issuer = raw.get("issuer")
     if not isinstance(issuer, str) or not issuer:
         raise ConfigError("[auth.oidc] needs issuer (the iss of its tokens)")
@@ -422,7 +427,7 @@ def _parse_tls(raw: Any) -> TlsConfig | None:
     """`[tls]`: port, cert, key, ca, require_client_cert; absent: no TLS port."""
     if raw is None:
         return None
-    _check_table(raw, "[tls]", _TLS_KEYS)
+    _table(raw, "[tls]", _TLS_KEYS)
     paths = {}
     for key in ("cert", "key", "ca"):
         value = raw.get(key)
@@ -458,7 +463,7 @@ def _parse_s3(raw: Any, env: Mapping[str, str]) -> S3Config | None:
     RICORD_S3_SECRET_ACCESS_KEY); absent: blobs on the local filesystem."""
     if raw is None:
         return None
-    _check_table(raw, "[s3]", {f.name for f in fields(S3Config)})
+    _table(raw, "[s3]", {f.name for f in fields(S3Config)})
     if not isinstance(raw.get("bucket"), str) or not raw["bucket"]:
         raise ConfigError("[s3] needs a bucket")
     for key in ("endpoint", "prefix", "region", "access_key_id", "secret_access_key"):
@@ -479,14 +484,7 @@ def _parse_s3(raw: Any, env: Mapping[str, str]) -> S3Config | None:
 
 
 def _parse_limits(raw: Any) -> Limits:
-    if not isinstance(raw, dict):
-        raise ConfigError("[limits] must be a table")
-    known = {f.name for f in fields(Limits)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(
-            f"[limits]: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+    _table(raw, "[limits]", (f.name for f in fields(Limits)))
     values = {}
     for key, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -501,8 +499,7 @@ DUPLICATE_POLICIES = ("keep-first", "reject", "overwrite")
 
 
 def _duplicates(section: Any) -> str:
-    if not isinstance(section, dict):
-        raise ConfigError("[ingest] must be a table")
+    _table(section, "[ingest]", ("duplicates",))
     policy = section.get("duplicates", "keep-first")
     if policy not in DUPLICATE_POLICIES:
         raise ConfigError(f"[ingest] duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -561,7 +558,7 @@ def _log_format(value: Any) -> str:
 
 def _parse_metrics(raw: Any) -> MetricsConfig:
     """`[metrics]`: enabled, host and port (a listener of its own; absent: the HTTP port)."""
-    _check_table(raw, "[metrics]", {"enabled", "host", "port"})
+    _table(raw, "[metrics]", {"enabled", "host", "port"})
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError("[metrics] enabled must be true or false")
@@ -579,8 +576,7 @@ def _audit(value: Any) -> bool:
 
 
 def _project_name(section: Any) -> str:
-    if not isinstance(section, dict):
-        raise ConfigError("[deidentification] must be a table")
+    _table(section, "[deidentification]", ("project_name",))
     name = section.get("project_name", "RICORD")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9 _.-]{1,16}", name):
         raise ConfigError("project_name must be 1-16 letters, digits, spaces, '_', '.' or '-'")
@@ -599,6 +595,14 @@ def _check_database_url(key: str, url: Any) -> None:
         raise ConfigError(f"{key}: the port is not a number from 0 to 65535") from None
 
 
+_TABLES = ("server", "sites", "limits", "ingest", "deidentification", "move_destinations",
+           "auth", "tls", "s3", "metrics")
+_SERVER_KEYS = ("data_dir", "http_host", "http_port", "tls_cert", "tls_key", "trusted_proxies",
+                "dimse_host", "dimse_port", "ae_title", "database_url", "read_database_url",
+                "secret_key", "cors_origins", "processes", "ingest_workers", "audit",
+                "log_format")
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -614,9 +618,8 @@ def load_config(
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
-    server = raw.get("server", {})
-    if not isinstance(server, dict):
-        raise ConfigError("[server] must be a table")
+    _table(raw, "the configuration file", _TABLES)
+    server = _table(raw.get("server", {}), "[server]", _SERVER_KEYS)
     sites, accept_any = _parse_sites(raw.get("sites"))
     limits_raw = raw.get("limits", {})
     tls_cert, tls_key = _tls(server)

@@ -47,11 +47,13 @@ from ricord_archive.errors import (
     ArchiveError,
     DuplicateRefused,
     InvalidObject,
+    NotFound,
     RefusedObject,
     StorageUnavailable,
     StudyMismatch,
 )
 from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.index.reads import study_owner
 from ricord_archive.index.store import (
     NewInstance,
     Site,
@@ -114,6 +116,13 @@ def prepare(dataset: Dataset, context: DeidContext) -> tuple[NewInstance, bytes]
     except Exception as exc:  # pydicom decodes values lazily: a broken value surfaces here
         log.info("object rejected while de-identifying: %s", type(exc).__name__)
         raise InvalidObject(f"unprocessable DICOM object ({type(exc).__name__})") from exc
+
+
+def prepare_own(dataset: Dataset, limit: int) -> tuple[NewInstance, bytes]:
+    """`prepare` of an object the archive built from de-identified data: not de-identified;
+    described as read back from its bytes, as the index describes every object."""
+    data, pixels = dicom_io.serialize(dataset, str(dataset.file_meta.TransferSyntaxUID))
+    return describe(dicom_io.parse(data, limit), data, pixels), data
 
 
 def describe(
@@ -378,3 +387,33 @@ class IngestService:
                     )
                 return replace(result, warning=DUPLICATE_KEPT_WARNING)
         return result
+
+    async def store_own(self, dataset: Dataset) -> str:
+        """Store an object the archive built itself, only from de-identified instances it holds
+        (a label SEG or SR): not de-identified again, filed under the site and patient of its
+        study, which the archive must hold, and replacing the object stored before under its
+        SOP Instance UID. Objects from outside never come here: `store` takes them, as bytes;
+        this takes in-process datasets, and only those naming their study's pseudonym.
+        The outcome: 'inserted', 'replaced', or 'duplicate' (stored before as it is)."""
+        owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
+        if owner is None:
+            raise NotFound("no such study")
+        site, patient = owner
+        if dataset.get("PatientID") != patient.pseudonym:
+            raise InvalidObject("the object does not name its study's pseudonymous patient")
+        new, data = await asyncio.to_thread(
+            prepare_own, dataset, self.config.limits.max_object_bytes)
+        key = self.blobs.new_key()
+        written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, key, data))
+        try:
+            row = await store_instance(self.pool, site, patient, replace(new, blob_key=key),
+                                       "overwrite", written)
+        except BaseException as exc:
+            await self._discard(written, key)
+            if isinstance(exc, (OSError, *_DATABASE_ERRORS)):
+                raise StorageUnavailable("the archive's storage is unavailable; try again "
+                                         "later") from exc
+            raise
+        if row.outcome != "inserted":  # replaced (its old blob goes) or unchanged (the new one)
+            await asyncio.to_thread(self.blobs.delete, row.replaced_blob_key or key)
+        return row.outcome

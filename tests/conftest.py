@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from hypothesis import settings
 
 from ricord_archive.dimse import reactor_checkpoint
 from ricord_archive.index.embedded import EmbeddedPostgres
@@ -29,6 +30,12 @@ START_DEADLINE = 90.0
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 # The tests' pynetdicom clients: without it they lose responses that come back at once.
 reactor_checkpoint.install()
+
+# Property tests draw the same examples on every run, so the test command passes or fails the
+# same way on every machine; `HYPOTHESIS_PROFILE=explore` draws new ones (and remembers failures).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def free_port() -> int:

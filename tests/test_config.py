@@ -216,6 +216,24 @@ def test_unknown_limit_is_a_config_error(tmp_path):
     rejected(tmp_path, "[limits]\nmax_objekt_bytes = 10\n", match="max_objekt_bytes")
 
 
+@pytest.mark.parametrize(("text", "where", "key"), [
+    ("[server]\nhttp_prot = 9000\n", "[server]", "http_prot"),
+    ("[ingest]\nduplicate = \"reject\"\n", "[ingest]", "duplicate"),
+    ("[deidentification]\nproject = \"X\"\n", "[deidentification]", "project"),
+    ("[[sites]]\nname = \"a\"\naet = [\"A\"]\n", "[[sites]]", "aet"),
+    ("[[auth.tokens]]\nname = \"t\"\nsha256 = \"" + "0" * 64 + "\"\nrole = \"admin\"\n"
+     "expires = 1\n", "token 't'", "expires"),
+    ("[[move_destinations]]\naet = \"X\"\nhost = \"h\"\nport = 1\ntls = true\n",
+     "move destination", "tls"),
+    ("[sever]\nhttp_port = 9000\n", "configuration file", "sever"),
+])
+def test_unknown_settings_are_refused_in_every_table(tmp_path, text, where, key):
+    """A misspelt setting is an error naming its table and the setting, never ignored."""
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text)
+    assert where in str(caught.value) and key in str(caught.value)
+
+
 @pytest.mark.parametrize("value", ['"lots"', "0", "-1", "1.5", "true"])
 def test_limits_must_be_positive_integers(tmp_path, value):
     rejected(tmp_path, f"[limits]\nqido_max_limit = {value}\n", match="qido_max_limit")

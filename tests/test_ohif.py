@@ -1,15 +1,17 @@
 """The OHIF viewer, unmodified (npm @ohif/app, prebuilt), in headless Chromium against the
 archive's DICOMweb root, cross-origin (so CORS is exercised for real): the study list shows the
-ingested studies, a CT study renders, and every request the viewer sent the archive got a 2xx.
+ingested studies, a CT study renders, a segmentation published from a reader's outline is
+drawn over it, and every request the viewer sent the archive got a 2xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -18,95 +20,26 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from ricord_archive.labels.model import (
+    Annotation,
+    AnnotationMode,
+    Code,
+    Label,
+    LabelType,
+    Scope,
+)
 from tests.conftest import Archive
+from tests.ct_phantom import DISC, MARKER, SIZE, ct_series
 from tests.ohif import app_config, ohif_dist, serve_viewer
 from tests.ohif_browser import Page, Request, chromium_binary, chromium_page, poll
+from tests.test_label_dicom import publish
 
 T = TypeVar("T")
 
 LIST_DEADLINE = 60.0
 RENDER_DEADLINE = 60.0
 IDLE_DEADLINE = 30.0
-
-# The phantom, in image pixels of a SIZE x SIZE slice: a soft-tissue disc in the centre and a
-# small bone disc in the upper left quadrant (to see that the image is neither flipped nor
-# mirrored), in air.
-SIZE = 256
-DISC = (128, 128, 60)  # column, row, radius
-MARKER = (64, 64, 18)
-AIR_HU, DISC_HU, MARKER_HU = -1000, 100, 1000
-WINDOW = (40, 400)  # soft tissue: -160 HU black, 240 HU white
-
-
-def ct_series(patient_id: str, patient_name: str, study_date: str, slices: int,
-              size: int = SIZE, seed: int = 0) -> list[Dataset]:
-    """A CT series with consistent geometry: axial slices 2.5 mm apart, 0.7 mm pixels."""
-    rng = np.random.default_rng(seed)
-    rows, columns = np.mgrid[0:size, 0:size]
-    scale = size / SIZE
-    hu = np.full((size, size), AIR_HU, dtype=np.int32)
-    for (x, y, r), value in ((DISC, DISC_HU), (MARKER, MARKER_HU)):
-        inside = (columns - x * scale) ** 2 + (rows - y * scale) ** 2 <= (r * scale) ** 2
-        hu[inside] = value
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    spacing, thickness = 0.7, 2.5
-    origin = -spacing * size / 2
-    datasets = []
-    for number in range(1, slices + 1):
-        z = -100.0 + (number - 1) * thickness
-        noisy = hu + rng.integers(-8, 9, size=hu.shape)
-        stored = (noisy + 1024).clip(0, 4095).astype(np.uint16)
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "093000"
-        ds.AccessionNumber = f"ACC{seed:05d}"
-        ds.StudyID = f"S{seed}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "ACME MEDICAL"
-        ds.StudyDescription = "CT CHEST"
-        ds.SeriesDescription = "AXIAL 2.5"
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19600101"
-        ds.PatientSex = "F"
-        ds.BodyPartExamined = "CHEST"
-        ds.KVP = 120
-        ds.SliceThickness = thickness
-        ds.SeriesNumber = 2
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = [origin, origin, z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceLocation = z
-        ds.PixelSpacing = [spacing, spacing]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = WINDOW
-        ds.PixelData = stored.tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        part10 = io.BytesIO()
-        ds.save_as(part10, enforce_file_format=True)
-        datasets.append(pydicom.dcmread(io.BytesIO(part10.getvalue())))
-    return datasets
-
 
 ORIGINAL_IDENTIFIERS = ("OHIF-PAT-", "ALICE", "BOB", "ACC0000")
 
@@ -139,6 +72,7 @@ def ingest(archive: Archive) -> list[Ingested]:
 
 
 PAGE_TEXT = "document.body ? document.body.innerText : ''"
+HIDE_TOUR = "localStorage.setItem('shownTours', '[\"basicViewerTour\"]')"
 
 # The largest visible canvas (the viewport) and how many of its pixels are not black.
 VIEWPORT_PROBE = r"""(() => {
@@ -182,25 +116,36 @@ async def network_idle(page: Page, origin: str, deadline: float) -> None:
                "; ".join(r.describe() for r in page.requests_to(origin) if not r.done))
 
 
-def check_rendered(png: bytes, probe: dict, out: Path) -> None:
-    """The screenshot's viewport shows the phantom: air dark, the disc grey, the bone marker
-    white at the upper left (and nothing at its mirror images)."""
-    shot = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+def viewport_of(png: bytes, probe: dict, mode: str = "L") -> np.ndarray:
+    """The viewport's pixels in the screenshot (grey levels, or RGB with `mode` "RGB")."""
+    shot = np.asarray(Image.open(io.BytesIO(png)).convert(mode), dtype=np.float64)
     rect, scale = probe["rect"], probe["dpr"]
     x0, y0 = round(rect["x"] * scale), round(rect["y"] * scale)
     w, h = round(rect["width"] * scale), round(rect["height"] * scale)
-    viewport = shot[y0:y0 + h, x0:x0 + w]
-    assert viewport.size and viewport.std() > 20, (
-        f"the viewport {rect} is blank (std {viewport.std():.1f}); screenshot {out}")
-    # The image fits the viewport's shorter side, centred.
+    return shot[y0:y0 + h, x0:x0 + w]
+
+
+def at(viewport: np.ndarray, column: float, row: float) -> np.ndarray:
+    """The median of a small patch around an image pixel (the image fits the viewport's
+    shorter side, centred): a grey level, or (R, G, B)."""
+    h, w = viewport.shape[:2]
     side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
+    cx = (w - side) / 2 + column / SIZE * side
+    cy = (h - side) / 2 + row / SIZE * side
+    half = max(2, round(side / SIZE * 4))
+    patch = viewport[round(cy) - half:round(cy) + half, round(cx) - half:round(cx) + half]
+    return np.median(patch.reshape(-1, *viewport.shape[2:]), axis=0)
+
+
+def check_rendered(png: bytes, probe: dict, out: Path) -> None:
+    """The screenshot's viewport shows the phantom: air dark, the disc grey, the bone marker
+    white at the upper left (and nothing at its mirror images)."""
+    viewport = viewport_of(png, probe)
+    assert viewport.size and viewport.std() > 20, (
+        f"the viewport {probe['rect']} is blank (std {viewport.std():.1f}); screenshot {out}")
 
     def level(column: float, row: float) -> float:
-        cx, cy = left + column / SIZE * side, top + row / SIZE * side
-        half = max(2, round(side / SIZE * 4))
-        patch = viewport[round(cy) - half:round(cy) + half, round(cx) - half:round(cx) + half]
-        return float(np.median(patch))
+        return float(at(viewport, column, row))
 
     levels = {
         "disc centre": level(DISC[0], DISC[1]),
@@ -223,44 +168,92 @@ def check_rendered(png: bytes, probe: dict, out: Path) -> None:
     assert not wrong, f"unexpected grey levels {wrong} (all: {levels}); screenshot {out}"
 
 
-async def drive(archive: Archive, dist: Path, ingested: list[Ingested], work: Path) -> None:
+@dataclass
+class Session:
+    """The viewer in the browser against the archive, with the waits and checks every test
+    makes."""
+
+    archive: Archive
+    page: Page
+    viewer: str  # the viewer server's origin
+    work: Path
+
+    def report(self) -> str:
+        """The archive's requests, the viewer server's failures, the console errors."""
+        page = self.page
+        to_archive = [r.describe() for r in archive_requests(page, self.archive)]
+        static = [r.describe() for r in page.requests_to(self.viewer)
+                  if r.failure or (r.status or 0) >= 400]
+        return ("\nrequests to the archive:\n  " + "\n  ".join(to_archive[-80:]) +
+                "\nfailed requests to the viewer's server:\n  " + "\n  ".join(static) +
+                "\nconsole errors:\n  " + "\n  ".join(page.console[-40:]))
+
+    async def reported(self, waited: Awaitable[T]) -> T:
+        """A bounded wait; when it times out, the test fails with the report."""
+        try:
+            return await waited
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}{self.report()}") from None
+
+    async def idle(self) -> None:
+        await self.reported(network_idle(self.page, self.archive.root,
+                                         time.monotonic() + IDLE_DEADLINE))
+
+    async def screenshot(self, name: str) -> bytes:
+        shot = await self.page.send("Page.captureScreenshot", format="png")
+        png = base64.b64decode(shot["data"])
+        (self.work / name).write_bytes(png)
+        return png
+
+    async def rendered(self, query: str, name: str) -> tuple[bytes, dict]:
+        """Open the viewer at `query`; first a lit canvas, then, once every request is
+        answered and two more frames are drawn, the screenshot and the viewport's probe."""
+        await self.page.navigate(f"{self.viewer}/viewer?{query}")
+        await self.reported(poll(
+            lambda: self.page.evaluate(VIEWPORT_PROBE),
+            lambda p: bool(p) and p["lit"] > 200,
+            time.monotonic() + RENDER_DEADLINE, "no viewport canvas shows an image",
+        ))
+        await self.idle()
+        await self.page.evaluate("new Promise(r => requestAnimationFrame(() => "
+                                 "requestAnimationFrame(r)))")
+        probe = await self.page.evaluate(VIEWPORT_PROBE)
+        text = await self.page.evaluate(PAGE_TEXT)
+        for original in ORIGINAL_IDENTIFIERS:
+            assert original not in text, f"{original!r} in the viewer"
+        png = await self.screenshot(name)
+        (self.work / "requests.txt").write_text(self.report())
+        return png, probe
+
+    def check_requests(self) -> list[Request]:
+        """Every request the viewer sent the archive succeeded; those requests."""
+        sent = archive_requests(self.page, self.archive)
+        failed = [r for r in sent if r.failure or r.status is None or not 200 <= r.status < 300]
+        assert not failed, "requests to the archive that failed:\n  " + "\n  ".join(
+            r.describe() for r in failed) + self.report()
+        return sent
+
+
+@contextlib.asynccontextmanager
+async def session(archive: Archive, dist: Path, work: Path) -> AsyncIterator[Session]:
     config = app_config(archive.dicomweb_url, f"{archive.root}/wado")
     async with serve_viewer(dist, config) as viewer, chromium_page(work) as page:
-        def report() -> str:
-            """The archive's requests, the viewer server's failures, the console errors."""
-            to_archive = [r.describe() for r in archive_requests(page, archive)]
-            static = [r.describe() for r in page.requests_to(viewer)
-                      if r.failure or (r.status or 0) >= 400]
-            return ("\nrequests to the archive:\n  " + "\n  ".join(to_archive[-80:]) +
-                    "\nfailed requests to the viewer's server:\n  " + "\n  ".join(static) +
-                    "\nconsole errors:\n  " + "\n  ".join(page.console[-40:]))
+        yield Session(archive, page, viewer, work)
 
-        async def reported(waited: Awaitable[T]) -> T:
-            """A bounded wait; when it times out, the test fails with the report."""
-            try:
-                return await waited
-            except TimeoutError as exc:
-                raise AssertionError(f"{exc}{report()}") from None
 
-        async def idle() -> None:
-            await reported(network_idle(page, archive.root, time.monotonic() + IDLE_DEADLINE))
-
-        async def screenshot(name: str) -> bytes:
-            shot = await page.send("Page.captureScreenshot", format="png")
-            png = base64.b64decode(shot["data"])
-            (work / name).write_bytes(png)
-            return png
-
+async def drive(archive: Archive, dist: Path, ingested: list[Ingested], work: Path) -> None:
+    async with session(archive, dist, work) as viewer:
+        page = viewer.page
         # (a) The study list shows both pseudonymous patients, and no original identifier.
-        await page.navigate(f"{viewer}/")
-        text = await reported(poll(
+        await page.navigate(f"{viewer.viewer}/")
+        text = await viewer.reported(poll(
             lambda: page.evaluate(PAGE_TEXT),
             lambda t: all(s.pseudonym in (t or "") for s in ingested),
             time.monotonic() + LIST_DEADLINE, "the study list does not show the studies",
         ))
-        await idle()
-        await screenshot("ohif-study-list.png")
-        assert "Error" not in text, text[:2000] + report()
+        await viewer.idle()
+        await viewer.screenshot("ohif-study-list.png")
+        assert "Error" not in text, text[:2000] + viewer.report()
         for original in ORIGINAL_IDENTIFIERS:
             assert original not in text, f"{original!r} in the study list"
         assert any("/dicom-web/studies?" in r.url for r in archive_requests(page, archive))
@@ -270,46 +263,30 @@ async def drive(archive: Archive, dist: Path, ingested: list[Ingested], work: Pa
         number = second.split("-")[1]
         await page.evaluate("document.querySelector('input').focus()")
         await page.send("Input.insertText", text=number)
-        await reported(poll(
+        await viewer.reported(poll(
             lambda: page.evaluate(PAGE_TEXT),
             lambda t: second in (t or "") and first not in (t or ""),
             time.monotonic() + LIST_DEADLINE, f"the Patient filter {number!r} shows not only "
             f"{second}",
         ))
-        await idle()
+        await viewer.idle()
         assert any(f"PatientName=*{number}*&" in r.url and "fuzzymatching=true" in r.url
-                   for r in archive_requests(page, archive)), report()
+                   for r in archive_requests(page, archive)), viewer.report()
         # The viewer's first-visit tour would cover part of the viewport: mark it as seen, as
         # the viewer itself does once a user dismissed it.
-        await page.evaluate("localStorage.setItem('shownTours', '[\"basicViewerTour\"]')")
+        await page.evaluate(HIDE_TOUR)
 
-        # (b) The viewer renders the CT study: first a lit canvas, then, once every request
-        # is answered and two more frames are drawn, the screenshot's pixels.
+        # (b) The viewer renders the CT study.
         ct = ingested[0]
-        await page.navigate(f"{viewer}/viewer?StudyInstanceUIDs={ct.study_uid}")
-        await reported(poll(
-            lambda: page.evaluate(VIEWPORT_PROBE),
-            lambda p: bool(p) and p["lit"] > 200,
-            time.monotonic() + RENDER_DEADLINE, "no viewport canvas shows an image",
-        ))
-        await idle()
-        await page.evaluate("new Promise(r => requestAnimationFrame(() => "
-                            "requestAnimationFrame(r)))")
-        probe = await page.evaluate(VIEWPORT_PROBE)
-        text = await page.evaluate(PAGE_TEXT)
-        for original in ORIGINAL_IDENTIFIERS:
-            assert original not in text, f"{original!r} in the viewer"
-        png = await screenshot("ohif-viewer.png")
-        (work / "requests.txt").write_text(report())
+        png, probe = await viewer.rendered(f"StudyInstanceUIDs={ct.study_uid}",
+                                           "ohif-viewer.png")
         check_rendered(png, probe, work / "ohif-viewer.png")
 
         # (c) Every request the viewer sent the archive succeeded.
-        sent = archive_requests(page, archive)
-        assert any("/frames/" in r.url for r in sent), "the viewer fetched no frames" + report()
-        assert any("/metadata" in r.url for r in sent), report()
-        failed = [r for r in sent if r.failure or r.status is None or not 200 <= r.status < 300]
-        assert not failed, "requests to the archive that failed:\n  " + "\n  ".join(
-            r.describe() for r in failed) + report()
+        sent = viewer.check_requests()
+        assert any("/frames/" in r.url for r in sent), "the viewer fetched no frames" + \
+            viewer.report()
+        assert any("/metadata" in r.url for r in sent), viewer.report()
 
 
 @pytest.mark.timeout(600)  # the first run downloads the viewer (50 MB)
@@ -319,3 +296,63 @@ def test_ohif_viewer_shows_the_archive(make_archive, tmp_path):
     archive = make_archive()
     ingested = ingest(archive)
     asyncio.run(drive(archive, dist, ingested, tmp_path))
+
+
+# A reader's outline in air at the lower right of slice 4, in image pixels (x, y).
+OUTLINE = [[185, 185], [235, 185], [235, 235], [185, 235]]
+INSIDE = (210, 210)
+ELSEWHERE = {"upper right": (210, 46), "lower left": (46, 210), "disc centre": DISC[:2]}
+
+
+def redness(rgb: np.ndarray) -> float:
+    return float(rgb[0] - max(rgb[1], rgb[2]))
+
+
+async def drive_segmentation(archive: Archive, dist: Path, study_uid: str, seg_series: str,
+                             work: Path) -> None:
+    async with session(archive, dist, work) as viewer:
+        await viewer.page.navigate(f"{viewer.viewer}/")
+        await viewer.page.evaluate(HIDE_TOUR)
+        png, probe = await viewer.rendered(f"StudyInstanceUIDs={study_uid}", "ohif-ct.png")
+        plain = viewport_of(png, probe, "RGB")
+        assert abs(redness(at(plain, *INSIDE))) < 15, "the CT alone is coloured at the outline"
+
+        # The SEG series opened: the viewer shows it over the CT slice it was drawn on.
+        await viewer.rendered(f"StudyInstanceUIDs={study_uid}&initialSeriesInstanceUID="
+                              f"{seg_series}", "ohif-seg.png")
+
+        async def shown() -> tuple[np.ndarray, dict]:
+            probe = await viewer.page.evaluate(VIEWPORT_PROBE)
+            return viewport_of(await viewer.screenshot("ohif-seg.png"), probe, "RGB"), probe
+
+        overlay, probe = await viewer.reported(poll(
+            shown, lambda shot: redness(at(shot[0], *INSIDE)) > 40,
+            time.monotonic() + RENDER_DEADLINE, "no segment colour inside the outline",
+        ))
+        coloured = {name: redness(at(overlay, *point)) for name, point in ELSEWHERE.items()}
+        assert all(abs(value) < 15 for value in coloured.values()), (
+            f"segment colour outside the outline: {coloured}; screenshot {work}/ohif-seg.png")
+        sent = viewer.check_requests()
+        assert any(seg_series in r.url for r in sent), viewer.report()
+
+
+@pytest.mark.timeout(600)
+def test_ohif_shows_a_segmentation_over_the_ct(make_archive, tmp_path):
+    chromium_binary()
+    dist = ohif_dist()
+    archive = make_archive()
+    client = archive.client()
+    client.store_instances(ct_series("OHIF-PAT-3", "OHIF^CAROL", "20200202", slices=8, seed=3))
+    [study] = [pydicom.Dataset.from_json(s) for s in client.search_for_studies()]
+    slices = {int(i.InstanceNumber): i for i in (
+        pydicom.Dataset.from_json(j) for j in client.search_for_instances(
+            study.StudyInstanceUID, fields=["InstanceNumber", "SeriesInstanceUID"]))}
+    opacity = Label("L_opacity", "Infectious opacity", "G", Scope.INSTANCE, LabelType.LOCAL,
+                    AnnotationMode.FREEFORM, "#ff0000", None,
+                    Code("99RICORD", "R0001", "Infectious opacity"))
+    outline = Annotation("A1", opacity.id, study.StudyInstanceUID,
+                         slices[4].SeriesInstanceUID, slices[4].SOPInstanceUID, None,
+                         "R-0000000A", {"vertices": OUTLINE}, None)
+    [seg] = publish(archive, [outline], {opacity.id: opacity}).published
+    asyncio.run(drive_segmentation(archive, dist, study.StudyInstanceUID, seg.series_uid,
+                                   tmp_path))

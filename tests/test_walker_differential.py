@@ -400,12 +400,11 @@ def test_generated_data_sets_match(data):
 def test_generated_data_sets_mostly_take_the_walker():
     """The generator is not so odd that every object falls back (which would test nothing).
 
-    Derandomized: a count over random draws failed CI once at 29 of 60 (45 with this seed).
+    Repeatable draws (tests/conftest.py): random ones once gave 29 of 60 in CI (45 with these).
     """
     fast = 0
 
-    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(generated())
     def count(data):
         nonlocal fast

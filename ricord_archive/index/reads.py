@@ -81,6 +81,21 @@ async def site_by_name(pool: asyncpg.Pool, name: str) -> Site | None:
     return Site(row["id"], row["name"], row["siteid"]) if row is not None else None
 
 
+async def study_owner(pool: asyncpg.Pool, study_uid: str) -> tuple[Site, Patient] | None:
+    """The site and patient a stored study is filed under, None when the index has no such
+    study."""
+    row = await pool.fetchrow(
+        "SELECT site.id, site.name, site.siteid, p.pk, p.pseudonym, p.date_offset_days "
+        "FROM study st JOIN site ON site.id = st.site_id JOIN patient p ON p.pk = st.patient_pk "
+        "WHERE st.study_uid = $1",
+        study_uid,
+    )
+    if row is None:
+        return None
+    return (Site(row["id"], row["name"], row["siteid"]),
+            Patient(row["pk"], row["pseudonym"], row["date_offset_days"]))
+
+
 async def known_patients(
     pool: asyncpg.Pool, site: Site, wanted: list[PatientKeys]
 ) -> list[Patient | None]:
