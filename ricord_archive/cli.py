@@ -179,7 +179,16 @@ def _labels_parser(
     common(imported)
     imported.add_argument("--keep-notes", action="store_true",
                           help="keep the annotations' free-text notes (dropped by default)")
+    imported.add_argument("--dicom", action="store_true",
+                          help="then publish the examinations' labels as DICOM SEG and SR")
     imported.add_argument("file", metavar="FILE.json", type=Path, help="MD.ai's JSON export")
+    to_dicom = actions.add_parser(
+        "to-dicom", help="publish the labels as DICOM SEG (local) and SR (global) objects",
+        description="Build each reader's SEG of a series and SR of an examination from the "
+        "stored annotations and store them in the archive; publishing again replaces them.")
+    common(to_dicom)
+    to_dicom.add_argument("--study", action="append", metavar="UID",
+                          help="only this examination (StudyInstanceUID; repeatable)")
 
 
 def _audit_parser(

@@ -3,9 +3,9 @@ schema, import an MD.ai export (readers keyed, notes dropped unless kept explici
 on UIDs the archive does not hold counted by position and not stored), and the reads: the
 annotations, MD.ai's export shape, the readers' consensus, and the label filters of cohorts.
 
-For DICOM output (SEG / SR): `LabelService.annotations(study_uid=..., series_uid=...,
-reader=...)` and `LabelService.labels()` (or `index.labels.annotations(pool, AnnotationFilter)`
-and `index.labels.labels(pool)` with a pool alone).
+For DICOM output (SEG / SR): `annotations_and_labels(pool, study_uids)` (what `labels
+to-dicom` publishes), or `LabelService.annotations(study_uid=..., series_uid=..., reader=...)`
+and `LabelService.labels()`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ class ImportSummary:
     labels: Counts
     annotations: Counts
     refusals: list[mdai.Refusal] = field(default_factory=list)
+    studies: frozenset[str] = frozenset()  # the examinations whose annotations were stored
 
     @property
     def not_in_archive(self) -> int:
@@ -146,7 +147,8 @@ class LabelService:
         absent = [mdai.Refusal(x.position, NOT_IN_ARCHIVE)
                   for x, h in zip(located, held, strict=True) if not h]
         refusals = sorted([*parsed.refusals, *absent], key=_order)
-        return ImportSummary(label_counts, counts, refusals)
+        return ImportSummary(label_counts, counts, refusals,
+                             frozenset(a.study_uid for a in stored))
 
     async def groups(self) -> list[LabelGroup]:
         async with reporting_outages():
@@ -203,6 +205,19 @@ def _coder(known: Mapping[str, Label]) -> Callable[[str, str], Code]:
         return ricord.code_named(name) or private_code(label_id, name)
 
     return code_for
+
+
+async def annotations_and_labels(
+    pool: asyncpg.Pool, study_uids: Collection[str] | None = None,
+) -> tuple[list[Annotation], dict[str, Label]]:
+    """The stored annotations (of these examinations when given) and every label by id."""
+    async with reporting_outages():
+        if study_uids is None:
+            found = await index.annotations(pool, AnnotationFilter())
+        else:
+            found = [a for uid in sorted(study_uids)
+                     for a in await index.annotations(pool, AnnotationFilter(study_uid=uid))]
+        return found, {label.id: label for label in await index.labels(pool)}
 
 
 async def split_label_filters(

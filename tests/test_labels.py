@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import subprocess
 
+import pydicom
 import pytest
 import requests
 from pydicom.sr.codedict import codes
@@ -22,7 +23,9 @@ from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import LabelType, Scope
 from ricord_archive.labels.schema import private_code, shipped_schema
 from tests import dcmtk
+from tests import test_label_dicom as label_dicom
 from tests.conftest import Archive
+from tests.ct_phantom import ct_series
 from tests.test_auth import CONFIG as AUTH_CONFIG
 from tests.test_auth import TOKENS, sha
 from tests.test_clinical import _index_text
@@ -456,3 +459,55 @@ def test_unknown_schema_and_bad_files_are_refused(make_archive, tmp_path):
     wrong = requests.post(f"{archive.root}/api/annotations", data=b"{}", timeout=30,
                           headers={"Content-Type": "text/csv"})
     assert wrong.status_code == 415
+
+
+def test_import_with_dicom_publishes_each_readers_seg_and_sr(make_archive, tmp_path):
+    """`labels import --dicom`: the imported outlines as the reader's SEG (segments on the
+    outlined frames), the global labels as each reader's SR, found by QIDO-RS; publishing
+    again (`labels to-dicom`) leaves them as they are."""
+    archive = make_archive("labels-dicom", CONFIG)
+    archive.client().store_instances(ct_series("PID-SEG-4242", "SEG^PATIENT", "20200407",
+                                               label_dicom.SLICES, label_dicom.SIZE, seed=5))
+    [(study, items)] = _instances(archive).items()
+    found = [pydicom.Dataset.from_json(i) for i in archive.client().search_for_instances(
+        study, fields=["InstanceNumber"])]
+    slices = {int(i.InstanceNumber): str(i.SOPInstanceUID) for i in found}
+    series = items[0][0]
+    outlines = {2: label_dicom.square(10, 10, 20), 4: label_dicom.square(30, 30, 12)}
+    annotations = [
+        {"id": f"A_ct{n}", "labelId": "L_opa001", "StudyInstanceUID": study,
+         "SeriesInstanceUID": series, "SOPInstanceUID": slices[n], "data": data,
+         **_reader_entry(U1)} for n, data in outlines.items()]
+    annotations += [{"id": f"A_gl{n}", "labelId": label, "StudyInstanceUID": study,
+                     **_reader_entry(user)}
+                    for n, (label, user) in enumerate((("L_typ001", U1), ("L_ind001", U2)))]
+    path = tmp_path / "ct.json"
+    path.write_text(json.dumps({"labelGroups": GROUPS, "datasets": [
+        {"id": "D_ct", "annotations": annotations}]}))
+
+    imported = _run(archive, "labels", "import", "--dicom", str(path))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.splitlines()[-2:] == ["SEG: 1 new, 0 replaced, 0 unchanged",
+                                                 "SR: 2 new, 0 replaced, 0 unchanged"]
+    again = _run(archive, "labels", "to-dicom", "--study", study)
+    assert again.stdout.splitlines() == ["SEG: 0 new, 0 replaced, 1 unchanged",
+                                         "SR: 0 new, 0 replaced, 2 unchanged"], again.stderr
+
+    codes_by_label = {a["labelId"]: a["reader"] for a in requests.get(
+        f"{archive.root}/api/annotations", timeout=30).json()}
+    ct = {"study": study, "slices": slices}
+    seg, pixels = label_dicom.segments(archive, ct, codes_by_label["L_opa001"])
+    assert list(pixels) == ["Infectious opacity"]
+    assert label_dicom.painted(pixels["Infectious opacity"]) == sorted(outlines)
+    for n, (x, y, side) in ((2, (10, 10, 20)), (4, (30, 30, 12))):
+        label_dicom.check_square(pixels["Infectious opacity"][n], x, y, side)
+    srs = label_dicom.series_of(archive, "SR", study)
+    observed = {}
+    for found_series in srs:
+        sr = label_dicom.retrieve_one(archive, study, str(found_series.SeriesInstanceUID))
+        observer, evaluations = label_dicom.evaluations(sr)
+        observed[observer.rstrip("^")] = evaluations
+    assert observed == {codes_by_label["L_typ001"]: [("99RICORD", "RIC001")],
+                        codes_by_label["L_ind001"]: [("99RICORD", "RIC002")]}
+    text = str(seg).encode()
+    assert not any(v.encode() in text for v in (*READERS, *READERS.values(), READER_NAME))

@@ -1,11 +1,13 @@
-"""`ricord-archive labels init-schema NAME` and `labels import FILE.json`: a shipped labelling
-schema, and an MD.ai export, into the archive through the same service as
-`POST /api/annotations`. The file is read, never copied or kept."""
+"""`ricord-archive labels init-schema NAME`, `labels import FILE.json [--dicom]` and `labels
+to-dicom`: a shipped labelling schema, and an MD.ai export, into the archive through the same
+service as `POST /api/annotations` (the file is read, never copied or kept); the annotations
+published as DICOM SEG and SR (`tools.label_dicom`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import TextIO
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
 from ricord_archive.index.labels import Counts
-from ricord_archive.label_service import ImportSummary, LabelService
+from ricord_archive.label_service import ImportSummary, LabelService, annotations_and_labels
 from ricord_archive.tools import ToolError
+from ricord_archive.tools.label_dicom import labels_to_dicom
 from ricord_archive.tools.services import archive_services, operator
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
         if args.labels_command == "init-schema":
             asyncio.run(init_schema(config, args.name, sys.stdout))
             return 0
+        if args.labels_command == "to-dicom":
+            load = functools.partial(annotations_and_labels, study_uids=args.study or None)
+            asyncio.run(labels_to_dicom(config, load, sys.stdout))
+            return 0
         summary = asyncio.run(import_labels(config, args.file, args.keep_notes, sys.stdout))
+        if args.dicom and summary.studies:
+            load = functools.partial(annotations_and_labels, study_uids=summary.studies)
+            asyncio.run(labels_to_dicom(config, load, sys.stdout))
     except ToolError as exc:
         log.error("%s", exc)
         return 2
