@@ -140,8 +140,6 @@ class LabelService:
                 self.pool, parsed.groups, parsed.labels, stored, keep_notes)
         except mdai.ExportError as exc:
             raise BadRequest(str(exc)) from None
-        except asyncpg.ForeignKeyViolationError:
-            raise BadRequest("a label's parentId names no label") from None
         except _UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
         absent = [mdai.Refusal(x.position, NOT_IN_ARCHIVE)

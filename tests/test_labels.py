@@ -98,11 +98,18 @@ def test_parse_refuses_by_position_and_keys_readers():
         good,
     ]
     document = {"labelGroups": [{"id": "G_1", "name": "G", "labels": [
-        label, local, {"id": "L_bad", "name": "x", "scope": "PATIENT", "type": "GLOBAL"}]}],
+        label, local, {"id": "L_bad", "name": "x", "scope": "PATIENT", "type": "GLOBAL"},
+        {**label, "id": "L_kid", "parentId": "L_orphan"},
+        {**label, "id": "L_grandkid", "parentId": "L_kid"}, label]},
+        {"id": "G_1", "name": "again", "labels": []}],
         "datasets": [{"id": "D_1", "annotations": [good, outline, by_mail, *bad]}]}
     parsed = mdai.parse_export(document, KEYS, {}, private_code)
     assert [r.as_dict() for r in parsed.refusals] == [
         {"position": "labelGroups[0].labels[2]", "reason": "invalid-label"},
+        {"position": "labelGroups[0].labels[5]", "reason": "duplicate-id"},
+        {"position": "labelGroups[1]", "reason": "duplicate-id"},
+        {"position": "labelGroups[0].labels[3]", "reason": "unknown-parent"},
+        {"position": "labelGroups[0].labels[4]", "reason": "unknown-parent"},
         *({"position": f"datasets[0].annotations[{n}]", "reason": reason}
           for n, reason in enumerate(["unknown-label", "invalid-uid", "missing-uid",
                                       "invalid-geometry", "invalid-frame", "missing-reader",

@@ -42,6 +42,7 @@ _MDAI_SCOPE = {Scope.STUDY: "EXAM", Scope.SERIES: "SERIES", Scope.INSTANCE: "INS
 NOT_AN_EXPORT = "not-an-export"
 INVALID_LABEL = "invalid-label"
 INVALID_GROUP = "invalid-group"
+UNKNOWN_PARENT = "unknown-parent"
 MISSING_ID = "missing-id"
 DUPLICATE_ID = "duplicate-id"
 UNKNOWN_LABEL = "unknown-label"
@@ -140,25 +141,41 @@ def _label(entry: Any, group_id: str, code_for: Callable[[str, str], Code]) -> L
     )
 
 
-def _schema(document: dict, parsed: ParsedExport,
+def _schema(document: dict, parsed: ParsedExport, known: Mapping[str, Label],
             code_for: Callable[[str, str], Code]) -> None:
     groups = document.get("labelGroups") or []
     if not isinstance(groups, list):
         raise ExportError("labelGroups is not a list")
+    found: list[tuple[str, Label]] = []  # (position, label)
+    seen: set[str] = set()
     for g, group in enumerate(groups):
         group_id = _text(group.get("id")) if isinstance(group, dict) else None
         name = _text(group.get("name"), 200) if isinstance(group, dict) else None
-        if group_id is None or name is None:
-            parsed.refusals.append(Refusal(f"labelGroups[{g}]", INVALID_GROUP))
+        if group_id is None or name is None or group_id in {x.id for x in parsed.groups}:
+            parsed.refusals.append(Refusal(f"labelGroups[{g}]", INVALID_GROUP if group_id is None
+                                           or name is None else DUPLICATE_ID))
             continue
         parsed.groups.append(LabelGroup(group_id, name))
         entries = group.get("labels") or []
         for n, entry in enumerate(entries if isinstance(entries, list) else []):
-            label = _label(entry, group_id, code_for)
+            label, at = _label(entry, group_id, code_for), f"labelGroups[{g}].labels[{n}]"
             if label is None:
-                parsed.refusals.append(Refusal(f"labelGroups[{g}].labels[{n}]", INVALID_LABEL))
+                parsed.refusals.append(Refusal(at, INVALID_LABEL))
+            elif label.id in seen:
+                parsed.refusals.append(Refusal(at, DUPLICATE_ID))
             else:
-                parsed.labels.append(label)
+                seen.add(label.id)
+                found.append((at, label))
+    orphans: set[str] = set()  # positions of labels whose parent is neither stored nor
+    while True:                # in the file (nor itself such a label)
+        ids = set(known) | {label.id for at, label in found if at not in orphans}
+        more = {at for at, label in found if at not in orphans
+                and label.parent_id is not None and label.parent_id not in ids}
+        if not more:
+            break
+        orphans |= more
+    parsed.labels += [label for at, label in found if at not in orphans]
+    parsed.refusals += [Refusal(at, UNKNOWN_PARENT) for at, _ in found if at in orphans]
 
 
 def _annotation(entry: Any, labels: Mapping[str, Label], keys: Keyring,
@@ -212,7 +229,7 @@ def parse_export(
         raise ExportError("the document is not an MD.ai export (an object with datasets[] "
                           "and labelGroups[])")
     parsed = ParsedExport()
-    _schema(document, parsed, code_for)
+    _schema(document, parsed, known, code_for)
     labels = {**known, **{label.id: label for label in parsed.labels}}
     seen: set[str] = set()
     for d, dataset in enumerate(document.get("datasets", [])):
