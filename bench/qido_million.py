@@ -14,9 +14,10 @@ sees it), where `instance` is declaratively partitioned by hash of study_pk into
 with the same indexes (the unique ones extended with study_pk, as PostgreSQL requires of a
 partitioned table). The server cannot be pointed at that schema, so both schemas are then timed
 in the same way without HTTP: the archive's own search code (`ricord_archive.index.search
-.search`, i.e. the exact SQL of `page_sql` and the count past the page) on an asyncpg pool of
-`--concurrency` connections whose search_path is the schema. Also prints heap, TOAST and index
-bytes per row of every table (pg_relation_size, pg_indexes_size, summed over partitions).
+.search`, i.e. the exact SQL of `index.query_sql.page_sql` and the count past the page) on an
+asyncpg pool of `--concurrency` connections whose search_path is the schema. Also prints heap,
+TOAST and index bytes per row of every table (pg_relation_size, pg_indexes_size, summed over
+partitions).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ import asyncpg
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ricord_archive.index.search import page_sql, search
-from ricord_archive.matching import Level, parse_query
+from ricord_archive.index.query_sql import page_sql
+from ricord_archive.index.search import search
+from ricord_archive.matching import Level
+from ricord_archive.qido_query import parse_qido
 
 SERIES_PER_STUDY = 2
 INSTANCES_PER_SERIES = 100
@@ -198,7 +201,7 @@ def queries(sample: dict) -> dict[str, tuple[Level, str, dict]]:
 
 def parsed(level: Level, path: str, scope: dict):
     params = [tuple(p.split("=", 1)) for p in path.partition("?")[2].split("&") if p]
-    return parse_query(level, params, 1000, scope)
+    return parse_qido(level, params, 1000, scope)
 
 
 PARTITION_NAME = re.compile(r"instance_p\d+")

@@ -24,8 +24,8 @@ from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
 from ricord_archive.label_service import split_label_filters
-from ricord_archive.matching import Condition, Level, Query, parse_query
-from ricord_archive.query import site_condition
+from ricord_archive.matching import Level, Query, Term, UidList
+from ricord_archive.qido_query import parse_qido
 from ricord_archive.zip_layout import Entry, ZipLayout
 
 _CHUNK = 1024 * 1024
@@ -65,19 +65,18 @@ class CohortService:
         (`label=`, `consensus=`) as the studies whose annotations match them."""
         labelled, filters = await split_label_filters(self.pool, filters)
         clinical, dicom = await split_filters(self.pool, site_id, filters)
-        query = parse_query(Level.SERIES, dicom.items(), max_limit=1)
+        query = parse_qido(Level.SERIES, dicom.items(), max_limit=1)
         if query.ignored:  # a cohort never silently ignores a filter
             raise BadRequest("; ".join(query.ignored))
-        conditions = list(query.conditions)
+        terms = list(query.terms)
+        studies = labelled
         if clinical is not None:
             async with reporting_outages():
                 uids = await clinical_index.matching_study_uids(self.pool, clinical)
-            conditions.append(Condition("st.study_uid = ANY({})", (sorted(uids),)))
-        if labelled is not None:
-            conditions.append(Condition("st.study_uid = ANY({})", (sorted(labelled),)))
-        if site_id is not None:
-            conditions.append(site_condition(Level.SERIES, site_id))
-        return replace(query, conditions=tuple(conditions))
+            studies = uids if studies is None else studies & uids
+        if studies is not None:
+            terms.append(Term("StudyInstanceUID", UidList(tuple(sorted(studies)))))
+        return replace(query, terms=tuple(terms), site_id=site_id)
 
     async def _clinical_csv(self, study_uids: Sequence[str]) -> bytes:
         """clinical.csv: the clinical row of each study that has one, as GET /api/clinical

@@ -12,8 +12,8 @@ import orjson
 from ricord_archive.dicom_json import INSTANCE_TAGS
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.replica import Reads
-from ricord_archive.index.search import COUNT_CAP, search
-from ricord_archive.matching import KEYS, Condition, Level, Query, parse_query
+from ricord_archive.index.search import COUNT_CAP, Found, search
+from ricord_archive.matching import Level, Query
 
 PATIENT_TAGS = frozenset({
     "00080005", "00100010", "00100020", "00100030", "00100040", "00120030", "00120040",
@@ -38,55 +38,51 @@ def _pick(document: dict[str, Any], tags: Iterable[str]) -> dict[str, Any]:
 
 
 def _included(query: Query, document: dict[str, Any], defaults: frozenset[str]) -> dict:
-    if query.include is None:
+    if query.returned is None:
         return document
-    wanted = defaults | {path.split(".")[0] for path in query.include}
+    wanted = defaults | {path.split(".")[0] for path in query.returned}
     return _pick(document, wanted)
 
 
-def _patient(row: asyncpg.Record) -> dict[str, Any]:
-    document = _pick(orjson.loads(row["study_json"]), PATIENT_TAGS) if row["study_json"] else {}
-    document["00201200"] = _value("IS", row["num_studies"])
-    document["00201202"] = _value("IS", row["num_series"])
-    document["00201204"] = _value("IS", row["num_instances"])
+def _patient(row: Found) -> dict[str, Any]:
+    document = _pick(orjson.loads(row.study_json), PATIENT_TAGS) if row.study_json else {}
+    document["00201200"] = _value("IS", row.num_studies)
+    document["00201202"] = _value("IS", row.num_series)
+    document["00201204"] = _value("IS", row.num_instances)
     return document
 
 
-def _study(row: asyncpg.Record) -> dict[str, Any]:
-    document = orjson.loads(row["study_json"])
-    document["00080061"] = _value("CS", *sorted(row["modalities"]))
-    document["00201206"] = _value("IS", row["num_series"])
-    document["00201208"] = _value("IS", row["num_instances"])
+def _study(row: Found) -> dict[str, Any]:
+    document = orjson.loads(row.study_json or "{}")
+    document["00080061"] = _value("CS", *sorted(row.modalities))
+    document["00201206"] = _value("IS", row.num_series)
+    document["00201208"] = _value("IS", row.num_instances)
     document["00080056"] = _value("CS", "ONLINE")
     return document
 
 
-def _parsed(cache: dict[bytes, dict], raw: bytes) -> dict[str, Any]:
+def _parsed(cache: dict[str, dict], raw: str | None) -> dict[str, Any]:
     """A stored document parsed once per answer (many rows share their study and series)."""
+    raw = raw or "{}"
     if raw not in cache:
         cache[raw] = orjson.loads(raw)
     return dict(cache[raw])
 
 
-def _series(row: asyncpg.Record, cache: dict[bytes, dict]) -> dict[str, Any]:
-    document = _parsed(cache, row["study_json"])
-    document.update(_parsed(cache, row["series_json"]))
-    document["00201209"] = _value("IS", row["num_instances"])
+def _series(row: Found, cache: dict[str, dict]) -> dict[str, Any]:
+    document = _parsed(cache, row.study_json)
+    document.update(_parsed(cache, row.series_json))
+    document["00201209"] = _value("IS", row.num_instances)
     document["00080056"] = _value("CS", "ONLINE")
     return document
 
 
-def _instance(row: asyncpg.Record, query: Query, cache: dict[bytes, dict]) -> dict[str, Any]:
-    document = _parsed(cache, row["study_json"])
-    document.update(_parsed(cache, row["series_json"]))
-    document.update(_included(query, orjson.loads(row["instance_json"]), INSTANCE_TAGS))
+def _instance(row: Found, query: Query, cache: dict[str, dict]) -> dict[str, Any]:
+    document = _parsed(cache, row.study_json)
+    document.update(_parsed(cache, row.series_json))
+    document.update(_included(query, orjson.loads(row.instance_json or "{}"), INSTANCE_TAGS))
     document["00080056"] = _value("CS", "ONLINE")
     return document
-
-
-def site_condition(level: Level, site_id: int) -> Condition:
-    """Only the given site's patients or studies: the column ClinicalTrialSiteID matches on."""
-    return Condition(f"{KEYS['ClinicalTrialSiteID'].column_at(level)} = {{}}", (site_id,))
 
 
 class QueryService:
@@ -98,26 +94,20 @@ class QueryService:
         self.reads = reads or Reads(pool)
 
     async def search(
-        self,
-        level: Level,
-        params: Iterable[tuple[str, str]],
-        scope: dict[str, str] | None = None,
-        max_limit: int | None = None,
-        site_id: int | None = None,
-        fresh: bool = False,
+        self, query: Query, site_id: int | None = None, fresh: bool = False,
     ) -> SearchResult:
         """Matches of the query; only one site's when `site_id` (an index site id) is given.
         `fresh`: asked of the primary, never of a read replica that may lag behind (for
         retrieves, whose bytes are looked up on the primary)."""
-        query = parse_query(level, params, max_limit or self.max_limit, scope)
         if site_id is not None:
-            query = replace(query, conditions=(*query.conditions, site_condition(level, site_id)))
+            query = replace(query, site_id=site_id)
+        level = query.level
         async with reporting_outages():
             if fresh:
                 page = await search(self.pool, query)
             else:
                 page = await self.reads.run(lambda pool: search(pool, query))
-        cache: dict[bytes, dict] = {}
+        cache: dict[str, dict] = {}
         if level is Level.INSTANCE:
             documents = [_instance(row, query, cache) for row in page.rows]
         elif level is Level.SERIES:

@@ -73,7 +73,7 @@ class Index:
         columns = {Level.PATIENT: ("num_studies", "num_series", "num_instances"),
                    Level.STUDY: ("num_series", "num_instances"), Level.SERIES: ("num_instances",)}
         page = await search(self.pool, Query(level, limit=100))
-        return [tuple(row[name] for name in columns[level]) for row in page.rows]
+        return [tuple(getattr(row, name) for name in columns[level]) for row in page.rows]
 
 
 @pytest.fixture

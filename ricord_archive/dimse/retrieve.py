@@ -38,7 +38,7 @@ from ricord_archive.dimse.messages import decoded, encoded
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.index.reads import StoredInstance
-from ricord_archive.matching import Level
+from ricord_archive.matching import Level, Query, QueryKeys
 from ricord_archive.pixels import UNCOMPRESSED
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import Blob, RetrieveService
@@ -238,7 +238,9 @@ class RetrieveHandlers:
         patient_root = sop_class_uid in _PATIENT_ROOT
         if level is None or (level is Level.PATIENT and not patient_root):
             raise BadRequest("unsupported retrieve level for this information model")
-        params = []
+        # PATIENT level: the patient's studies (PatientID is the pseudonym the archive gave)
+        search_level = max(level, Level.STUDY)
+        keys = QueryKeys(search_level)
         for key_level, keyword in _UNIQUE_KEYS:
             if key_level > level:
                 break
@@ -248,11 +250,10 @@ class RetrieveHandlers:
             if "*" in value or "?" in value:
                 raise BadRequest(f"{keyword}: a retrieve matches single values, not wildcards")
             if value:
-                params.append((keyword, value))
-        # PATIENT level: the patient's studies (PatientID is the pseudonym the archive gave)
-        search_level = max(level, Level.STUDY)
+                keys.add(keyword, value)
+        query = Query(search_level, keys.terms(), limit=_MATCH_LIMIT)
         # on the primary, like the bytes: a read replica may not have what was just stored
-        result = await self.query.search(search_level, params, None, _MATCH_LIMIT, fresh=True)
+        result = await self.query.search(query, fresh=True)
         if result.more:
             raise TooManyMatches("too many matches for one retrieve")
         depth = search_level - Level.STUDY + 1

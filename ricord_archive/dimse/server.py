@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -38,6 +37,7 @@ from ricord_archive.dimse.commands import (
     C_STORE_RQ,
     Message,
 )
+from ricord_archive.dimse.find_query import identifier_keys, parse_identifier
 from ricord_archive.dimse.listener import start_listeners
 from ricord_archive.dimse.messages import decoded, encoded, part10
 from ricord_archive.dimse.retrieve import (
@@ -52,7 +52,7 @@ from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.imports import ImportSessions, SessionStudy
 from ricord_archive.ingest import IngestService
 from ricord_archive.matching import Level
-from ricord_archive.query import QueryService
+from ricord_archive.query import QueryService, SearchResult
 from ricord_archive.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,10 @@ class DimseServer:
 
     # --- C-FIND ---------------------------------------------------------------------------
 
+    async def _search(self, level: Level, identifier: Dataset) -> SearchResult:
+        """A C-FIND's matches (a malformed identifier is audited as a failed query)."""
+        return await self.query.search(parse_identifier(level, identifier, _QUERY_LIMIT))
+
     async def _on_find(self, association: Association, request: Message,
                        context: PresentationContext) -> None:
         async def respond(status: int, found: bytes | None = None) -> None:
@@ -304,10 +308,9 @@ class DimseServer:
                 log.info("C-FIND refused: unsupported query level for this information model")
                 await respond(STATUS_IDENTIFIER_MISMATCH)
                 return
-            params = _find_parameters(keys)
             result = await audit.querying(
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
-                params, self.query.search(level, params, None, _QUERY_LIMIT),
+                identifier_keys(keys), self._search(level, keys),
             )
             encode = _answers(keys, context)
             answers = (encode(document) for document in result.documents)
@@ -341,41 +344,6 @@ _LEVELS = {
     "PATIENT": Level.PATIENT, "STUDY": Level.STUDY, "SERIES": Level.SERIES,
     "IMAGE": Level.INSTANCE,
 }
-_NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
-
-
-def _find_parameters(identifier: Dataset) -> list[tuple[str, str]]:
-    """The query of a C-FIND identifier: its keys, and its return keys as includefields (an
-    IMAGE-level answer then holds every requested attribute the instance has)."""
-    returned = [e.keyword for e in identifier if e.keyword and e.keyword not in _NOT_KEYS]
-    include = [("includefield", ",".join(returned))] if returned else []
-    return [*_identifier_keys(identifier), *include]
-
-
-def _identifier_keys(identifier: Dataset, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(key, value) pairs of a C-FIND identifier; sequence keys become dotted paths."""
-    for element in identifier:
-        if element.keyword in _NOT_KEYS or not element.keyword:
-            continue
-        path = f"{prefix}{element.keyword}"
-        if element.VR == "SQ":
-            items = element.value or []
-            if items:
-                yield from _identifier_keys(items[0], f"{path}.")
-            else:
-                yield path, ""
-        else:
-            yield path, _value_text(element.value)
-
-
-def _value_text(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
 def _answers(keys: Dataset, context: PresentationContext) -> Callable[[dict], bytes]:
     """What encodes the response identifier of each match of a request: straight from its
     DICOM JSON where `identifiers` can, else through pydicom (the reference)."""

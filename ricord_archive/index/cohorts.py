@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ricord_archive.index.search import matches_sql
+from ricord_archive.index.query_sql import matches_sql
 from ricord_archive.matching import Query
 
 
@@ -76,7 +76,7 @@ _ARCHIVE_ORDER = (
 async def matching_files(pool: asyncpg.Pool, query: Query) -> list[CohortFile]:
     """The instances of every series the (series-level) query matches now, in archive order:
     by subject, study, series and instance number; CRC-32s known from earlier cohorts."""
-    matched, values = matches_sql(query, "se.pk")
+    matched, values = matches_sql(query)
     rows = await pool.fetch(
         f"WITH matched AS ({matched}) SELECT {_FILE_COLUMNS}, i.blob_key, i.size_bytes, "
         "i.sha256, (SELECT c.crc32 FROM cohort_instance c WHERE c.blob_key = i.blob_key "

@@ -169,20 +169,11 @@ def error_statuses() -> str:
     return _table(("Failure", "When", "HTTP", "DIMSE status", "STOW-RS FailureReason"), rows)
 
 
-_MATCHING = {
-    "match_uids": "UID list", "match_date": "single value, range",
-    "match_time": "single value, range", "match_integer": "single value",
-    "_text": "single value, wildcard", "_site": "single value, wildcard",
-    "_name": "single value, wildcard, case-insensitive; fuzzy with `fuzzymatching=true`",
-    "_modalities": "any of a list",
-}
-
-
 def matching_keys() -> str:
     rows = []
     for key in matching.KEYS.values():
         tags = ".".join(f"{tag_for_keyword(part):08X}" for part in key.path.split("."))
-        matched = _MATCHING[key.build.__name__] if key.column else (
+        matched = key.matching.types if key.stored else (
             "universal only (removed by de-identification)")
         rows.append((key.path, f"`{tags}`", key.level.name.title(), matched))
     return _table(("Attribute", "Tag", "Level", "Matching"), rows)

@@ -13,6 +13,8 @@ from aiohttp import web
 from ricord_archive.dicom_xml import to_xml
 from ricord_archive.errors import NotAcceptable
 from ricord_archive.matching import Level
+from ricord_archive.qido_query import parse_qido
+from ricord_archive.query import SearchResult
 from ricord_archive.web import app as web_app
 from ricord_archive.web import audit, auth
 from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
@@ -84,9 +86,12 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
         scope = {
             _SCOPE_KEYS[name]: value for name, value in request.match_info.items()
         }
-        result = await audit.searching(request, level, services.query.search(
-            level, list(request.query.items()), scope, site_id=auth.site_id(request)
-        ))
+
+        async def searched() -> SearchResult:  # a malformed query is audited as a failure
+            query = parse_qido(level, request.query.items(), services.query.max_limit, scope)
+            return await services.query.search(query, site_id=auth.site_id(request))
+
+        result = await audit.searching(request, level, searched())
         base = web_app.base_url(request)
         for document in result.documents:
             url = _retrieve_url(base, level, document)
