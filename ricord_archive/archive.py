@@ -32,6 +32,7 @@ from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
 from ricord_archive.ingest import IngestService
+from ricord_archive.label_service import LabelService
 from ricord_archive.processes import (
     Workers,
     become_worker_of,
@@ -173,6 +174,7 @@ async def serve(
             audit=trail,
             cohorts=CohortService(pool, blobs),
             clinical=ClinicalService(pool, keys, ingest, trail),
+            labels=LabelService(pool, keys, trail),
             metrics=config.metrics.enabled and config.metrics.port is None,
             ready_checks=Readiness(pool, blobs, readiness).checks,
         )

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     _import_parsers(commands, common)
     _audit_parser(commands, common)
     _clinical_parser(commands, common)
+    _labels_parser(commands, common)
     _cohort_parser(commands)
     return parser
 
@@ -155,6 +156,39 @@ def _clinical_parser(
                        help="declare other columns: [columns.NAME] type = number (unit = ...), "
                        "category (values = [...]), boolean or date")
     sheet.add_argument("file", metavar="FILE", type=Path, help="a .csv or .xlsx file")
+
+
+def _labels_parser(
+    commands: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    labels = commands.add_parser("labels", help="expert labels on the images (MD.ai)")
+    actions = labels.add_subparsers(dest="labels_command", required=True)
+    schema = actions.add_parser(
+        "init-schema", help="load a labelling schema shipped with the archive",
+        description="Load the label groups and labels (with their codes) of a shipped schema; "
+        "loading it again changes nothing.")
+    common(schema)
+    schema.add_argument("name", choices=("ricord",), help="the schema")
+    imported = actions.add_parser(
+        "import", help="import an MD.ai JSON export (labels and annotations)",
+        description="Import MD.ai's export: its label groups and labels, and its annotations on "
+        "images the archive holds (others are counted and listed by position, not stored). "
+        "Readers become keyed codes R-XXXXXXXX; notes are dropped unless --keep-notes. "
+        "Importing a file again changes nothing. Exit status 1 when some annotations were "
+        "not stored.")
+    common(imported)
+    imported.add_argument("--keep-notes", action="store_true",
+                          help="keep the annotations' free-text notes (dropped by default)")
+    imported.add_argument("--dicom", action="store_true",
+                          help="then publish the examinations' labels as DICOM SEG and SR")
+    imported.add_argument("file", metavar="FILE.json", type=Path, help="MD.ai's JSON export")
+    to_dicom = actions.add_parser(
+        "to-dicom", help="publish the labels as DICOM SEG (local) and SR (global) objects",
+        description="Build each reader's SEG of a series and SR of an examination from the "
+        "stored annotations and store them in the archive; publishing again replaces them.")
+    common(to_dicom)
+    to_dicom.add_argument("--study", action="append", metavar="UID",
+                          help="only this examination (StudyInstanceUID; repeatable)")
 
 
 def _audit_parser(
@@ -470,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
             return _audit(config, args)
         if args.command == "clinical":
             return _import_clinical(config, args)
+        if args.command == "labels":
+            from ricord_archive.tools.labels import run as run_labels
+
+            return run_labels(config, args)
         if args.command == "fsck":
             return asyncio.run(_fsck(config, args.repair))
         if args.command == "rebuild-index":

@@ -24,6 +24,7 @@ from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.reads import StoredInstance
+from ricord_archive.label_service import split_label_filters
 from ricord_archive.matching import Level, Query, Term, UidList
 from ricord_archive.qido_query import parse_qido
 from ricord_archive.zip_layout import Entry, ZipLayout
@@ -61,16 +62,21 @@ class CohortService:
 
     async def _query(self, filters: dict[str, str], site_id: int | None) -> Query:
         """The series-level query of a cohort's filters: QIDO-RS keys through the query
-        engine, clinical columns as the studies whose clinical rows match them."""
+        engine, clinical columns as the studies whose clinical rows match them, label filters
+        (`label=`, `consensus=`) as the studies whose annotations match them."""
+        labelled, filters = await split_label_filters(self.pool, filters)
         clinical, dicom = await split_filters(self.pool, site_id, filters)
         query = parse_qido(Level.SERIES, dicom.items(), max_limit=1)
         if query.ignored:  # a cohort never silently ignores a filter
             raise BadRequest("; ".join(query.ignored))
         terms = list(query.terms)
+        studies = labelled
         if clinical is not None:
             async with reporting_outages():
                 uids = await clinical_index.matching_study_uids(self.pool, clinical)
-            terms.append(Term("StudyInstanceUID", UidList(tuple(sorted(uids)))))
+            studies = uids if studies is None else studies & uids
+        if studies is not None:
+            terms.append(Term("StudyInstanceUID", UidList(tuple(sorted(studies)))))
         return replace(query, terms=tuple(terms), site_id=site_id)
 
     async def _clinical_csv(self, study_uids: Sequence[str]) -> bytes:

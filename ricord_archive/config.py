@@ -71,7 +71,7 @@ class Limits:
     blob_segment_bytes: int = 256 * 1024**2  # size of the segment files blobs are appended to
 
 
-ROLES = ("uploader", "researcher", "admin")
+ROLES = ("uploader", "researcher", "annotator", "admin")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Everything here is already de-identified: UIDs are the archive's own, readers ar
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -67,7 +68,8 @@ class Annotation:
 
     ``geometry`` is MD.ai's ``data`` as given: ``{x,y,width,height}``, ``{vertices:[[x,y],...]}``,
     ``{foreground:[...],background:[...]}``, or ``None`` for a global label. ``frame`` is
-    1-based, ``None`` when the annotation is not on a frame.
+    1-based, ``None`` when the annotation is not on a frame. ``created_at`` / ``updated_at``
+    are MD.ai's ``createdAt`` / ``updatedAt`` when it gave them.
     """
 
     id: str
@@ -79,3 +81,5 @@ class Annotation:
     reader: str
     geometry: dict[str, Any] | None
     note: str | None
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None

@@ -15,6 +15,7 @@ from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.cohorts import CohortService
 from ricord_archive.errors import ArchiveError
 from ricord_archive.ingest import IngestService
+from ricord_archive.label_service import LabelService
 from ricord_archive.matching import Level
 from ricord_archive.query import QueryService
 from ricord_archive.retrieve import RetrieveService
@@ -25,6 +26,7 @@ from ricord_archive.web import (
     clinical,
     cohorts,
     forwarded,
+    labels,
     ops,
     qido,
     stow,
@@ -52,6 +54,7 @@ class Services:
     audit: AuditTrail = NO_AUDIT
     cohorts: CohortService | None = None  # None: no /api/cohorts (tests of DICOMweb alone)
     clinical: ClinicalService | None = None  # None: no /api/clinical routes
+    labels: LabelService | None = None  # None: no /api/annotations, /api/labels routes
     metrics: bool = True  # GET /metrics on this port
     ready_checks: Callable[[], Awaitable[dict[str, str]]] | None = None  # GET /ready
 
@@ -195,4 +198,6 @@ def create_app(services: Services) -> web.Application:
         app.router.add_post("/api/clinical", clinical.import_sheet)
         app.router.add_post("/api/clinical/columns", clinical.declare_columns)
         app.router.add_get("/api/clinical", clinical.export_rows)
+    if services.labels is not None:
+        labels.add_routes(app)
     return app

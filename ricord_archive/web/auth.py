@@ -25,6 +25,7 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ricord-archive"'}
 _METHODS = {  # what each role may do: GET reads (QIDO, WADO), POST stores (STOW)
     "uploader": frozenset({"GET", "HEAD", "POST"}),
     "researcher": frozenset({"GET", "HEAD"}),
+    "annotator": frozenset({"GET", "HEAD"}),  # views images; imports labels on /api
     "admin": frozenset({"GET", "HEAD", "POST"}),
 }
 

@@ -20,7 +20,7 @@ _CSV_MEDIA = sheet.CSV
 _JSON_MEDIA = "application/json"
 
 
-async def _body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refused (413) past `limit` bytes; read into memory only."""
     if request.content_length is not None and request.content_length > limit:
         raise ObjectTooLarge(f"the body exceeds {limit} bytes")
@@ -46,7 +46,7 @@ async def import_sheet(request: web.Request) -> web.Response:
     media_type = request.content_type
     if media_type not in (sheet.CSV, sheet.XLSX):
         raise UnsupportedMediaType(f"a clinical sheet is {sheet.CSV} or {sheet.XLSX}")
-    data = await _body(request, MAX_SHEET_BYTES)
+    data = await read_body(request, MAX_SHEET_BYTES)
     summary = await _service(request).import_sheet(
         actor(request), "HTTP", site, data, media_type, request.query.get("sheet"),
     )
@@ -58,7 +58,7 @@ async def declare_columns(request: web.Request) -> web.Response:
     """POST /api/clinical/columns: a column map (TOML) for the site."""
     site = access.upload_site(request)
     try:
-        text = (await _body(request, MAX_MAP_BYTES)).decode("utf-8")
+        text = (await read_body(request, MAX_MAP_BYTES)).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the column map is not UTF-8 text") from None
     names = await _service(request).declare(site, text)
