@@ -72,7 +72,8 @@ def test_the_example_configuration_has_a_destination():
     ('host = "h"\nport = 104', "aet must be an AE title"),
     ('aet = "A_TITLE_LONGER_THAN_16"\nhost = "h"\nport = 104', "aet must be an AE title"),
     ('aet = " A"\nhost = "h"\nport = 104', "aet must be an AE title"),
-    ('aet = "A"\nhost = "h"\nport = 104\ncalling = "X"', "unknown move destination setting"),
+    ('aet = "A"\nhost = "h"\nport = 104\ncalling = "X"',
+     r"move destination: unknown setting\(s\) calling"),
 ])
 def test_bad_destinations_rejected(tmp_path, entry, message):
     with pytest.raises(ConfigError, match=message):
