@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from ricord_archive import metrics
-from ricord_archive.blobstore import BlobStore
+from ricord_archive.blobstore import BlobStore, FileBlobStore
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ def _scan(blobs: BlobStore, now: float, grace: float) -> tuple[dict[str, int], l
         on_disk[key] = size
         if now - mtime < grace:
             young.append(key)
-    partial = [name for name, mtime in blobs.temporary_files() if now - mtime >= grace]
+    partial: list[str] = []  # an object store leaves no temporary files
+    if isinstance(blobs, FileBlobStore):
+        partial = [name for name, mtime in blobs.temporary_files() if now - mtime >= grace]
     return on_disk, young, partial
 
 
@@ -83,8 +85,9 @@ async def repair(blobs: BlobStore, report: FsckReport) -> int:
     def remove() -> int:
         for key in report.orphan_blobs:
             blobs.delete(key)
-        for name in report.partial_writes:
-            blobs.remove_temporary(name)
+        if isinstance(blobs, FileBlobStore):
+            for name in report.partial_writes:
+                blobs.remove_temporary(name)
         return len(report.orphan_blobs) + len(report.partial_writes)
 
     return await asyncio.to_thread(remove)

@@ -79,6 +79,6 @@ class PatientDirectory:
         record = PatientRecord(site.siteid, patient.pseudonym, entry.patient_key,
                                patient.date_offset_days, entry.issuer_key)
         try:
-            await asyncio.to_thread(self.blobs.write_record, record.record_name, record.encode())
+            await asyncio.to_thread(self.blobs.records.write, record.record_name, record.encode())
         except OSError as exc:  # not the index's fault: say which store failed
             raise StorageUnavailable("the blob store is unavailable; send again later") from exc

@@ -47,7 +47,7 @@ async def record_sites(blobs: BlobStore, sites: Iterable[Site]) -> None:
     """Keep each site's SITEID beside the blobs (at every start: cheap, and self-healing)."""
     for site in sites:
         record = SiteRecord(site.name, site.siteid)
-        await asyncio.to_thread(blobs.write_record, record.record_name, record.encode())
+        await asyncio.to_thread(blobs.records.write, record.record_name, record.encode())
 
 
 async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) -> RebuildReport:
@@ -81,7 +81,7 @@ async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) ->
 async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> dict[str, Site]:
     """Sites by SITEID: the recorded ones (their SITEIDs pinned), then the configured ones."""
     recorded = [SiteRecord.decode(data) for _, data in
-                await asyncio.to_thread(lambda: list(blobs.records("sites")))]
+                await asyncio.to_thread(lambda: list(blobs.records.read("sites")))]
     by_name = {s.name: s for s in config.sites}
     sites = {}
     for record in recorded:
@@ -97,8 +97,8 @@ async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> 
 
 async def _patients(conn: asyncpg.Connection, blobs: BlobStore, sites: dict[str, Site]
                     ) -> dict[str, tuple[Site, Patient]]:
-    records = PatientRecord.merged(PatientRecord.decode(data) for _, data in
-                                   await asyncio.to_thread(lambda: list(blobs.records("patients"))))
+    found_records = await asyncio.to_thread(lambda: list(blobs.records.read("patients")))
+    records = PatientRecord.merged(PatientRecord.decode(data) for _, data in found_records)
     found = {}
     for record in records:
         site = sites.get(record.siteid)

@@ -147,7 +147,7 @@ def test_a_legacy_patient_is_claimed_by_the_first_issuer_only(cluster, request, 
                                 "issuer_key IS NOT NULL AS by_issuer FROM patient ORDER BY pk")
         assert [tuple(r) for r in rows] == [(legacy, True, True), (second.pseudonym, False, True)]
         records = PatientRecord.merged(PatientRecord.decode(data) for _, data in
-                                       FileBlobStore(tmp_path / "blobs").records("patients"))
+                                       FileBlobStore(tmp_path / "blobs").records.read("patients"))
         assert {(r.pseudonym, r.patient_key, r.issuer_key) for r in records} == {
             (legacy, keys.patient_key(site.siteid, "MRN-1"),
              keys.patient_key(site.siteid, "MRN-1", "HOSP-A")),

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import obstore
 from obstore.store import S3Store
 
-from ricord_archive.blobstore import (
+from ricord_archive.blobstore.keys import (
     PROBES,
     RECORDS,
-    Location,
     check_file_key,
     check_record,
     is_file_key,
@@ -55,11 +54,9 @@ class S3BlobStore:
                             "connect_timeout": _CONNECT_TIMEOUT, "timeout": _REQUEST_TIMEOUT},
             retry_config={"max_retries": 3, "retry_timeout": _RETRY_TIMEOUT},
         )
+        self.records = S3RecordStore(self._store)
 
     new_key = staticmethod(new_key)
-
-    def local_file(self, key: str) -> Location | None:
-        return None
 
     def write(self, key: str, data: bytes) -> None:
         with _as_os_errors():
@@ -84,29 +81,31 @@ class S3BlobStore:
                     if is_file_key(meta["path"]):
                         yield meta["path"], meta["size"], meta["last_modified"].timestamp()
 
-    def write_record(self, name: str, data: bytes) -> None:
-        with _as_os_errors():
-            obstore.put(self._store, f"{RECORDS}/{check_record(name)}", data)
-
-    def records(self, folder: str) -> Iterator[tuple[str, bytes]]:
-        with _as_os_errors():
-            for batch in obstore.list(self._store, prefix=f"{RECORDS}/{folder}/"):
-                for meta in batch:
-                    name = meta["path"].removeprefix(f"{RECORDS}/")
-                    check_record(name)
-                    yield name, bytes(obstore.get(self._store, meta["path"]).bytes())
-
     def probe(self) -> None:
         with _as_os_errors():
             name = f"{PROBES}/{uuid.uuid4().hex}"
             obstore.put(self._store, name, b"ready?", mode="create")
             obstore.delete(self._store, name)
 
-    def temporary_files(self) -> Iterator[tuple[str, float]]:
-        return iter(())  # an interrupted upload leaves no object behind
 
-    def remove_temporary(self, name: str) -> None:
-        raise ValueError("an S3 blob store has no temporary files")
+class S3RecordStore:
+    """Allocation records as objects under `records/` in the blobs' bucket (an interrupted
+    upload leaves no object behind: an S3 store has no temporary files)."""
+
+    def __init__(self, store: S3Store) -> None:
+        self._store = store
+
+    def write(self, name: str, data: bytes) -> None:
+        with _as_os_errors():
+            obstore.put(self._store, f"{RECORDS}/{check_record(name)}", data)
+
+    def read(self, folder: str) -> Iterator[tuple[str, bytes]]:
+        with _as_os_errors():
+            for batch in obstore.list(self._store, prefix=f"{RECORDS}/{folder}/"):
+                for meta in batch:
+                    name = meta["path"].removeprefix(f"{RECORDS}/")
+                    check_record(name)
+                    yield name, bytes(obstore.get(self._store, meta["path"]).bytes())
 
 
 class _RangeReader(RangedFile):
