@@ -4,71 +4,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ricord_archive.audit import NO_AUDIT, AuditTrail
-from ricord_archive.clinical_service import ClinicalService
-from ricord_archive.cohorts import CohortService
 from ricord_archive.errors import ArchiveError
-from ricord_archive.ingest import IngestService
-from ricord_archive.label_service import LabelService
 from ricord_archive.matching import Level
-from ricord_archive.query import QueryService
-from ricord_archive.retrieve import RetrieveService
 from ricord_archive.web import (
     access,
     audit,
     auth,
     clinical,
     cohorts,
-    forwarded,
     labels,
     ops,
     qido,
     stow,
     wado,
 )
+from ricord_archive.web.context import RETRIEVALS, ROOT, SERVICES, Services, json_response
 
 log = logging.getLogger(__name__)
-
-ROOT = "/dicom-web"
-
-
-@dataclass
-class Services:
-    ingest: IngestService
-    query: QueryService
-    retrieve: RetrieveService
-    default_site: str
-    max_stow_bytes: int
-    ready: Callable[[], bool]
-    cors_origins: tuple[str, ...] = ("*",)
-    authenticator: auth.Authenticator | None = None  # None: DICOMweb is open to anyone
-    trusted_proxies: tuple[forwarded.Network, ...] = ()  # whose X-Forwarded-* count
-    body_idle_timeout: float = 30.0  # seconds a STOW-RS body may stall
-    send_timeout: float = 60.0  # seconds a response may wait for a client not reading
-    audit: AuditTrail = NO_AUDIT
-    cohorts: CohortService | None = None  # None: no /api/cohorts (tests of DICOMweb alone)
-    clinical: ClinicalService | None = None  # None: no /api/clinical routes
-    labels: LabelService | None = None  # None: no /api/annotations, /api/labels routes
-    metrics: bool = True  # GET /metrics on this port
-    ready_checks: Callable[[], Awaitable[dict[str, str]]] | None = None  # GET /ready
-
-
-SERVICES = web.AppKey("services", Services)
-
-
-def base_url(request: web.Request) -> str:
-    """The DICOMweb root as the client reached it (through a trusted proxy, if any)."""
-    return f"{forwarded.origin(request, request.app[SERVICES].trusted_proxies)}{ROOT}"
-
-
-def json_response(body: object, status: int) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 @web.middleware
@@ -142,8 +98,9 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
 
-def add_dicomweb_routes(router: web.UrlDispatcher) -> None:
-    """STOW-RS, QIDO-RS, WADO-RS and WADO-URI (also read by the conformance statement)."""
+def add_dicomweb_routes(router: web.UrlDispatcher) -> frozenset[web.AbstractRoute]:
+    """STOW-RS, QIDO-RS, WADO-RS and WADO-URI (also read by the conformance statement).
+    Returns the WADO routes (GET and the HEAD beside it): the audit trail records them."""
     router.add_post(f"{ROOT}/studies", stow.store)
     router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
     study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"
@@ -157,15 +114,22 @@ def add_dicomweb_routes(router: web.UrlDispatcher) -> None:
     ):
         router.add_get(path, qido.search(level))
     instance = f"{series}/instances/{{instance}}"
+    retrievals = []
     for resource in (study, series, instance):
-        router.add_get(resource, wado.retrieve)
-        router.add_get(f"{resource}/metadata", wado.metadata)
-        router.add_get(f"{resource}/thumbnail", wado.thumbnail)
-    router.add_get(f"{instance}/bulkdata/{{tag}}", wado.bulk_data)
-    router.add_get(f"{instance}/rendered", wado.rendered)
-    router.add_get(f"{instance}/frames/{{frames}}", wado.frames)
-    router.add_get(f"{instance}/frames/{{frames}}/rendered", wado.rendered)
-    router.add_get("/wado", wado.wado_uri)
+        retrievals += [(resource, wado.retrieve), (f"{resource}/metadata", wado.metadata),
+                       (f"{resource}/thumbnail", wado.thumbnail)]
+    retrievals += [
+        (f"{instance}/bulkdata/{{tag}}", wado.bulk_data),
+        (f"{instance}/rendered", wado.rendered),
+        (f"{instance}/frames/{{frames}}", wado.frames),
+        (f"{instance}/frames/{{frames}}/rendered", wado.rendered),
+        ("/wado", wado.wado_uri),
+    ]
+    routes = []
+    for path, handler in retrievals:
+        added = router.add_get(path, handler)
+        routes += [r for r in added.resource or () if r.handler is handler]
+    return frozenset(routes)
 
 
 def create_app(services: Services) -> web.Application:
@@ -191,7 +155,7 @@ def create_app(services: Services) -> web.Application:
         app.router.add_get("/ready", ops.ready_page(services.ready_checks))
     if services.metrics:
         app.router.add_get("/metrics", ops.metrics_page)
-    add_dicomweb_routes(app.router)
+    app[RETRIEVALS] = add_dicomweb_routes(app.router)
     if services.cohorts is not None:
         cohorts.add_routes(app)
     if services.clinical is not None:

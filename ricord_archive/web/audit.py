@@ -11,8 +11,7 @@ from aiohttp import web
 
 from ricord_archive import audit, metrics
 from ricord_archive.matching import Level
-from ricord_archive.web import app as web_app
-from ricord_archive.web import wado
+from ricord_archive.web import context
 from ricord_archive.web.auth import PRINCIPAL
 
 T = TypeVar("T")
@@ -28,7 +27,7 @@ def actor(request: web.Request) -> audit.Actor:
     """The caller: its token's name, role and site; 'anonymous' when authentication is off or
     no known token came."""
     principal = request.get(PRINCIPAL)
-    authenticator = request.app[web_app.SERVICES].authenticator
+    authenticator = request.app[context.SERVICES].authenticator
     if principal is None and authenticator is not None:  # refused before it was stored
         principal = authenticator.principal(request.headers.get("Authorization"))
     if principal is None:
@@ -43,7 +42,7 @@ def route(request: web.Request) -> str | None:
 
 
 def _trail(request: web.Request) -> audit.AuditTrail:
-    return request.app[web_app.SERVICES].audit
+    return request.app[context.SERVICES].audit
 
 
 async def storing(request: web.Request, site: str, store: Awaitable[T]) -> T:
@@ -57,10 +56,6 @@ async def searching(request: web.Request, level: Level, search: Awaitable[P]) ->
     params = [*request.query.items(),
               *((_SCOPE_KEYWORDS[k], "scope") for k in request.match_info)]
     return await audit.querying(_trail(request), actor(request), "QIDO-RS", level, params, search)
-
-
-def _is_wado(request: web.Request) -> bool:
-    return getattr(request.match_info.handler, "__module__", None) == wado.__name__
 
 
 def _retrieved_uids(request: web.Request) -> tuple[str, ...]:
@@ -77,7 +72,7 @@ def _record(request: web.Request, status: int) -> None:
         _trail(request).record(
             audit.access_refused(actor(request), status, route(request), method)
         )
-    elif _is_wado(request):
+    elif context.is_retrieval(request):
         success = status < 400
         outcome = (audit.Outcome.SUCCESS if success else audit.Outcome.SERIOUS_FAILURE
                    if status >= 500 else audit.Outcome.MINOR_FAILURE)

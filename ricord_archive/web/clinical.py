@@ -10,8 +10,7 @@ from ricord_archive.clinical import sheet
 from ricord_archive.clinical.export import to_csv
 from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.errors import BadRequest, NotAcceptable, ObjectTooLarge, UnsupportedMediaType
-from ricord_archive.web import access
-from ricord_archive.web import app as web_app
+from ricord_archive.web import access, context
 from ricord_archive.web.audit import actor
 
 MAX_SHEET_BYTES = 64 * 1024**2
@@ -34,7 +33,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _service(request: web.Request) -> ClinicalService:
-    service = request.app[web_app.SERVICES].clinical
+    service = request.app[context.SERVICES].clinical
     assert service is not None  # the routes exist only with the service
     return service
 
@@ -50,7 +49,7 @@ async def import_sheet(request: web.Request) -> web.Response:
     summary = await _service(request).import_sheet(
         actor(request), "HTTP", site, data, media_type, request.query.get("sheet"),
     )
-    return web_app.json_response({"site": site, **summary.as_dict()}, 200)
+    return context.json_response({"site": site, **summary.as_dict()}, 200)
 
 
 @access.allow("uploader", "admin")
@@ -62,7 +61,7 @@ async def declare_columns(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         raise BadRequest("the column map is not UTF-8 text") from None
     names = await _service(request).declare(site, text)
-    return web_app.json_response({"site": site, "declared": names}, 200)
+    return context.json_response({"site": site, "declared": names}, 200)
 
 
 def _wants_csv(request: web.Request) -> bool:
@@ -91,4 +90,4 @@ async def export_rows(request: web.Request) -> web.Response:
     )
     if as_csv:
         return web.Response(text=to_csv(result.header, result.rows), content_type=_CSV_MEDIA)
-    return web_app.json_response({"columns": result.header, "rows": result.rows}, 200)
+    return context.json_response({"columns": result.header, "rows": result.rows}, 200)

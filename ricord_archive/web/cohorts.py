@@ -13,8 +13,7 @@ from ricord_archive import audit
 from ricord_archive.cohort_export import parse_spec
 from ricord_archive.cohorts import Cohort, CohortService
 from ricord_archive.errors import BadRequest
-from ricord_archive.web import access, forwarded
-from ricord_archive.web import app as web_app
+from ricord_archive.web import access, context, forwarded
 from ricord_archive.web import audit as web_audit
 from ricord_archive.web.zip_stream import Tally, send_zip
 
@@ -23,7 +22,7 @@ _READERS = ("uploader", "researcher", "admin")
 
 
 def _service(request: web.Request) -> CohortService:
-    service = request.app[web_app.SERVICES].cohorts
+    service = request.app[context.SERVICES].cohorts
     assert service is not None  # the routes exist only with the service
     return service
 
@@ -32,16 +31,16 @@ def _site_id(request: web.Request) -> int | None:
     """The only site whose series and cohorts the caller may see (an uploader's, or `?site=`),
     as its index id; None for every site."""
     name = access.site_scope(request)
-    return request.app[web_app.SERVICES].ingest.sites[name].id if name else None
+    return request.app[context.SERVICES].ingest.sites[name].id if name else None
 
 
 def _origin(request: web.Request) -> str:
-    return forwarded.origin(request, request.app[web_app.SERVICES].trusted_proxies)
+    return forwarded.origin(request, request.app[context.SERVICES].trusted_proxies)
 
 
 def _describe(request: web.Request, cohort: Cohort) -> dict[str, Any]:
     base = f"{_origin(request)}{ROOT}/{cohort.id}"
-    sites = {s.id: s.name for s in request.app[web_app.SERVICES].ingest.sites.values()}
+    sites = {s.id: s.name for s in request.app[context.SERVICES].ingest.sites.values()}
     return {
         "id": cohort.id, "name": cohort.name, "description": cohort.description,
         "license": cohort.license, "citation": cohort.citation, "filters": cohort.filters,
@@ -103,7 +102,7 @@ async def delete(request: web.Request) -> web.Response:
 
 def _record(request: web.Request, cohort: Cohort, sent: int, status: int) -> None:
     outcome = audit.Outcome.SUCCESS if status < 400 else audit.Outcome.MINOR_FAILURE
-    request.app[web_app.SERVICES].audit.record(audit.cohort_downloaded(
+    request.app[context.SERVICES].audit.record(audit.cohort_downloaded(
         web_audit.actor(request), web_audit.route(request), cohort.id, cohort.num_studies,
         sent, outcome, status,
     ))

@@ -13,8 +13,7 @@ from ricord_archive.errors import BadRequest, UnsupportedMediaType
 from ricord_archive.index.labels import AnnotationFilter
 from ricord_archive.label_service import LabelService
 from ricord_archive.labels.mdai import annotation_entry, label_entry
-from ricord_archive.web import access
-from ricord_archive.web import app as web_app
+from ricord_archive.web import access, context
 from ricord_archive.web.audit import actor
 from ricord_archive.web.clinical import read_body
 
@@ -25,7 +24,7 @@ _FILTERS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
 
 
 def _service(request: web.Request) -> LabelService:
-    service = request.app[web_app.SERVICES].labels
+    service = request.app[context.SERVICES].labels
     assert service is not None  # the routes exist only with the service
     return service
 
@@ -50,7 +49,7 @@ async def import_export(request: web.Request) -> web.Response:
     data = await read_body(request, MAX_EXPORT_BYTES)
     summary = await _service(request).import_export(actor(request), "HTTP", data,
                                                     keep == "true")
-    return web_app.json_response(summary.as_dict(), 200)
+    return context.json_response(summary.as_dict(), 200)
 
 
 @access.allow(*_READERS)
@@ -59,7 +58,7 @@ async def listing(request: web.Request) -> web.Response:
     service = _service(request)
     found = await service.annotations(**asdict(_filter(request)))
     labels = {label.id: label for label in await service.labels()}
-    return web_app.json_response([
+    return context.json_response([
         {**annotation_entry(a), "label": labels[a.label_id].name,
          "group": labels[a.label_id].group_id, "reader": a.reader} for a in found
     ], 200)
@@ -82,7 +81,7 @@ async def labels(request: web.Request) -> web.Response:
     """GET /api/labels: every label group with its labels and their codes."""
     service = _service(request)
     stored = await service.labels()
-    return web_app.json_response([
+    return context.json_response([
         {"id": g.id, "name": g.name,
          "labels": [label_entry(lb) for lb in stored if lb.group_id == g.id]}
         for g in await service.groups()
@@ -97,7 +96,7 @@ async def consensus(request: web.Request) -> web.Response:
     if unknown:
         raise BadRequest("the only parameter is label_group")
     items = await _service(request).consensus(request.query.get("label_group"))
-    return web_app.json_response(items, 200)
+    return context.json_response(items, 200)
 
 
 def add_routes(app: web.Application) -> None:

@@ -15,8 +15,7 @@ from ricord_archive.errors import NotAcceptable
 from ricord_archive.matching import Level
 from ricord_archive.qido_query import parse_qido
 from ricord_archive.query import SearchResult
-from ricord_archive.web import app as web_app
-from ricord_archive.web import audit, auth
+from ricord_archive.web import audit, auth, context
 from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
 
 _WARN_AGENT = re.compile(r"[A-Za-z0-9.:\[\]-]{1,300}")
@@ -75,7 +74,7 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The handler of one QIDO-RS resource at `level`."""
 
     async def handler(request: web.Request) -> web.Response:
-        services = request.app[web_app.SERVICES]
+        services = request.app[context.SERVICES]
         accept = request.headers.get("Accept")
         want_json = accepts(accept, DICOM_JSON, "application/json")
         if not want_json and not accepts_multipart(accept, DICOM_XML):
@@ -92,7 +91,7 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
             return await services.query.search(query, site_id=auth.site_id(request))
 
         result = await audit.searching(request, level, searched())
-        base = web_app.base_url(request)
+        base = context.base_url(request)
         for document in result.documents:
             url = _retrieve_url(base, level, document)
             if url:

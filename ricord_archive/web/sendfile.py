@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from ricord_archive.web import app as web_app
+from ricord_archive.web import context
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ async def sendfile(request: web.Request, handle: BinaryIO, base: int, size: int)
     if request.method == "HEAD":
         return
     loop = asyncio.get_running_loop()
-    timeout = request.app[web_app.SERVICES].send_timeout
+    timeout = request.app[context.SERVICES].send_timeout
     for offset in range(0, size, _SENDFILE_CHUNK):
         transport = request.transport
         if transport is None:

@@ -17,8 +17,7 @@ from ricord_archive.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
-from ricord_archive.web import app as web_app
-from ricord_archive.web import audit, auth, multipart
+from ricord_archive.web import audit, auth, context, multipart
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ async def _ingest_part(
 ) -> tuple[dict, bool]:
     """One part through the ingest: (its ReferencedSOPSequence item, True) when stored, else
     (its FailedSOPSequence item, False). StorageUnavailable escapes: it fails the request."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     try:
         result = await audit.storing(
             request, site, services.ingest.store(data, site, target_study)
@@ -98,7 +97,7 @@ _NOT_DICOM = ({
 
 
 async def store(request: web.Request) -> web.Response:
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     content_type = parse_media_type(request.headers.get("Content-Type", ""))
     # Without `type`, each part's own Content-Type says what it is (application/dicom if none).
     if content_type.type != "multipart/related" or content_type.params.get(
@@ -111,7 +110,7 @@ async def store(request: web.Request) -> web.Response:
         reader = multipart.reader(request)
     except (ValueError, AssertionError) as exc:
         raise BadRequest("malformed multipart body: no usable boundary parameter") from exc
-    base = web_app.base_url(request)
+    base = context.base_url(request)
     target_study = request.match_info.get("study")
     budget = services.max_stow_bytes
     site = auth.upload_site(request, services.default_site)

@@ -17,8 +17,7 @@ from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.index.reads import StoredInstance
 from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
-from ricord_archive.web import app as web_app
-from ricord_archive.web import auth, zip_stream
+from ricord_archive.web import auth, context, zip_stream
 from ricord_archive.web.media import (
     DICOM,
     DICOM_JSON,
@@ -101,7 +100,7 @@ def _wants_zip(accept: str | None) -> bool:
 async def _retrieve_zip(request: web.Request) -> web.StreamResponse:
     """A study or series as one ZIP of its stored objects (as dcm4chee offers), in the
     layout of a cohort's ZIP."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     uids = _uids(request)
     if len(uids) == 3 or services.cohorts is None:
         raise NotAcceptable("a ZIP is offered for a study or a series")
@@ -114,7 +113,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     """multipart/related; type="application/dicom", one part per instance: stored bytes
     sent from disk with sendfile (from an object store in ranged reads), or the object
     re-encoded when another transfer syntax is asked for; or a ZIP (Accept: application/zip)."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     if _wants_zip(request.headers.get("Accept")):
         return await _retrieve_zip(request)
     syntaxes = _dicom_syntaxes(request.headers.get("Accept"))
@@ -174,7 +173,7 @@ def _multipart_body(parts: Iterable[tuple[str, str, bytes]]) -> tuple[bytes, str
 async def frames(request: web.Request) -> web.Response:
     """Frames as stored (compressed stays compressed) when the client accepts that, else
     decoded to uncompressed pixel values (application/octet-stream)."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     uids = _instance_uids(request)
     numbers = parse_frame_list(request.match_info["frames"])
     ranges = [m for m in parse_accept(request.headers.get("Accept"))
@@ -214,7 +213,7 @@ def _render_type(request: web.Request) -> str:
 
 
 async def rendered(request: web.Request) -> web.Response:
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     options = parse_options(dict(request.query), _render_type(request))
     numbers = parse_frame_list(request.match_info.get("frames", "1"))
     if len(numbers) != 1:
@@ -226,7 +225,7 @@ async def rendered(request: web.Request) -> web.Response:
 
 
 async def thumbnail(request: web.Request) -> web.Response:
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     params = {"viewport": "128,128", **dict(request.query)}
     options = parse_options(params, _render_type(request))
     body = await services.retrieve.thumbnail(_uids(request), options, site_id=auth.site_id(request))
@@ -235,7 +234,7 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 async def metadata(request: web.Request) -> web.Response:
     """Stored DICOM JSON with an ETag (304 on If-None-Match), gzip when accepted."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     if not accepts(request.headers.get("Accept"), DICOM_JSON, "application/json"):
         raise NotAcceptable("metadata is served as application/dicom+json")
     body = await services.retrieve.metadata(*_uids(request), site_id=auth.site_id(request))
@@ -254,7 +253,7 @@ _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 async def bulk_data(request: web.Request) -> web.Response:
     """One element's value as multipart/related; type="application/octet-stream"; a single
     `Range: bytes=a-b` is honoured (206)."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     tag_text = request.match_info["tag"]
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
         raise BadRequest("bulk data is addressed by an 8-digit hexadecimal tag")
@@ -287,7 +286,7 @@ async def bulk_data(request: web.Request) -> web.Response:
 
 async def wado_uri(request: web.Request) -> web.StreamResponse:
     """WADO-URI (PS3.18 chapter 9): one object as application/dicom or rendered."""
-    services = request.app[web_app.SERVICES]
+    services = request.app[context.SERVICES]
     query = request.query
     if query.get("requestType") != "WADO":
         raise BadRequest("requestType must be WADO")
