@@ -6,13 +6,23 @@ protocol adapter maps them in one place. Messages never contain PHI: they may re
 
 from __future__ import annotations
 
+from ricord_archive.dimse_status import (
+    DUPLICATE_SOP_INSTANCE,
+    IDENTIFIER_MISMATCH,
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    UNABLE_TO_PROCESS,
+)
+
 
 class ArchiveError(Exception):
     """Base of every failure the archive reports to a client."""
 
-    dimse_status: int = 0xC000  # Error: cannot understand
+    dimse_status: int = UNABLE_TO_PROCESS
     http_status: int = 500
-    failure_reason: int = 0x0110  # Processing failure
+    failure_reason: int = PROCESSING_FAILURE
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,9 +35,9 @@ class ArchiveError(Exception):
 class InvalidObject(ArchiveError):
     """The bytes are not a DICOM object the archive can process."""
 
-    dimse_status = 0xC000
+    dimse_status = UNABLE_TO_PROCESS
     http_status = 400
-    failure_reason = 0xC000
+    failure_reason = UNABLE_TO_PROCESS
 
 
 class RefusedObject(ArchiveError):
@@ -36,9 +46,9 @@ class RefusedObject(ArchiveError):
     `reason` is a short fixed label (no PHI), counted per site in the index.
     """
 
-    dimse_status = 0xC000
+    dimse_status = UNABLE_TO_PROCESS
     http_status = 409
-    failure_reason = 0xC000
+    failure_reason = UNABLE_TO_PROCESS
 
     def __init__(self, message: str, reason: str = "refused") -> None:
         super().__init__(message)
@@ -48,60 +58,60 @@ class RefusedObject(ArchiveError):
 class SopClassRefused(RefusedObject):
     """An object of a SOP class the site does not accept, or that is never accepted."""
 
-    dimse_status = 0x0122  # Refused: SOP class not supported
-    failure_reason = 0x0122
+    dimse_status = SOP_CLASS_NOT_SUPPORTED
+    failure_reason = SOP_CLASS_NOT_SUPPORTED
 
 
 class NotAuthorized(RefusedObject):
     """An object the policy forbids whatever its class (burned-in annotation)."""
 
-    dimse_status = 0x0124  # Refused: not authorized
-    failure_reason = 0x0124
+    dimse_status = NOT_AUTHORIZED
+    failure_reason = NOT_AUTHORIZED
 
 
 class DuplicateRefused(ArchiveError):
     """The SOP Instance UID is stored with other content and the policy is to refuse."""
 
-    dimse_status = 0x0111  # Refused: duplicate SOP instance
+    dimse_status = DUPLICATE_SOP_INSTANCE
     http_status = 409
-    failure_reason = 0x0111
+    failure_reason = DUPLICATE_SOP_INSTANCE
 
 
 class StudyMismatch(ArchiveError):
     """A STOW-RS object whose study does not match the study in the request URL."""
 
-    dimse_status = 0xA900
+    dimse_status = IDENTIFIER_MISMATCH
     http_status = 409
-    failure_reason = 0xA900
+    failure_reason = IDENTIFIER_MISMATCH
 
 
 class ObjectTooLarge(ArchiveError):
     """An object or STOW-RS request over the configured size limit."""
 
-    dimse_status = 0xA700
+    dimse_status = OUT_OF_RESOURCES
     http_status = 413
-    failure_reason = 0xA700
+    failure_reason = OUT_OF_RESOURCES
 
 
 class StorageUnavailable(ArchiveError):
     """The index or blob store failed: the object was not stored and may be sent again."""
 
-    dimse_status = 0xA700  # Refused: out of resources
+    dimse_status = OUT_OF_RESOURCES
     http_status = 503
-    failure_reason = 0xA700
+    failure_reason = OUT_OF_RESOURCES
 
 
 class BadRequest(ArchiveError):
     """A malformed request: query value, identifier, UID, frame list, multipart body."""
 
-    dimse_status = 0xA900  # Identifier does not match SOP class
+    dimse_status = IDENTIFIER_MISMATCH
     http_status = 400
 
 
 class NotFound(ArchiveError):
     """No such study, series, instance, frame or bulk data element (in the caller's sites)."""
 
-    dimse_status = 0xC000
+    dimse_status = UNABLE_TO_PROCESS
     http_status = 404
 
 

@@ -43,6 +43,7 @@ from ricord_archive.dicom_json import (
     subset,
     to_json,
 )
+from ricord_archive.dimse_status import ELEMENT_DISCARDED
 from ricord_archive.errors import (
     ArchiveError,
     DuplicateRefused,
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
-DUPLICATE_KEPT_WARNING = 0xB006
+DUPLICATE_KEPT_WARNING = ELEMENT_DISCARDED
 _DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
 
 

@@ -21,9 +21,10 @@ from pynetdicom.sop_class import (
 
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.dimse.server import TRANSFER_SYNTAXES
+from ricord_archive.dimse_status import PENDING, PENDING_WARNING, SUB_OPERATIONS_FAILED, SUCCESS
 
 _ADDRESS = re.compile(r"^([\x20-\x7e]{1,16})@(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
-_PENDING = (0xFF00, 0xFF01)
+_PENDING = (PENDING, PENDING_WARNING)
 _MAX_STORAGE_CONTEXTS = 127  # 128 presentation contexts, one of them for C-GET
 
 
@@ -89,7 +90,7 @@ class PacsClient:
                 if code in _PENDING:
                     if answer is not None:
                         found.append(answer)
-                elif code != 0x0000:
+                elif code != SUCCESS:
                     raise PacsError(f"the PACS failed the C-FIND (status 0x{code:04X})",
                                     transient=transient_status(code))
             return found
@@ -171,7 +172,7 @@ def _status(status: Dataset, request: str) -> int:
 
 def transient_status(code: int) -> bool:
     """Out of resources (0xA7xx), except 0xA702: the sub-operations themselves failed."""
-    return 0xA700 <= code <= 0xA7FF and code != 0xA702
+    return 0xA700 <= code <= 0xA7FF and code != SUB_OPERATIONS_FAILED
 
 
 def _transfer(responses: Iterable[tuple[Dataset, Dataset | None]], request: str) -> Transfer:

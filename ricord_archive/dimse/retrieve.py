@@ -27,7 +27,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import STATUS_SUCCESS as CATEGORY_SUCCESS
+from pynetdicom.status import STATUS_WARNING as CATEGORY_WARNING
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ricord_archive import audit
 from ricord_archive.config import Config, MoveDestination
@@ -36,6 +38,16 @@ from ricord_archive.dimse.association import Association
 from ricord_archive.dimse.commands import Message
 from ricord_archive.dimse.messages import decoded, encoded
 from ricord_archive.dimse.network import no_delay
+from ricord_archive.dimse_status import (
+    CANCEL,
+    MOVE_DESTINATION_UNKNOWN,
+    OUT_OF_RESOURCES_MATCHES,
+    PENDING,
+    SUB_OPERATIONS_FAILED,
+    SUB_OPERATIONS_WARNING,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.index.reads import StoredInstance
 from ricord_archive.matching import Level, Query, QueryKeys
@@ -58,12 +70,6 @@ RETRIEVE_MODELS = (
 _PATIENT_ROOT = (
     PatientRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelMove,
 )
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_UNABLE_TO_PROCESS = 0xC000
-STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
-STATUS_SUB_OPERATIONS_FAILED = 0xA702
-STATUS_SOME_FAILED = 0xB000
 _MATCH_LIMIT = 65_535  # sub-operation counts are US: no retrieve can send more
 _MAX_CONTEXTS = 128
 
@@ -86,7 +92,7 @@ SubOperation = Callable[[StoredInstance, Blob], Awaitable[int | None]]
 class TooManyMatches(ArchiveError):
     """A C-GET or C-MOVE that matches more instances than one retrieve can count."""
 
-    dimse_status = 0xA701  # Refused: out of resources, unable to calculate number of matches
+    dimse_status = OUT_OF_RESOURCES_MATCHES
 
 
 @dataclass
@@ -104,9 +110,9 @@ class SubOperations:
         self.remaining -= 1
         category = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Failure",))[0] if (
             status is not None) else "Failure"
-        if category == STATUS_SUCCESS:
+        if category == CATEGORY_SUCCESS:
             self.completed += 1
-        elif category == STATUS_WARNING:
+        elif category == CATEGORY_WARNING:
             self.warning += 1
         else:
             self.failed += 1
@@ -114,10 +120,10 @@ class SubOperations:
 
     def final_status(self) -> int:
         if not self.failed and not self.warning:
-            return 0x0000
+            return SUCCESS
         if not self.completed and not self.warning:
-            return STATUS_SUB_OPERATIONS_FAILED
-        return STATUS_SOME_FAILED
+            return SUB_OPERATIONS_FAILED
+        return SUB_OPERATIONS_WARNING
 
 
 class _Responder:
@@ -132,15 +138,14 @@ class _Responder:
     async def respond(self, status: int, progress: SubOperations | None = None) -> None:
         progress = progress or SubOperations(0)
         failed = None
-        if status != STATUS_PENDING and (progress.failed or progress.warning
-                                         or status == STATUS_CANCEL):
+        if status != PENDING and (progress.failed or progress.warning or status == CANCEL):
             failed = Dataset()
             failed.FailedSOPInstanceUIDList = progress.failed_uids
         await self.association.respond(
             self.request, self.context, status,
             None if failed is None else encoded(failed, self.context),
             NumberOfRemainingSuboperations=(
-                progress.remaining if status in (STATUS_PENDING, STATUS_CANCEL) else None
+                progress.remaining if status in (PENDING, CANCEL) else None
             ),
             NumberOfCompletedSuboperations=progress.completed,
             NumberOfFailedSuboperations=progress.failed,
@@ -183,19 +188,19 @@ class RetrieveHandlers:
         if destination is None:
             log.info("C-MOVE refused: move destination unknown")
             self.audit.record(dimse_audit.transfer(association, self.config, "C-MOVE", None))
-            await responder.respond(STATUS_MOVE_DESTINATION_UNKNOWN)
+            await responder.respond(MOVE_DESTINATION_UNKNOWN)
             return
         found = await self._matches(request, context, "C-MOVE")
         self.audit.record(dimse_audit.transfer(
             association, self.config, "C-MOVE", found, destination.aet
         ))
         if isinstance(found, int) or not found:
-            await responder.respond(found if isinstance(found, int) else 0x0000)
+            await responder.respond(found if isinstance(found, int) else SUCCESS)
             return
         sub = await asyncio.to_thread(self._associate, destination, found)
         if sub is None:
             log.info("C-MOVE: no association with the move destination")
-            await responder.respond(STATUS_MOVE_DESTINATION_UNKNOWN)
+            await responder.respond(MOVE_DESTINATION_UNKNOWN)
             return
 
         async def send(item: StoredInstance, blob: Blob) -> int | None:
@@ -213,10 +218,10 @@ class RetrieveHandlers:
         message_id = responder.request.command["MessageID"]
         for item, blob in found:
             if responder.association.is_cancelled(message_id):
-                await responder.respond(STATUS_CANCEL, progress)
+                await responder.respond(CANCEL, progress)
                 return
             progress.record(item.sop_uid, await send(item, blob))
-            await responder.respond(STATUS_PENDING, progress)
+            await responder.respond(PENDING, progress)
         await responder.respond(progress.final_status(), progress)
 
     async def _matches(self, request: Message, context: PresentationContext,
@@ -230,7 +235,7 @@ class RetrieveHandlers:
             return exc.dimse_status
         except Exception as exc:  # an undecodable identifier, the index unavailable
             log.error("%s failed: %s", name, type(exc).__name__)
-            return STATUS_UNABLE_TO_PROCESS
+            return UNABLE_TO_PROCESS
 
     async def _resolve(self, identifier: Dataset, sop_class_uid: str) -> Found:
         """The stored instances the identifier's unique keys name, by the query engine."""

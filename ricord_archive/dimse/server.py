@@ -48,6 +48,15 @@ from ricord_archive.dimse.retrieve import (
 )
 from ricord_archive.dimse.security import AllowedAddresses
 from ricord_archive.dimse.transport import PduStream, PeerGone
+from ricord_archive.dimse_status import (
+    CANCEL,
+    IDENTIFIER_MISMATCH,
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PENDING,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.imports import ImportSessions, SessionStudy
 from ricord_archive.ingest import IngestService
@@ -56,14 +65,6 @@ from ricord_archive.query import QueryService, SearchResult
 from ricord_archive.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
-
-STATUS_SUCCESS = 0x0000
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_UNABLE_TO_PROCESS = 0xC000
-STATUS_IDENTIFIER_MISMATCH = 0xA900
 
 # Stored as received: uncompressed, deflated and the common compressed transfer syntaxes.
 TRANSFER_SYNTAXES = [
@@ -223,7 +224,7 @@ class DimseServer:
 
     async def _on_echo(self, association: Association, request: Message,
                        context: PresentationContext) -> None:
-        await association.respond(request, context, STATUS_SUCCESS)
+        await association.respond(request, context, SUCCESS)
 
     async def _on_store(self, association: Association, request: Message,
                         context: PresentationContext) -> None:
@@ -246,7 +247,7 @@ class DimseServer:
             log.info("C-STORE refused: the calling AE title belongs to no site")
             metrics.count_ingest(_PROTOCOL, "", "refused_calling_ae_without_site")
             self.audit.record(dimse_audit.refused_without_site(association, self.config))
-            return STATUS_NOT_AUTHORIZED
+            return NOT_AUTHORIZED
         try:
             result = await audit.storing(
                 self.audit, dimse_audit.actor(association, self.config), "C-STORE", site.name,
@@ -260,9 +261,9 @@ class DimseServer:
         except Exception as exc:
             log.error("C-STORE failed: %s", type(exc).__name__)
             await self._count(study, "failed")
-            return STATUS_OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES
         await self._count(study, "duplicates" if result.duplicate else "stored")
-        return result.warning or STATUS_SUCCESS
+        return result.warning or SUCCESS
 
     async def _session_study(self, association: Association, data: bytes) -> SessionStudy | None:
         """The import session expecting this object's study from its calling AE title."""
@@ -307,7 +308,7 @@ class DimseServer:
                           == StudyRootQueryRetrieveInformationModelFind)
             if level is None or (study_root and level is Level.PATIENT):
                 log.info("C-FIND refused: unsupported query level for this information model")
-                await respond(STATUS_IDENTIFIER_MISMATCH)
+                await respond(IDENTIFIER_MISMATCH)
                 return
             result = await audit.querying(
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
@@ -317,9 +318,9 @@ class DimseServer:
             answers = (encode(document) for document in result.documents)
             for answer in answers:
                 if association.is_cancelled(request.command["MessageID"]):
-                    await respond(STATUS_CANCEL)
+                    await respond(CANCEL)
                     return
-                await respond(STATUS_PENDING, answer)
+                await respond(PENDING, answer)
                 await asyncio.sleep(0)  # read what arrived meanwhile: a C-CANCEL
         except PeerGone:
             raise
@@ -329,9 +330,9 @@ class DimseServer:
             return
         except Exception as exc:
             log.error("C-FIND failed: %s", type(exc).__name__)
-            await respond(STATUS_UNABLE_TO_PROCESS)
+            await respond(UNABLE_TO_PROCESS)
             return
-        await respond(STATUS_SUCCESS)
+        await respond(SUCCESS)
 
 
 def _study_uid(data: bytes) -> str:

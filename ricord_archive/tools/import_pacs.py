@@ -46,6 +46,7 @@ from ricord_archive.dimse.client import (
     transient_status,
 )
 from ricord_archive.dimse.server import DimseServer
+from ricord_archive.dimse_status import MOVE_DESTINATION_UNKNOWN, OUT_OF_RESOURCES, SUCCESS
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.index.imports import StudyCounts
 from ricord_archive.tools import ToolError
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 ACCESSION_COLUMN = "AccessionNumber"
 _DATE_RANGE = re.compile(r"^(?:[0-9]{8}|[0-9]{8}-(?:[0-9]{8})?|-[0-9]{8})\Z")
-_MOVE_DESTINATION_UNKNOWN = 0xA801
-_STATUS_OUT_OF_RESOURCES = 0xA700
 _HEADER = "query\toutcome\tstudies\tmoved\tstored\talready_stored\trefused\tfailed"
 
 
@@ -283,7 +282,7 @@ class PacsImport:
                 transfer, counts = await self._transfer(uid)
             except PacsError as exc:
                 error, counts = exc, await self._counts(uid)
-            if transfer is not None and transfer.status == _MOVE_DESTINATION_UNKNOWN:
+            if transfer is not None and transfer.status == MOVE_DESTINATION_UNKNOWN:
                 raise ToolError(
                     f"the PACS does not know the move destination {self.destination}: add it "
                     "(with this host and --listen-port) to the PACS's configuration, or use "
@@ -341,12 +340,12 @@ class PacsImport:
         except Exception as exc:
             log.error("C-GET object not stored: %s", type(exc).__name__)
             counts.failed += 1
-            return _STATUS_OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES
         if result.duplicate:
             counts.duplicates += 1
         else:
             counts.stored += 1
-        return result.warning or 0x0000
+        return result.warning or SUCCESS
 
 
 async def import_from_pacs(

@@ -10,6 +10,7 @@ from typing import TypeVar
 import orjson
 from aiohttp import BodyPartReader, web
 
+from ricord_archive.dimse_status import UNABLE_TO_PROCESS
 from ricord_archive.errors import (
     ArchiveError,
     BadRequest,
@@ -92,7 +93,7 @@ async def _ingest_part(
 _NOT_DICOM = ({
     "00081150": _uid(None),
     "00081155": _uid(None),
-    "00081197": {"vr": "US", "Value": [0xC000]},
+    "00081197": {"vr": "US", "Value": [UNABLE_TO_PROCESS]},
 }, False)
 
 
