@@ -22,10 +22,10 @@ from enum import Enum, IntEnum
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from ricord_archive.errors import BadRequest
+from ricord_archive.uids import is_uid
 
 _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
 _MAX_VALUE = 1024
 # VRs on which `*` and `?` are wildcards (PS3.4 C.2.2.2.4); elsewhere they match literally.
@@ -288,7 +288,7 @@ def _name(value: str, key: str) -> Condition:
 
 def _uids(value: str, key: str) -> Condition:
     uids = _split_list(value)
-    if not uids or any(len(u) > 64 or not _UID.fullmatch(u) for u in uids):
+    if not uids or not all(map(is_uid, uids)):
         raise BadRequest(f"{key}: expected one or more UIDs (digits and dots, at most 64)")
     return UidList(tuple(uids))
 

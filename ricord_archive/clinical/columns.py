@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ricord_archive.deid.rules import cap_age
+from ricord_archive.uids import is_uid
 
 _SETTINGS = {"number": {"type", "unit"}, "category": {"type", "values"}, "boolean": {"type"},
              "date": {"type"}}  # what a column map may say of each kind
@@ -34,7 +34,6 @@ AGE, SEX, TEST_METHOD, TEST_RESULT, TEST_DATE = (
 BUILT_IN = {AGE: "age", SEX: "sex", TEST_METHOD: "test_method", TEST_RESULT: "test_result",
             TEST_DATE: "test_date"}
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MAX_AGE = 150
 _TRUE = frozenset({"TRUE", "YES", "Y", "1"})
 _FALSE = frozenset({"FALSE", "NO", "N", "0"})
@@ -129,7 +128,7 @@ def identifier(cell: Any) -> str:
 
 def study_uid(cell: Any) -> str:
     value = text(cell)
-    if len(value) > 64 or not _UID.match(value):
+    if not is_uid(value):
         raise CellError("not a UID")
     return value
 

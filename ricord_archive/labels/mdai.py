@@ -29,9 +29,9 @@ from ricord_archive.labels.model import (
     LabelType,
     Scope,
 )
+from ricord_archive.uids import is_uid
 
 READER_CODE = re.compile(r"R-[0-9A-F]{8}")
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 _MAX_ID = 64
 _SCOPES = {"EXAM": Scope.STUDY, "STUDY": Scope.STUDY, "SERIES": Scope.SERIES,
@@ -97,7 +97,7 @@ def _text(value: Any, limit: int = _MAX_ID) -> str | None:
 
 def _uid(value: Any) -> str | None:
     text = _text(value)
-    return text if text is not None and _UID.fullmatch(text) else None
+    return text if text is not None and is_uid(text) else None
 
 
 def _time(value: Any) -> dt.datetime | None:

@@ -17,6 +17,7 @@ from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.index.reads import StoredInstance
 from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
+from ricord_archive.uids import is_uid
 from ricord_archive.web import auth, context, zip_stream
 from ricord_archive.web.media import (
     DICOM,
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 OCTET_STREAM = "application/octet-stream"
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 STORED = "*"
 
 
@@ -39,7 +39,7 @@ def _uids(request: web.Request) -> tuple[str, ...]:
     info = request.match_info
     uids = tuple(info[k] for k in ("study", "series", "instance") if k in info)
     for uid in uids:
-        if len(uid) > 64 or not _UID.fullmatch(uid):
+        if not is_uid(uid):
             raise BadRequest("a UID is digits and dots, at most 64 characters")
     return uids
 
@@ -295,7 +295,7 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
     except KeyError as exc:
         raise BadRequest("studyUID, seriesUID and objectUID are required") from exc
     for uid in uids:
-        if len(uid) > 64 or not _UID.fullmatch(uid):
+        if not is_uid(uid):
             raise BadRequest("a UID is digits and dots, at most 64 characters")
     content_type = query.get("contentType", "image/jpeg").split(",")[0].strip()
     site_id = auth.site_id(request)
