@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import dicom_io, metrics
+from ricord_archive import dicom_io, dimse_status, metrics
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
@@ -43,7 +43,6 @@ from ricord_archive.dicom_json import (
     subset,
     to_json,
 )
-from ricord_archive.dimse_status import ELEMENT_DISCARDED
 from ricord_archive.errors import (
     ArchiveError,
     DuplicateRefused,
@@ -67,7 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
-DUPLICATE_KEPT_WARNING = ELEMENT_DISCARDED
+DUPLICATE_KEPT_WARNING = dimse_status.ELEMENT_DISCARDED
 _DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
 
 

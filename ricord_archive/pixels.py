@@ -4,6 +4,7 @@ buffers; the retrieve service opens the files."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from io import BytesIO
 from typing import BinaryIO
 
@@ -17,6 +18,20 @@ from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
 
 # What an object can be re-encoded into on request (besides its stored transfer syntax).
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+STORED = "*"  # a transfer syntax a client accepts: the stored one, whatever it is
+
+
+def choose_transfer_syntax(stored: str, acceptable: Collection[str]) -> str | None:
+    """The transfer syntax to send an object stored in `stored` in (WADO-RS, C-GET, C-MOVE):
+    the stored one when acceptable (or `STORED` is), its bytes sent as they are; else the first
+    acceptable one it can be re-encoded into, in the order of `acceptable` when it has one (a
+    client's Accept), else in the archive's (the contexts a DIMSE peer accepted); None when
+    there is none."""
+    if STORED in acceptable or stored in acceptable:
+        return stored
+    ordered = acceptable if isinstance(acceptable, Sequence) else UNCOMPRESSED
+    return next((s for s in ordered if s in UNCOMPRESSED and s in acceptable), None)
+
 
 # Media types of compressed frames (PS3.18 Table 8.7.3-2), by transfer syntax.
 FRAME_MEDIA_TYPES = {

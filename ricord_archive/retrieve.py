@@ -88,11 +88,11 @@ class RetrieveService:
         read as stored when its stored syntax is accepted (its encoded elements are sent as
         they are), else re-encoded in an accepted uncompressed syntax; NotAcceptable when
         neither is possible."""
-        if item.transfer_syntax_uid in accepted:
-            return await asyncio.to_thread(_read, blob)
-        target = next((s for s in pixels.UNCOMPRESSED if s in accepted), None)
+        target = pixels.choose_transfer_syntax(item.transfer_syntax_uid, accepted)
         if target is None:
             raise NotAcceptable("no accepted transfer syntax can be produced from this object")
+        if target == item.transfer_syntax_uid:
+            return await asyncio.to_thread(_read, blob)
         data = await self.transcoded(blob, target)
         return await asyncio.to_thread(pydicom.dcmread, BytesIO(data))
 

@@ -32,6 +32,7 @@ from pynetdicom import status as dimse_status
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import SOPClass
 
+from ricord_archive import dimse_status as codes
 from ricord_archive import errors, ingest, matching
 from ricord_archive.config import Limits
 from ricord_archive.deid import policy
@@ -134,6 +135,10 @@ def _status_meaning(code: int, tables: tuple[dict, ...]) -> tuple[str, str]:
     return "—", "—"
 
 
+_CODES = {name: value for name, value in vars(codes).items()
+          if name.isupper() and isinstance(value, int)}
+
+
 def dimse_statuses() -> str:
     store = dimse_status.STORAGE_SERVICE_CLASS_STATUS
     find = dimse_status.QR_FIND_SERVICE_CLASS_STATUS
@@ -146,7 +151,9 @@ def dimse_statuses() -> str:
     ):
         short = module.__name__.removeprefix("ricord_archive.")
         for name, value in vars(module).items():
-            if re.fullmatch(r"STATUS_[A-Z_]+|[A-Z_]+_WARNING", name) and isinstance(value, int):
+            if _CODES.get(name) == value:  # one of the codes, imported where it is answered
+                sources.append((services, value, f"`dimse_status.{name}`", tables))
+            elif re.fullmatch(r"[A-Z_]+_WARNING", name) and isinstance(value, int):
                 sources.append((services, value, f"`{short}.{name}`", tables))
     for error in _archive_errors():
         sources.append(("any", error.dimse_status, f"`{error.__name__}`", (store, find)))

@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from ricord_archive.dicom_json import instance_path
 from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.index.reads import StoredInstance
-from ricord_archive.pixels import UNCOMPRESSED, parse_frame_list
+from ricord_archive.pixels import STORED, choose_transfer_syntax, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
 from ricord_archive.uids import is_uid
 from ricord_archive.web import auth, context, zip_stream
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 OCTET_STREAM = "application/octet-stream"
-STORED = "*"
 
 
 def _uids(request: web.Request) -> tuple[str, ...]:
@@ -73,14 +72,11 @@ def _dicom_syntaxes(accept: str | None) -> list[str]:
 
 
 def _choose(item: StoredInstance, syntaxes: list[str]) -> str:
-    if STORED in syntaxes or item.transfer_syntax_uid in syntaxes:
-        return item.transfer_syntax_uid
-    for syntax in syntaxes:
-        if syntax in UNCOMPRESSED:
-            return syntax
-    raise NotAcceptable(
-        f"cannot produce any of the requested transfer syntaxes from {item.transfer_syntax_uid}"
-    )
+    chosen = choose_transfer_syntax(item.transfer_syntax_uid, syntaxes)
+    if chosen is None:
+        raise NotAcceptable(f"cannot produce any of the requested transfer syntaxes from "
+                            f"{item.transfer_syntax_uid}")
+    return chosen
 
 
 async def _part(response: web.StreamResponse, boundary: str, headers: str, body: bytes) -> None:
