@@ -208,14 +208,13 @@ _TRANSACTIONS = {"stow": "STOW-RS", "qido": "QIDO-RS", "wado": "WADO-RS"}
 def dicomweb_resources() -> str:
     """The DICOMweb routes of the aiohttp application."""
     app = web.Application()
-    web_app.add_dicomweb_routes(app.router)
+    services = web_app.add_dicomweb_routes(app.router)
     rows = []
     for route in app.router.routes():
         path = route.resource.canonical if route.resource else ""
-        if route.method == "HEAD" or not path.startswith((web_app.ROOT, "/wado")):
+        if route.method == "HEAD" or route not in services:
             continue
-        module = route.handler.__module__.rsplit(".", 1)[-1]
-        transaction = "WADO-URI" if path == "/wado" else _TRANSACTIONS[module]
+        transaction = "WADO-URI" if path == "/wado" else _TRANSACTIONS[services[route]]
         rows.append((transaction, route.method, f"`{path}`"))
     return _table(("Transaction", "Method", "Resource"), rows)
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from ricord_archive.errors import ArchiveError
 from ricord_archive.matching import Level
@@ -22,7 +22,7 @@ from ricord_archive.web import (
     stow,
     wado,
 )
-from ricord_archive.web.context import RETRIEVALS, ROOT, SERVICES, Services, json_response
+from ricord_archive.web.context import DICOMWEB_ROUTES, ROOT, SERVICES, Services, json_response
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,19 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
 
-def add_dicomweb_routes(router: web.UrlDispatcher) -> frozenset[web.AbstractRoute]:
+def add_dicomweb_routes(router: web.UrlDispatcher) -> dict[web.AbstractRoute, str]:
     """STOW-RS, QIDO-RS, WADO-RS and WADO-URI (also read by the conformance statement).
-    Returns the WADO routes (GET and the HEAD beside it): the audit trail records them."""
-    router.add_post(f"{ROOT}/studies", stow.store)
-    router.add_post(f"{ROOT}/studies/{{study}}", stow.store)
+    Returns each route (the HEAD beside a GET too) with its service: "stow", "qido", "wado"."""
     study, series = f"{ROOT}/studies/{{study}}", f"{ROOT}/studies/{{study}}/series/{{series}}"
+    instance = f"{series}/instances/{{instance}}"
+    marked: dict[web.AbstractRoute, str] = {}
+
+    def add(method: str, path: str, handler: Handler, service: str) -> None:
+        added = (router.add_get if method == "GET" else router.add_post)(path, handler)
+        marked.update({r: service for r in added.resource or () if r.handler is handler})
+
+    add("POST", f"{ROOT}/studies", stow.store, "stow")
+    add("POST", study, stow.store, "stow")
     for path, level in (
         (f"{ROOT}/studies", Level.STUDY),
         (f"{ROOT}/series", Level.SERIES),
@@ -112,24 +119,17 @@ def add_dicomweb_routes(router: web.UrlDispatcher) -> frozenset[web.AbstractRout
         (f"{study}/instances", Level.INSTANCE),
         (f"{series}/instances", Level.INSTANCE),
     ):
-        router.add_get(path, qido.search(level))
-    instance = f"{series}/instances/{{instance}}"
-    retrievals = []
+        add("GET", path, qido.search(level), "qido")
     for resource in (study, series, instance):
-        retrievals += [(resource, wado.retrieve), (f"{resource}/metadata", wado.metadata),
-                       (f"{resource}/thumbnail", wado.thumbnail)]
-    retrievals += [
-        (f"{instance}/bulkdata/{{tag}}", wado.bulk_data),
-        (f"{instance}/rendered", wado.rendered),
-        (f"{instance}/frames/{{frames}}", wado.frames),
-        (f"{instance}/frames/{{frames}}/rendered", wado.rendered),
-        ("/wado", wado.wado_uri),
-    ]
-    routes = []
-    for path, handler in retrievals:
-        added = router.add_get(path, handler)
-        routes += [r for r in added.resource or () if r.handler is handler]
-    return frozenset(routes)
+        add("GET", resource, wado.retrieve, "wado")
+        add("GET", f"{resource}/metadata", wado.metadata, "wado")
+        add("GET", f"{resource}/thumbnail", wado.thumbnail, "wado")
+    add("GET", f"{instance}/bulkdata/{{tag}}", wado.bulk_data, "wado")
+    add("GET", f"{instance}/rendered", wado.rendered, "wado")
+    add("GET", f"{instance}/frames/{{frames}}", wado.frames, "wado")
+    add("GET", f"{instance}/frames/{{frames}}/rendered", wado.rendered, "wado")
+    add("GET", "/wado", wado.wado_uri, "wado")
+    return marked
 
 
 def create_app(services: Services) -> web.Application:
@@ -155,7 +155,7 @@ def create_app(services: Services) -> web.Application:
         app.router.add_get("/ready", ops.ready_page(services.ready_checks))
     if services.metrics:
         app.router.add_get("/metrics", ops.metrics_page)
-    app[RETRIEVALS] = add_dicomweb_routes(app.router)
+    app[DICOMWEB_ROUTES] = add_dicomweb_routes(app.router)
     if services.cohorts is not None:
         cohorts.add_routes(app)
     if services.clinical is not None:

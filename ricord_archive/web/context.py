@@ -1,5 +1,5 @@
 """What the HTTP handlers share: the services of the application, the DICOMweb root and the
-base URL a client reached it by, the routes the audit trail records as retrievals. Handlers
+base URL a client reached it by, the DICOMweb routes marked with their service. Handlers
 import this, never the application (`app`) that routes to them."""
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
-# the WADO-RS and WADO-URI routes (GET and HEAD): each request to one is audited as a retrieval
-RETRIEVALS = web.AppKey("retrieval_routes", frozenset[web.AbstractRoute])
+# each DICOMweb route (GET and the HEAD beside it too) marked with its service: "stow", "qido"
+# or "wado" (WADO-RS and WADO-URI: audited as retrievals); the metrics label requests with it
+DICOMWEB_ROUTES = web.AppKey("dicomweb_routes", dict[web.AbstractRoute, str])
 
 
 def base_url(request: web.Request) -> str:
@@ -57,6 +58,11 @@ def json_response(body: object, status: int) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+def dicomweb_service(request: web.Request) -> str | None:
+    """The DICOMweb service of the route the request matched; None outside DICOMweb."""
+    return request.app.get(DICOMWEB_ROUTES, {}).get(request.match_info.route)
+
+
 def is_retrieval(request: web.Request) -> bool:
     """Whether the request matched a WADO route."""
-    return request.match_info.route in request.app.get(RETRIEVALS, frozenset())
+    return dicomweb_service(request) == "wado"

@@ -12,11 +12,11 @@ from aiohttp import web
 
 from ricord_archive import logs, metrics
 from ricord_archive.readiness import OK
+from ricord_archive.web import context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
-_SERVICES = frozenset({"qido", "wado", "stow"})  # the handlers' modules, as labels
 _DICOMWEB = ("/dicom-web", "/wado")
 
 
@@ -29,8 +29,7 @@ def _labels(request: web.Request) -> tuple[str, str] | None:
     resource = request.match_info.route.resource
     if resource is None:
         return "unmatched", "unmatched"
-    module = getattr(request.match_info.handler, "__module__", "").rpartition(".")[2]
-    return module if module in _SERVICES else "other", resource.canonical
+    return context.dicomweb_service(request) or "other", resource.canonical
 
 
 @web.middleware
