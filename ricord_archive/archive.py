@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-import asyncpg
 from aiohttp import web
 
 from ricord_archive import metrics
@@ -26,7 +25,7 @@ from ricord_archive.dimse.server import REJECTION_REASONS, DimseServer
 from ricord_archive.fsck import collect_orphans, report_at_start
 from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
-from ricord_archive.index.database import create_pool, ensure_database
+from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import reads as replica_reads
@@ -60,7 +59,7 @@ def prepare_data_dir(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[asyncpg.Pool]:
+async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[Pool]:
     """A migrated connection pool: to the configured server, or to the embedded cluster,
     started (or adopted) for the duration and stopped afterwards when `stop_embedded`."""
     embedded = None
@@ -83,7 +82,7 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[asyncpg.Pool]:
+async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[Pool]:
     """The index for a one-off command (migrate, the offline tools). An embedded PostgreSQL that
     a running archive uses is adopted and left running; otherwise it is started for the command
     and stopped afterwards. With `create=False` a data directory without a cluster is an error,

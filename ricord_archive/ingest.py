@@ -21,7 +21,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-import asyncpg
 import orjson
 from pydicom.dataset import Dataset
 
@@ -52,7 +51,7 @@ from ricord_archive.errors import (
     StorageUnavailable,
     StudyMismatch,
 )
-from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.index.database import DATABASE_ERRORS, Pool
 from ricord_archive.index.reads import study_owner
 from ricord_archive.index.store import (
     NewInstance,
@@ -67,7 +66,6 @@ T = TypeVar("T")
 
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
 DUPLICATE_KEPT_WARNING = 0xB006
-_DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,7 @@ class IngestService:
     core and never holds the event loop's GIL), else threads."""
 
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
+        self, pool: Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
         config: Config, executor: Executor | None = None,
     ) -> None:
         self.pool = pool
@@ -314,7 +312,7 @@ class IngestService:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
         try:
             await count_refusal(self.pool, site, refusal.reason)
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("could not count a refusal: %s", type(exc).__name__)
 
     async def _store_admitted(
@@ -332,7 +330,7 @@ class IngestService:
             patient = await self.patients.resolve(
                 site, site_config, admitted.patient_id, admitted.issuer
             )
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
@@ -365,7 +363,7 @@ class IngestService:
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc
-            if isinstance(exc, _DATABASE_ERRORS):
+            if isinstance(exc, DATABASE_ERRORS):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         rec = new.record
@@ -412,7 +410,7 @@ class IngestService:
                                        "overwrite", written)
         except BaseException as exc:
             await self._discard(written, key)
-            if isinstance(exc, (OSError, *_DATABASE_ERRORS)):
+            if isinstance(exc, (OSError, *DATABASE_ERRORS)):
                 raise StorageUnavailable("the archive's storage is unavailable; try again "
                                          "later") from exc
             raise

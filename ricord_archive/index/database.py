@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -23,6 +23,14 @@ DATABASE_UNAVAILABLE = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
     OSError, asyncio.TimeoutError,
 )
+# Any failure of the index (a refused statement as well as a lost server): what services
+# outside `index/` catch, so that no module but this package names asyncpg.
+DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
+
+# The index's handles, as the services and tools see them (only `index/` uses their methods'
+# SQL; the others pass them through to `index/` functions).
+Pool: TypeAlias = asyncpg.Pool
+Connection: TypeAlias = asyncpg.Connection
 
 
 @contextlib.asynccontextmanager

@@ -11,8 +11,6 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import asyncpg
-
 from ricord_archive.archive import ingest_executor, open_index
 from ricord_archive.audit import NO_AUDIT, Actor, AuditTrail
 from ricord_archive.blobstore import open_blob_store
@@ -20,6 +18,7 @@ from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
+from ricord_archive.index.database import Pool
 from ricord_archive.index.store import Site, SiteConflict, ensure_site
 from ricord_archive.ingest import IngestService
 from ricord_archive.query import QueryService
@@ -31,7 +30,7 @@ from ricord_archive.tools import ToolError
 
 @dataclass(frozen=True)
 class ArchiveServices:
-    pool: asyncpg.Pool
+    pool: Pool
     keys: Keyring
     sites: dict[str, Site]
     ingest: IngestService
