@@ -21,7 +21,7 @@ from ricord_archive.index import clinical as clinical_index
 from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import Pool, reporting_outages
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.instances import StoredInstance
 from ricord_archive.label_service import split_label_filters
 from ricord_archive.matching import Level, Query, Term, UidList
 from ricord_archive.qido_query import parse_qido

@@ -17,8 +17,9 @@ from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.dicom_io import pixel_data_location
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
 from ricord_archive.index.database import Pool, reporting_outages
-from ricord_archive.index.reads import StoredInstance, instance_metadata, stored_instances
+from ricord_archive.index.reads import instance_metadata, stored_instances
 from ricord_archive.index.replica import Reads
+from ricord_archive.instances import StoredInstance
 from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
