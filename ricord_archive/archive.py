@@ -69,7 +69,7 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
         url = await asyncio.to_thread(embedded.start)
         await ensure_database(url)
     try:
-        pool = await create_pool(url)
+        pool = await create_pool(url, max_size=config.db_pool_size)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
