@@ -30,7 +30,7 @@ from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresErro
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
-from ricord_archive.ingest import IngestService
+from ricord_archive.ingest import IngestService, IngestSettings
 from ricord_archive.label_service import LabelService
 from ricord_archive.processes import (
     Workers,
@@ -155,7 +155,7 @@ async def serve(
         if audit_writer is not None:
             audit_writer.start()
         executor = ingest_executor(config)
-        ingest = IngestService(pool, blobs, keys, sites, config, executor)
+        ingest = IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor)
         query = QueryService(pool, config.limits.qido_max_limit, reads)
         site_ids = {name: site.id for name, site in sites.items()}
         oidc = config.auth.oidc

@@ -124,7 +124,7 @@ class ClinicalService:
             rows = []
             for row in parsed.rows:
                 patient = await self.ingest.patients.resolve(  # exactly as for an image
-                    site, self.ingest.config.site_named(site.name), row.patient_id,
+                    site, self.ingest.config.sites[site.name], row.patient_id,
                     row.issuer or "",
                 )
                 rows.append((patient.pk, sheet.keyed(row, self.keys, site.siteid,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from ricord_archive import dicom_io, metrics
 from ricord_archive.blobstore import BlobStore
-from ricord_archive.config import Config, SiteConfig
+from ricord_archive.config import Config, Limits, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
 from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
 from ricord_archive.deid.policy import check_acceptable, check_values
@@ -66,6 +66,22 @@ T = TypeVar("T")
 
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
 DUPLICATE_KEPT_WARNING = 0xB006
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """What ingest needs of the configuration: the sites' policies, the limits, the duplicate
+    policy and the project name written into every object."""
+
+    sites: Mapping[str, SiteConfig]  # by name
+    limits: Limits
+    duplicates: str
+    project_name: str
+
+    @staticmethod
+    def of(config: Config) -> IngestSettings:
+        return IngestSettings({s.name: s for s in config.sites}, config.limits,
+                              config.duplicates, config.project_name)
 
 
 @dataclass(frozen=True)
@@ -253,13 +269,13 @@ class IngestService:
 
     def __init__(
         self, pool: Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
-        config: Config, executor: Executor | None = None,
+        config: IngestSettings, executor: Executor | None = None,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.keys = keys
         self.sites = sites
-        self.config = config
+        self.config = config  # the settings of ingest only (no Config)
         self.executor = executor
         self.patients = PatientDirectory(pool, keys, blobs)
 
@@ -270,7 +286,7 @@ class IngestService:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
-        site_config = self.config.site_named(site.name)
+        site_config = self.config.sites[site.name]
         admitted = fast_admission(data, limit, site_config)  # inline: a tenth of a millisecond
         if admitted is None:
             admitted = await self._run(

@@ -20,7 +20,7 @@ from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import Pool
 from ricord_archive.index.store import Site, SiteConflict, ensure_site
-from ricord_archive.ingest import IngestService
+from ricord_archive.ingest import IngestService, IngestSettings
 from ricord_archive.query import QueryService
 from ricord_archive.rebuild import record_sites
 from ricord_archive.retrieve import RetrieveService
@@ -62,7 +62,8 @@ async def archive_services(config: Config) -> AsyncIterator[ArchiveServices]:
             writer.start()
         try:
             yield ArchiveServices(
-                pool, keys, sites, IngestService(pool, blobs, keys, sites, config, executor),
+                pool, keys, sites,
+                IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor),
                 QueryService(pool, config.limits.qido_max_limit), RetrieveService(pool, blobs),
                 ImportSessions(pool, keys), writer or NO_AUDIT,
             )
