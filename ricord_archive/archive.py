@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ricord_archive import metrics
 from ricord_archive.audit import NO_AUDIT, AuditTrail
-from ricord_archive.blobstore import open_blob_store
+from ricord_archive.blobstore import BlobStore, open_blob_store
 from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
@@ -28,6 +28,7 @@ from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
+from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
 from ricord_archive.ingest import IngestService, IngestSettings
@@ -99,6 +100,56 @@ async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[Po
         yield pool
 
 
+@dataclass(frozen=True)
+class ArchiveServices:
+    """The services `serve` and the offline tools share, over one index and blob store."""
+
+    pool: Pool
+    keys: Keyring
+    sites: dict[str, Site]
+    blobs: BlobStore
+    ingest: IngestService
+    query: QueryService
+    retrieve: RetrieveService
+    sessions: ImportSessions
+    audit: AuditTrail
+    audit_writer: AuditWriter | None  # the trail's writer, when the trail is on
+
+
+@contextlib.asynccontextmanager
+async def archive_services(
+    config: Config, pool: Pool, keys: Keyring, reads: Reads | None = None, *,
+    primary: bool = True,
+) -> AsyncIterator[ArchiveServices]:
+    """The composition root: the configured sites (created in the index on first use; a
+    `SiteConflict` when a pinned SITEID contradicts it), the blob store (where the `primary`
+    process records the sites), ingest (with the configured workers), query and retrieve (over
+    `reads`, a read replica, when given), import sessions and the audit trail. On leaving, the
+    ingest workers stop, then the audit trail writes what is left."""
+    async with pool.acquire() as conn:
+        sites = {s.name: await ensure_site(conn, s) for s in config.sites}
+    blobs = open_blob_store(config)
+    if primary:
+        await record_sites(blobs, sites.values())
+    executor = ingest_executor(config)
+    writer = AuditWriter(pool) if config.audit else None
+    if writer is not None:
+        writer.start()
+    try:
+        yield ArchiveServices(
+            pool, keys, sites, blobs,
+            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor),
+            QueryService(pool, config.limits.qido_max_limit, reads),
+            RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
+            writer or NO_AUDIT, writer,
+        )
+    finally:
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        if writer is not None:  # last: the records of what just finished
+            await writer.stop()
+
+
 @dataclass
 class _Readiness:
     ready: bool = False
@@ -142,25 +193,19 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     readiness = _Readiness()
-    async with database(config) as pool, replica_reads(pool, config.read_database_url) as reads:
-        async with pool.acquire() as conn:
-            sites: dict[str, Site] = {s.name: await ensure_site(conn, s) for s in config.sites}
+    async with (
+        database(config) as pool,
+        replica_reads(pool, config.read_database_url) as reads,
+        archive_services(config, pool, keys, reads, primary=worker_of is None) as core,
+    ):
+        sites, blobs, ingest, query = core.sites, core.blobs, core.ingest, core.query
+        trail, audit_writer = core.audit, core.audit_writer
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
-        blobs = open_blob_store(config)
-        if worker_of is None:
-            await record_sites(blobs, sites.values())
-        audit_writer = AuditWriter(pool) if config.audit else None
-        trail: AuditTrail = audit_writer or NO_AUDIT
-        if audit_writer is not None:
-            audit_writer.start()
-        executor = ingest_executor(config)
-        ingest = IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor)
-        query = QueryService(pool, config.limits.qido_max_limit, reads)
         site_ids = {name: site.id for name, site in sites.items()}
         oidc = config.auth.oidc
         services = Services(
-            ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs, reads),
+            ingest=ingest, query=query, retrieve=core.retrieve,
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
@@ -184,16 +229,14 @@ async def serve(
         http = await listen(runner, config.http_host, config.http_port, Deadlines(
             config.limits.http_header_timeout, config.limits.http_send_timeout,
         ), tls, shared_ports)
-        dimse = DimseServer(
-            config, ingest, query, services.retrieve, ImportSessions(pool, keys), trail
-        )
+        dimse = DimseServer(config, ingest, query, services.retrieve, core.sessions, trail)
         await dimse.start(shared_ports)
         if worker_of is not None:
             readiness.ready = True
             if ready_fd is not None:
                 tell_primary_ready(ready_fd)
             try:
-                await _serve_until(stop, readiness, dimse, http, runner, executor, audit_writer)
+                await _serve_until(stop, readiness, dimse, http, runner)
             finally:
                 sampler.cancel()
             return
@@ -221,9 +264,7 @@ async def serve(
             config.dimse_host, config.dimse_port, processes, "es" if processes > 1 else "",
         )
         try:
-            await _serve_until(
-                stop, readiness, dimse, http, runner, executor, audit_writer, workers
-            )
+            await _serve_until(stop, readiness, dimse, http, runner, workers)
         finally:
             fsck_at_start.cancel()
             collector.cancel()
@@ -234,11 +275,11 @@ async def serve(
 
 async def _serve_until(
     stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, http: asyncio.AbstractServer,
-    runner: web.AppRunner, executor: ProcessPoolExecutor | None,
-    audit_writer: AuditWriter | None, workers: Workers | None = None,
+    runner: web.AppRunner, workers: Workers | None = None,
 ) -> None:
-    """Serve until `stop`; then stop accepting, finish what is in progress (here and in the
-    workers, at the same time) and shut down."""
+    """Serve until `stop`; then stop accepting and finish what is in progress (here and in the
+    workers, at the same time). The ingest workers and the audit trail stop after this, when
+    `archive_services` ends (the trail last: the records of what just finished)."""
     try:
         await stop.wait()
     finally:
@@ -249,10 +290,6 @@ async def _serve_until(
             dimse.stop(), runner.cleanup(),
             *([workers.stop()] if workers is not None else []),
         )
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
-        if audit_writer is not None:  # last: the records of what just finished
-            await audit_writer.stop()
 
 
 async def _metrics_listener(config: Config) -> web.AppRunner | None:
