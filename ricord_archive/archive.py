@@ -133,15 +133,16 @@ async def archive_services(
         await record_sites(blobs, sites.values())
     executor = ingest_executor(config)
     writer = AuditWriter(pool) if config.audit else None
+    trail = writer or NO_AUDIT
     if writer is not None:
         writer.start()
     try:
         yield ArchiveServices(
             pool, keys, sites, blobs,
-            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor),
+            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor, trail),
             QueryService(pool, config.limits.qido_max_limit, reads),
             RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
-            writer or NO_AUDIT, writer,
+            trail, writer,
         )
     finally:
         if executor is not None:

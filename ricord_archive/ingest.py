@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import dicom_io, metrics
+from ricord_archive import audit, dicom_io, metrics
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, Limits, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
@@ -55,6 +55,7 @@ from ricord_archive.index.database import DATABASE_ERRORS, Pool
 from ricord_archive.index.reads import study_owner
 from ricord_archive.index.store import (
     NewInstance,
+    Patient,
     Site,
     count_refusal,
     store_instance,
@@ -270,6 +271,7 @@ class IngestService:
     def __init__(
         self, pool: Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
         config: IngestSettings, executor: Executor | None = None,
+        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
@@ -277,13 +279,23 @@ class IngestService:
         self.sites = sites
         self.config = config  # the settings of ingest only (no Config)
         self.executor = executor
+        self.trail = trail
         self.patients = PatientDirectory(pool, keys, blobs)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def store(self, data: bytes, site_name: str, study_uid: str | None = None) -> StoreResult:
-        """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
+    async def store(
+        self, data: bytes, site_name: str, study_uid: str | None = None, *,
+        by: audit.Actor, protocol: str,
+    ) -> StoreResult:
+        """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any.
+        The outcome, stored or not, goes to the audit trail as coming from `by` over
+        `protocol`; the result or the error passes through."""
+        return await audit.storing(self.trail, by, protocol, site_name,
+                                   self._store(data, site_name, study_uid))
+
+    async def _store(self, data: bytes, site_name: str, study_uid: str | None) -> StoreResult:
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
         site_config = self.config.sites[site.name]
@@ -404,17 +416,33 @@ class IngestService:
                 return replace(result, warning=DUPLICATE_KEPT_WARNING)
         return result
 
-    async def store_own(self, dataset: Dataset) -> str:
+    async def store_own(self, dataset: Dataset, *, by: audit.Actor, protocol: str) -> str:
         """Store an object the archive built itself, only from de-identified instances it holds
         (a label SEG or SR): not de-identified again, filed under the site and patient of its
         study, which the archive must hold, and replacing the object stored before under its
         SOP Instance UID. Objects from outside never come here: `store` takes them, as bytes;
         this takes in-process datasets, and only those naming their study's pseudonym.
-        The outcome: 'inserted', 'replaced', or 'duplicate' (stored before as it is)."""
-        owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
-        if owner is None:
-            raise NotFound("no such study")
-        site, patient = owner
+        The outcome: 'inserted', 'replaced', or 'duplicate' (stored before as it is); audited
+        as `store` is."""
+        site: Site | None = None
+        try:
+            owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
+            if owner is None:
+                raise NotFound("no such study")
+            site = owner[0]
+            outcome = await self._store_own(dataset, *owner)
+        except Exception as exc:
+            self.trail.record(audit.instance_refused(
+                by, protocol, site.name if site is not None else None, exc))
+            raise
+        self.trail.record(audit.instance_stored(by, protocol, site.name, StoreResult(
+            str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+            str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
+            duplicate=outcome == "duplicate",
+        )))
+        return outcome
+
+    async def _store_own(self, dataset: Dataset, site: Site, patient: Patient) -> str:
         if dataset.get("PatientID") != patient.pseudonym:
             raise InvalidObject("the object does not name its study's pseudonymous patient")
         new, data = await asyncio.to_thread(

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ricord_archive import audit, metrics
+from ricord_archive import audit
 from ricord_archive.matching import Level
 from ricord_archive.web import app as web_app
 from ricord_archive.web import wado
@@ -44,12 +44,6 @@ def route(request: web.Request) -> str | None:
 
 def _trail(request: web.Request) -> audit.AuditTrail:
     return request.app[web_app.SERVICES].audit
-
-
-async def storing(request: web.Request, site: str, store: Awaitable[T]) -> T:
-    """A STOW-RS object's ingest, recorded."""
-    return await audit.storing(_trail(request), actor(request), "STOW-RS", site,
-                               metrics.ingesting("stow_rs", site, store))
 
 
 async def searching(request: web.Request, level: Level, search: Awaitable[P]) -> P:
