@@ -1,6 +1,7 @@
 """The HTTP side of the audit trail: who a request comes from, refused accesses (401, 403),
-WADO retrievals (one event per request), and helpers STOW-RS and QIDO-RS wrap their service
-calls in. Paths are recorded by route template, never as sent."""
+WADO retrievals (one event per request), and the helper QIDO-RS wraps its searches in (STOW-RS
+names the actor; ingest records the stored objects). Paths are recorded by route template,
+never as sent."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from ricord_archive.web import app as web_app
 from ricord_archive.web import wado
 from ricord_archive.web.auth import PRINCIPAL
 
-T = TypeVar("T")
 P = TypeVar("P", bound=audit.SearchPage)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
