@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ricord_archive.archive import ArchiveServices, archive_services
+from ricord_archive.archive import ArchiveServices, archive_services, database
 from ricord_archive.audit import Action, Actor, AuditEvent, Outcome
 from ricord_archive.config import Config, Limits
 from ricord_archive.deid import Keyring
@@ -45,10 +45,10 @@ Scenario = Callable[[ArchiveServices, Recording], Awaitable[None]]
 @pytest.fixture
 def services(cluster: str, tmp_path: Path, request) -> Iterator[Callable[..., None]]:
     """Run `scenario(services, trail)` over a fresh index and blob store; `limits` as given."""
-    def run(scenario: Scenario, limits: Limits | None = None, pool_size: int = 4) -> None:
+    def run(scenario: Scenario, limits: Limits | None = None) -> None:
         async def go() -> None:
             url = await fresh_database(cluster, request.node.name[-60:])
-            pool = await create_pool(url, max_size=pool_size)
+            pool = await create_pool(url, max_size=4)
             try:
                 async with pool.acquire() as conn:
                     await migrate(conn)
@@ -162,3 +162,13 @@ def test_lost_index_is_storage_unavailable_in_process(services, tmp_path):
         assert [e.detail["reason"] for e in trail.events] == ["StorageUnavailable"]
 
     services(scenario)
+
+
+def test_the_pool_has_the_configured_size(cluster, tmp_path, request):
+    async def go() -> None:
+        url = await fresh_database(cluster, request.node.name[-60:])
+        config = Config(data_dir=tmp_path / "data", database_url=url, db_pool_size=3)
+        async with database(config) as pool:
+            assert pool.get_max_size() == 3
+
+    asyncio.run(go())
