@@ -117,7 +117,7 @@ class ArchiveServices:
 
 
 @contextlib.asynccontextmanager
-async def archive_services(
+async def compose_services(
     config: Config, pool: Pool, keys: Keyring, reads: Reads | None = None, *,
     primary: bool = True,
 ) -> AsyncIterator[ArchiveServices]:
@@ -197,7 +197,7 @@ async def serve(
     async with (
         database(config) as pool,
         replica_reads(pool, config.read_database_url) as reads,
-        archive_services(config, pool, keys, reads, primary=worker_of is None) as core,
+        compose_services(config, pool, keys, reads, primary=worker_of is None) as core,
     ):
         sites, blobs, ingest, query = core.sites, core.blobs, core.ingest, core.query
         trail, audit_writer = core.audit, core.audit_writer
@@ -280,7 +280,7 @@ async def _serve_until(
 ) -> None:
     """Serve until `stop`; then stop accepting and finish what is in progress (here and in the
     workers, at the same time). The ingest workers and the audit trail stop after this, when
-    `archive_services` ends (the trail last: the records of what just finished)."""
+    `compose_services` ends (the trail last: the records of what just finished)."""
     try:
         await stop.wait()
     finally:

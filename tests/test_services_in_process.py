@@ -1,5 +1,5 @@
 """IngestService, QueryService and RetrieveService in-process, over the composition root
-`archive.archive_services` and the embedded PostgreSQL: no server subprocess, no protocol (the
+`archive.compose_services` and the embedded PostgreSQL: no server subprocess, no protocol (the
 protocol tests keep their subprocesses)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ricord_archive.archive import ArchiveServices, archive_services, database
+from ricord_archive.archive import ArchiveServices, compose_services, database
 from ricord_archive.audit import Action, Actor, AuditEvent, Outcome
 from ricord_archive.config import Config, Limits
 from ricord_archive.deid import Keyring
@@ -55,7 +55,7 @@ def services(cluster: str, tmp_path: Path, request) -> Iterator[Callable[..., No
                 config = Config(data_dir=tmp_path / "data", audit=False,
                                 limits=limits or Limits())
                 trail = Recording()
-                async with archive_services(config, pool, Keyring(KEY)) as core:
+                async with compose_services(config, pool, Keyring(KEY)) as core:
                     ingest = replace_trail(core, trail)
                     await scenario(ingest, trail)
             finally:

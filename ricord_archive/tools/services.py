@@ -1,6 +1,6 @@
 """The archive's services in-process, for the commands that write (the imports): the index (a
 running archive's adopted, else started for the command) and the services `serve` builds too
-(`archive.archive_services`)."""
+(`archive.compose_services`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import getpass
 import socket
 from collections.abc import AsyncIterator
 
-from ricord_archive.archive import ArchiveServices, open_index
-from ricord_archive.archive import archive_services as compose
+from ricord_archive.archive import ArchiveServices, compose_services, open_index
 from ricord_archive.audit import Actor
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
@@ -31,7 +30,7 @@ async def archive_services(config: Config) -> AsyncIterator[ArchiveServices]:
     async with open_index(config) as pool, contextlib.AsyncExitStack() as stack:
         keys = Keyring(load_secret(config))
         try:
-            services = await stack.enter_async_context(compose(config, pool, keys))
+            services = await stack.enter_async_context(compose_services(config, pool, keys))
         except SiteConflict as exc:
             raise ToolError(str(exc)) from exc
         yield services
