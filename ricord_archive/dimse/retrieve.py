@@ -37,7 +37,7 @@ from ricord_archive.dimse.commands import Message
 from ricord_archive.dimse.messages import decoded, encoded
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.instances import StoredInstance
 from ricord_archive.matching import Level, Query, QueryKeys
 from ricord_archive.pixels import UNCOMPRESSED
 from ricord_archive.query import QueryService
