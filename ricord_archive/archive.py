@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-import asyncpg
 from aiohttp import web
 
 from ricord_archive import metrics
 from ricord_archive.audit import NO_AUDIT, AuditTrail
-from ricord_archive.blobstore import open_blob_store
+from ricord_archive.blobstore import BlobStore, open_blob_store
 from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
@@ -26,12 +25,13 @@ from ricord_archive.dimse.server import REJECTION_REASONS, DimseServer
 from ricord_archive.fsck import collect_orphans, report_at_start
 from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
-from ricord_archive.index.database import create_pool, ensure_database
+from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import migrate
+from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
-from ricord_archive.ingest import IngestService
+from ricord_archive.ingest import IngestService, IngestSettings
 from ricord_archive.label_service import LabelService
 from ricord_archive.processes import (
     Workers,
@@ -60,7 +60,7 @@ def prepare_data_dir(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[asyncpg.Pool]:
+async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[Pool]:
     """A migrated connection pool: to the configured server, or to the embedded cluster,
     started (or adopted) for the duration and stopped afterwards when `stop_embedded`."""
     embedded = None
@@ -70,7 +70,7 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
         url = await asyncio.to_thread(embedded.start)
         await ensure_database(url)
     try:
-        pool = await create_pool(url)
+        pool = await create_pool(url, max_size=config.db_pool_size)
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -83,7 +83,7 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[asyncpg.Pool]:
+async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[Pool]:
     """The index for a one-off command (migrate, the offline tools). An embedded PostgreSQL that
     a running archive uses is adopted and left running; otherwise it is started for the command
     and stopped afterwards. With `create=False` a data directory without a cluster is an error,
@@ -98,6 +98,57 @@ async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[as
     adopted = embedded is not None and await asyncio.to_thread(embedded.current_url) is not None
     async with database(config, stop_embedded=not adopted) as pool:
         yield pool
+
+
+@dataclass(frozen=True)
+class ArchiveServices:
+    """The services `serve` and the offline tools share, over one index and blob store."""
+
+    pool: Pool
+    keys: Keyring
+    sites: dict[str, Site]
+    blobs: BlobStore
+    ingest: IngestService
+    query: QueryService
+    retrieve: RetrieveService
+    sessions: ImportSessions
+    audit: AuditTrail
+    audit_writer: AuditWriter | None  # the trail's writer, when the trail is on
+
+
+@contextlib.asynccontextmanager
+async def compose_services(
+    config: Config, pool: Pool, keys: Keyring, reads: Reads | None = None, *,
+    primary: bool = True,
+) -> AsyncIterator[ArchiveServices]:
+    """The composition root: the configured sites (created in the index on first use; a
+    `SiteConflict` when a pinned SITEID contradicts it), the blob store (where the `primary`
+    process records the sites), ingest (with the configured workers), query and retrieve (over
+    `reads`, a read replica, when given), import sessions and the audit trail. On leaving, the
+    ingest workers stop, then the audit trail writes what is left."""
+    async with pool.acquire() as conn:
+        sites = {s.name: await ensure_site(conn, s) for s in config.sites}
+    blobs = open_blob_store(config)
+    if primary:
+        await record_sites(blobs, sites.values())
+    executor = ingest_executor(config)
+    writer = AuditWriter(pool) if config.audit else None
+    trail = writer or NO_AUDIT
+    if writer is not None:
+        writer.start()
+    try:
+        yield ArchiveServices(
+            pool, keys, sites, blobs,
+            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor, trail),
+            QueryService(pool, config.limits.qido_max_limit, reads),
+            RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
+            trail, writer,
+        )
+    finally:
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        if writer is not None:  # last: the records of what just finished
+            await writer.stop()
 
 
 @dataclass
@@ -143,25 +194,19 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     readiness = _Readiness()
-    async with database(config) as pool, replica_reads(pool, config.read_database_url) as reads:
-        async with pool.acquire() as conn:
-            sites: dict[str, Site] = {s.name: await ensure_site(conn, s) for s in config.sites}
+    async with (
+        database(config) as pool,
+        replica_reads(pool, config.read_database_url) as reads,
+        compose_services(config, pool, keys, reads, primary=worker_of is None) as core,
+    ):
+        sites, blobs, ingest, query = core.sites, core.blobs, core.ingest, core.query
+        trail, audit_writer = core.audit, core.audit_writer
         for site in sites.values():
             log.info("site %s has SITEID %s", site.name, site.siteid)
-        blobs = open_blob_store(config)
-        if worker_of is None:
-            await record_sites(blobs, sites.values())
-        audit_writer = AuditWriter(pool) if config.audit else None
-        trail: AuditTrail = audit_writer or NO_AUDIT
-        if audit_writer is not None:
-            audit_writer.start()
-        executor = ingest_executor(config)
-        ingest = IngestService(pool, blobs, keys, sites, config, executor)
-        query = QueryService(pool, config.limits.qido_max_limit, reads)
         site_ids = {name: site.id for name, site in sites.items()}
         oidc = config.auth.oidc
         services = Services(
-            ingest=ingest, query=query, retrieve=RetrieveService(pool, blobs, reads),
+            ingest=ingest, query=query, retrieve=core.retrieve,
             default_site=config.default_site.name,
             max_stow_bytes=config.limits.max_stow_bytes, ready=readiness,
             cors_origins=config.cors_origins,
@@ -185,16 +230,14 @@ async def serve(
         http = await listen(runner, config.http_host, config.http_port, Deadlines(
             config.limits.http_header_timeout, config.limits.http_send_timeout,
         ), tls, shared_ports)
-        dimse = DimseServer(
-            config, ingest, query, services.retrieve, ImportSessions(pool, keys), trail
-        )
+        dimse = DimseServer(config, ingest, query, services.retrieve, core.sessions, trail)
         await dimse.start(shared_ports)
         if worker_of is not None:
             readiness.ready = True
             if ready_fd is not None:
                 tell_primary_ready(ready_fd)
             try:
-                await _serve_until(stop, readiness, dimse, http, runner, executor, audit_writer)
+                await _serve_until(stop, readiness, dimse, http, runner)
             finally:
                 sampler.cancel()
             return
@@ -222,9 +265,7 @@ async def serve(
             config.dimse_host, config.dimse_port, processes, "es" if processes > 1 else "",
         )
         try:
-            await _serve_until(
-                stop, readiness, dimse, http, runner, executor, audit_writer, workers
-            )
+            await _serve_until(stop, readiness, dimse, http, runner, workers)
         finally:
             fsck_at_start.cancel()
             collector.cancel()
@@ -235,11 +276,11 @@ async def serve(
 
 async def _serve_until(
     stop: asyncio.Event, readiness: _Readiness, dimse: DimseServer, http: asyncio.AbstractServer,
-    runner: web.AppRunner, executor: ProcessPoolExecutor | None,
-    audit_writer: AuditWriter | None, workers: Workers | None = None,
+    runner: web.AppRunner, workers: Workers | None = None,
 ) -> None:
-    """Serve until `stop`; then stop accepting, finish what is in progress (here and in the
-    workers, at the same time) and shut down."""
+    """Serve until `stop`; then stop accepting and finish what is in progress (here and in the
+    workers, at the same time). The ingest workers and the audit trail stop after this, when
+    `compose_services` ends (the trail last: the records of what just finished)."""
     try:
         await stop.wait()
     finally:
@@ -250,10 +291,6 @@ async def _serve_until(
             dimse.stop(), runner.cleanup(),
             *([workers.stop()] if workers is not None else []),
         )
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
-        if audit_writer is not None:  # last: the records of what just finished
-            await audit_writer.stop()
 
 
 async def _metrics_listener(config: Config) -> web.AppRunner | None:

@@ -187,7 +187,8 @@ def instance_refused(
 async def storing(
     trail: AuditTrail, actor: Actor, protocol: str, site: str, store: Awaitable[T]
 ) -> T:
-    """Await ingest's `store(...)` and record its outcome; the result or error passes through."""
+    """Await ingest's storing of an object and record its outcome (ingest calls this for every
+    object it takes); the result or error passes through."""
     try:
         result = await store
     except Exception as exc:

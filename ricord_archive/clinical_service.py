@@ -12,20 +12,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from ricord_archive import audit
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import export, sheet
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, StorageUnavailable
 from ricord_archive.index import clinical as index
-from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.index.database import DATABASE_UNAVAILABLE, Pool
 from ricord_archive.index.store import Site
 from ricord_archive.ingest import IngestService
 
 log = logging.getLogger(__name__)
-_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.PostgresConnectionError, OSError)
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class Export:
 
 
 class ClinicalService:
-    def __init__(self, pool: asyncpg.Pool, keys: Keyring, ingest: IngestService,
+    def __init__(self, pool: Pool, keys: Keyring, ingest: IngestService,
                  trail: audit.AuditTrail = audit.NO_AUDIT) -> None:
         self.pool = pool
         self.keys = keys
@@ -90,7 +87,7 @@ class ClinicalService:
             await index.declare_columns(self.pool, self.site(site_name).id, columns.values())
         except (col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
-        except _UNAVAILABLE as exc:
+        except DATABASE_UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         log.info("site %s declared %d clinical columns", site_name, len(columns))
         return sorted(columns)
@@ -127,7 +124,7 @@ class ClinicalService:
             rows = []
             for row in parsed.rows:
                 patient = await self.ingest.patients.resolve(  # exactly as for an image
-                    site, self.ingest.config.site_named(site.name), row.patient_id,
+                    site, self.ingest.config.sites[site.name], row.patient_id,
                     row.issuer or "",
                 )
                 rows.append((patient.pk, sheet.keyed(row, self.keys, site.siteid,
@@ -139,7 +136,7 @@ class ClinicalService:
             )
         except (sheet.SheetError, col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
-        except _UNAVAILABLE as exc:
+        except DATABASE_UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
         twice = [sheet.Refusal(line, col.ACCESSION, sheet.DUPLICATE_EXAMINATION,
                                "the examination is named by another row too")
@@ -160,7 +157,7 @@ class ClinicalService:
             rows = await index.clinical_rows(self.pool, wanted)
         except export.FilterError as exc:
             raise BadRequest(str(exc)) from None
-        except _UNAVAILABLE as exc:
+        except DATABASE_UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         extra = {k for row in rows for k in row} - set(export.OUTPUT_COLUMNS)
         self.trail.record(audit.clinical_exported(
@@ -172,7 +169,7 @@ class ClinicalService:
 
 
 async def split_filters(
-    pool: asyncpg.Pool, site_id: int | None, filters: Mapping[str, str],
+    pool: Pool, site_id: int | None, filters: Mapping[str, str],
 ) -> tuple[export.ClinicalFilter | None, dict[str, str]]:
     """For cohorts: the clinical part of mixed filters (None when they name no clinical
     column) and the rest (the QIDO-RS keys), at a site (its index id; None: every site). Then
@@ -184,6 +181,6 @@ async def split_filters(
         wanted = export.parse_filters(clinical, site_id, declared) if clinical else None
     except export.FilterError as exc:
         raise BadRequest(str(exc)) from None
-    except _UNAVAILABLE as exc:
+    except DATABASE_UNAVAILABLE as exc:
         raise StorageUnavailable("the index is unavailable; try again later") from exc
     return wanted, {k: v for k, v in filters.items() if k not in keys}

@@ -11,8 +11,6 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import asyncpg
-
 from ricord_archive import cohort_export
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.clinical import export as clinical_export
@@ -22,8 +20,8 @@ from ricord_archive.errors import BadRequest, Gone, NotFound
 from ricord_archive.index import clinical as clinical_index
 from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
-from ricord_archive.index.database import reporting_outages
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.index.database import Pool, reporting_outages
+from ricord_archive.instances import StoredInstance
 from ricord_archive.label_service import split_label_filters
 from ricord_archive.matching import Level, Query, Term, UidList
 from ricord_archive.qido_query import parse_qido
@@ -56,7 +54,7 @@ def crc32_of(blob: Blob, size: int) -> int:
 
 
 class CohortService:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore) -> None:
+    def __init__(self, pool: Pool, blobs: BlobStore) -> None:
         self.pool = pool
         self.blobs = blobs
 

@@ -158,6 +158,7 @@ class Config:
     ae_title: str = "RICORD"
     database_url: str | None = None
     read_database_url: str | None = None  # a read replica for queries and metadata
+    db_pool_size: int = 10  # connections each server process keeps to the index at most
     secret_key: str | None = None
     sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
     accept_any_calling_aet: bool = True
@@ -512,6 +513,12 @@ def _workers(value: Any) -> int:
     return value
 
 
+def _db_pool_size(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise ConfigError("db_pool_size must be an integer from 1 to 1000")
+    return value
+
+
 def _processes(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
         raise ConfigError("processes must be an integer from 1 to 64 (0: one per CPU)")
@@ -598,7 +605,7 @@ _TABLES = ("server", "sites", "limits", "ingest", "deidentification", "move_dest
 _SERVER_KEYS = ("data_dir", "http_host", "http_port", "tls_cert", "tls_key", "trusted_proxies",
                 "dimse_host", "dimse_port", "ae_title", "database_url", "read_database_url",
                 "secret_key", "cors_origins", "processes", "ingest_workers", "audit",
-                "log_format")
+                "log_format", "db_pool_size")
 
 
 def load_config(
@@ -633,6 +640,7 @@ def load_config(
         "ae_title": server.get("ae_title", "RICORD"),
         "database_url": server.get("database_url"),
         "read_database_url": server.get("read_database_url"),
+        "db_pool_size": _db_pool_size(server.get("db_pool_size", 10)),
         "secret_key": server.get("secret_key"),
         "sites": sites,
         "accept_any_calling_aet": accept_any,

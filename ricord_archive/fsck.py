@@ -14,10 +14,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import asyncpg
-
 from ricord_archive import metrics
 from ricord_archive.blobstore import BlobStore, FileBlobStore
+from ricord_archive.index.database import DATABASE_ERRORS, Pool
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def _scan(blobs: BlobStore, now: float, grace: float) -> tuple[dict[str, int], l
     return on_disk, young, partial
 
 
-async def check(pool: asyncpg.Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
+async def check(pool: Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
     """Compare every index row with the blob store (one pass over each)."""
     on_disk, young, partial = await asyncio.to_thread(_scan, blobs, time.time(), grace)
     report = FsckReport(partial_writes=partial)
@@ -93,11 +92,11 @@ async def repair(blobs: BlobStore, report: FsckReport) -> int:
     return await asyncio.to_thread(remove)
 
 
-async def report_at_start(pool: asyncpg.Pool, blobs: BlobStore) -> None:
+async def report_at_start(pool: Pool, blobs: BlobStore) -> None:
     """The start-up check, in report mode: counts in the log, nothing changed."""
     try:
         report = await check(pool, blobs)
-    except (asyncpg.PostgresError, OSError) as exc:
+    except DATABASE_ERRORS as exc:
         log.warning("fsck at start-up could not run: %s", type(exc).__name__)
         return
     if report.clean:
@@ -111,7 +110,7 @@ async def report_at_start(pool: asyncpg.Pool, blobs: BlobStore) -> None:
 _COLLECTOR_LOCK = 0x52494F52  # pg_advisory_lock key: "RIOR"
 
 
-async def collect_orphans(pool: asyncpg.Pool, blobs: BlobStore, interval: float,
+async def collect_orphans(pool: Pool, blobs: BlobStore, interval: float,
                           grace: float) -> None:
     """Every `interval` seconds, remove orphan blobs and partial writes older than `grace`
     (left by crashes between a blob and its index transaction), in whichever node first takes
@@ -128,7 +127,7 @@ async def collect_orphans(pool: asyncpg.Pool, blobs: BlobStore, interval: float,
                     removed = await repair(blobs, report)
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock($1)", _COLLECTOR_LOCK)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             metrics.ORPHAN_RUNS.labels("failed").inc()
             log.warning("orphan collector could not run: %s", type(exc).__name__)
             continue

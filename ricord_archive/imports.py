@@ -9,10 +9,9 @@ importer never closed expires after `SESSION_TTL_SECONDS` without a new registra
 
 from __future__ import annotations
 
-import asyncpg
-
 from ricord_archive.deid import Keyring
 from ricord_archive.index import imports as index
+from ricord_archive.index.database import Pool
 from ricord_archive.index.imports import SessionStudy, StudyCounts
 from ricord_archive.index.store import Site
 
@@ -22,7 +21,7 @@ __all__ = ["SESSION_TTL_SECONDS", "ImportSessions", "SessionStudy", "StudyCounts
 
 
 class ImportSessions:
-    def __init__(self, pool: asyncpg.Pool, keys: Keyring) -> None:
+    def __init__(self, pool: Pool, keys: Keyring) -> None:
         self.pool = pool
         self.keys = keys
 

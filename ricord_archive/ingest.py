@@ -16,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-import asyncpg
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import dicom_io, dimse_status, metrics
+from ricord_archive import audit, dicom_io, dimse_status, metrics
 from ricord_archive.blobstore import BlobStore
-from ricord_archive.config import Config, SiteConfig
+from ricord_archive.config import Config, Limits, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
 from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
 from ricord_archive.deid.policy import check_acceptable, check_values
@@ -52,10 +51,11 @@ from ricord_archive.errors import (
     StorageUnavailable,
     StudyMismatch,
 )
-from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.index.database import DATABASE_ERRORS, Pool
 from ricord_archive.index.reads import study_owner
 from ricord_archive.index.store import (
     NewInstance,
+    Patient,
     Site,
     count_refusal,
     store_instance,
@@ -67,7 +67,22 @@ T = TypeVar("T")
 
 # Warning "elements discarded": the re-sent object differs and was not stored (first kept).
 DUPLICATE_KEPT_WARNING = dimse_status.ELEMENT_DISCARDED
-_DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """What ingest needs of the configuration: the sites' policies, the limits, the duplicate
+    policy and the project name written into every object."""
+
+    sites: Mapping[str, SiteConfig]  # by name
+    limits: Limits
+    duplicates: str
+    project_name: str
+
+    @staticmethod
+    def of(config: Config) -> IngestSettings:
+        return IngestSettings({s.name: s for s in config.sites}, config.limits,
+                              config.duplicates, config.project_name)
 
 
 @dataclass(frozen=True)
@@ -254,25 +269,36 @@ class IngestService:
     core and never holds the event loop's GIL), else threads."""
 
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
-        config: Config, executor: Executor | None = None,
+        self, pool: Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
+        config: IngestSettings, executor: Executor | None = None,
+        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.keys = keys
         self.sites = sites
-        self.config = config
+        self.config = config  # the settings of ingest only (no Config)
         self.executor = executor
+        self.trail = trail
         self.patients = PatientDirectory(pool, keys, blobs)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def store(self, data: bytes, site_name: str, study_uid: str | None = None) -> StoreResult:
-        """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any."""
+    async def store(
+        self, data: bytes, site_name: str, study_uid: str | None = None, *,
+        by: audit.Actor, protocol: str,
+    ) -> StoreResult:
+        """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any.
+        The outcome, stored or not, goes to the audit trail as coming from `by` over
+        `protocol`; the result or the error passes through."""
+        return await audit.storing(self.trail, by, protocol, site_name,
+                                   self._store(data, site_name, study_uid))
+
+    async def _store(self, data: bytes, site_name: str, study_uid: str | None) -> StoreResult:
         site = self.sites[site_name]
         limit = self.config.limits.max_object_bytes
-        site_config = self.config.site_named(site.name)
+        site_config = self.config.sites[site.name]
         admitted = fast_admission(data, limit, site_config)  # inline: a tenth of a millisecond
         if admitted is None:
             admitted = await self._run(
@@ -314,7 +340,7 @@ class IngestService:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
         try:
             await count_refusal(self.pool, site, refusal.reason)
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("could not count a refusal: %s", type(exc).__name__)
 
     async def _store_admitted(
@@ -332,7 +358,7 @@ class IngestService:
             patient = await self.patients.resolve(
                 site, site_config, admitted.patient_id, admitted.issuer
             )
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
@@ -365,7 +391,7 @@ class IngestService:
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc
-            if isinstance(exc, _DATABASE_ERRORS):
+            if isinstance(exc, DATABASE_ERRORS):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         rec = new.record
@@ -390,17 +416,33 @@ class IngestService:
                 return replace(result, warning=DUPLICATE_KEPT_WARNING)
         return result
 
-    async def store_own(self, dataset: Dataset) -> str:
+    async def store_own(self, dataset: Dataset, *, by: audit.Actor, protocol: str) -> str:
         """Store an object the archive built itself, only from de-identified instances it holds
         (a label SEG or SR): not de-identified again, filed under the site and patient of its
         study, which the archive must hold, and replacing the object stored before under its
         SOP Instance UID. Objects from outside never come here: `store` takes them, as bytes;
         this takes in-process datasets, and only those naming their study's pseudonym.
-        The outcome: 'inserted', 'replaced', or 'duplicate' (stored before as it is)."""
-        owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
-        if owner is None:
-            raise NotFound("no such study")
-        site, patient = owner
+        The outcome: 'inserted', 'replaced', or 'duplicate' (stored before as it is); audited
+        as `store` is."""
+        site: Site | None = None
+        try:
+            owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
+            if owner is None:
+                raise NotFound("no such study")
+            site = owner[0]
+            outcome = await self._store_own(dataset, *owner)
+        except Exception as exc:
+            self.trail.record(audit.instance_refused(
+                by, protocol, site.name if site is not None else None, exc))
+            raise
+        self.trail.record(audit.instance_stored(by, protocol, site.name, StoreResult(
+            str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+            str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
+            duplicate=outcome == "duplicate",
+        )))
+        return outcome
+
+    async def _store_own(self, dataset: Dataset, site: Site, patient: Patient) -> str:
         if dataset.get("PatientID") != patient.pseudonym:
             raise InvalidObject("the object does not name its study's pseudonymous patient")
         new, data = await asyncio.to_thread(
@@ -412,7 +454,7 @@ class IngestService:
                                        "overwrite", written)
         except BaseException as exc:
             await self._discard(written, key)
-            if isinstance(exc, (OSError, *_DATABASE_ERRORS)):
+            if isinstance(exc, (OSError, *DATABASE_ERRORS)):
                 raise StorageUnavailable("the archive's storage is unavailable; try again "
                                          "later") from exc
             raise

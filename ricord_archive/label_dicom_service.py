@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from ricord_archive.audit import Actor
 from ricord_archive.blobstore import Blob
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import NotFound
@@ -27,6 +28,7 @@ from ricord_archive.labels.model import Annotation, Label
 from ricord_archive.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
+PROTOCOL = "labels-to-dicom"  # how the audit trail names the objects published here
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,10 @@ class LabelDicomService:
         self.retrieve = retrieve
         self.keys = keys
 
-    async def publish(self, annotations: Sequence[Annotation],
-                      labels: Mapping[str, Label]) -> PublishReport:
-        """Build and store the SEG and SR objects of `annotations` (`labels` by id)."""
+    async def publish(self, annotations: Sequence[Annotation], labels: Mapping[str, Label],
+                      by: Actor) -> PublishReport:
+        """Build and store the SEG and SR objects of `annotations` (`labels` by id), each
+        stored object audited as published by `by`."""
         plan = dicom.plan(annotations, labels)
         report = PublishReport(skipped=Counter(plan.skipped))
         for target in plan.targets:
@@ -93,7 +96,7 @@ class LabelDicomService:
                 report.skipped[f"{target.kind}: {exc}"] += len(target.annotations)
                 continue
             report.skipped.update(built.skipped)
-            outcome = await self.ingest.store_own(built.dataset)
+            outcome = await self.ingest.store_own(built.dataset, by=by, protocol=PROTOCOL)
             ds = built.dataset
             report.published.append(Published(
                 target.kind, target.reader, str(ds.StudyInstanceUID),

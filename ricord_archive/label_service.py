@@ -17,14 +17,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import orjson
 
 from ricord_archive import audit
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, StorageUnavailable
 from ricord_archive.index import labels as index
-from ricord_archive.index.database import DATABASE_UNAVAILABLE, reporting_outages
+from ricord_archive.index.database import DATABASE_UNAVAILABLE, Pool, reporting_outages
 from ricord_archive.index.labels import AnnotationFilter, Counts
 from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
@@ -32,7 +31,6 @@ from ricord_archive.labels.model import Annotation, Code, Label, LabelGroup
 from ricord_archive.labels.schema import SchemaError, private_code, shipped_schema
 
 log = logging.getLogger(__name__)
-_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.PostgresConnectionError, OSError)
 NOT_IN_ARCHIVE = "not-in-archive"
 LABEL_FILTERS = ("label", "consensus")  # the cohort filters this service answers
 
@@ -87,7 +85,7 @@ def _event(actor: audit.Actor, protocol: str, action: audit.EventId,
 
 
 class LabelService:
-    def __init__(self, pool: asyncpg.Pool, keys: Keyring,
+    def __init__(self, pool: Pool, keys: Keyring,
                  trail: audit.AuditTrail = audit.NO_AUDIT) -> None:
         self.pool = pool
         self.keys = keys
@@ -100,7 +98,7 @@ class LabelService:
             counts = await index.store_schema(self.pool, schema.groups, schema.labels)
         except SchemaError as exc:
             raise BadRequest(str(exc)) from None
-        except _UNAVAILABLE as exc:
+        except DATABASE_UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         log.info("labelling schema %s: %d labels imported, %d updated, %d unchanged", name,
                  counts.imported, counts.updated, counts.unchanged)
@@ -140,7 +138,7 @@ class LabelService:
                 self.pool, parsed.groups, parsed.labels, stored, keep_notes)
         except mdai.ExportError as exc:
             raise BadRequest(str(exc)) from None
-        except _UNAVAILABLE as exc:
+        except DATABASE_UNAVAILABLE as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
         absent = [mdai.Refusal(x.position, NOT_IN_ARCHIVE)
                   for x, h in zip(located, held, strict=True) if not h]
@@ -206,7 +204,7 @@ def _coder(known: Mapping[str, Label]) -> Callable[[str, str], Code]:
 
 
 async def annotations_and_labels(
-    pool: asyncpg.Pool, study_uids: Collection[str] | None = None,
+    pool: Pool, study_uids: Collection[str] | None = None,
 ) -> tuple[list[Annotation], dict[str, Label]]:
     """The stored annotations (of these examinations when given) and every label by id."""
     async with reporting_outages():
@@ -219,7 +217,7 @@ async def annotations_and_labels(
 
 
 async def split_label_filters(
-    pool: asyncpg.Pool, filters: Mapping[str, str],
+    pool: Pool, filters: Mapping[str, str],
 ) -> tuple[set[str] | None, dict[str, str]]:
     """For cohorts: the studies the label filters (`label=<name>`: a reader gave it;
     `consensus=<name>`: in the readers' majority) leave (None when there are none), and the

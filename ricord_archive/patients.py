@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
-
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.errors import StorageUnavailable
+from ricord_archive.index.database import Pool
 from ricord_archive.index.reads import known_patients
 from ricord_archive.index.store import Patient, PatientEntry, Site, patient_for
 from ricord_archive.records import PatientRecord
@@ -35,7 +34,7 @@ def patient_keys(
 
 
 async def find_patients(
-    pool: asyncpg.Pool, keys: Keyring, site: Site, site_config: SiteConfig,
+    pool: Pool, keys: Keyring, site: Site, site_config: SiteConfig,
     wanted: list[tuple[str, str]],
 ) -> list[Patient | None]:
     """The patient each (PatientID, IssuerOfPatientID) names at the site, None when the index
@@ -50,7 +49,7 @@ class PatientDirectory:
     Pseudonyms and date offsets never change once allocated, so a node keeps what it looked
     up: a cached patient costs one keyed hash and one dict lookup, no database round trip."""
 
-    def __init__(self, pool: asyncpg.Pool, keys: Keyring, blobs: BlobStore) -> None:
+    def __init__(self, pool: Pool, keys: Keyring, blobs: BlobStore) -> None:
         self.pool = pool
         self.keys = keys
         self.blobs = blobs

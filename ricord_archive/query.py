@@ -6,11 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import asyncpg
 import orjson
 
 from ricord_archive.dicom_json import INSTANCE_TAGS
-from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.database import Pool, reporting_outages
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.search import COUNT_CAP, Found, search
 from ricord_archive.matching import Level, Query
@@ -88,7 +87,7 @@ def _instance(row: Found, query: Query, cache: dict[str, dict]) -> dict[str, Any
 class QueryService:
     """Searches go to `reads` (a read replica when one is configured) unless `fresh`."""
 
-    def __init__(self, pool: asyncpg.Pool, max_limit: int, reads: Reads | None = None) -> None:
+    def __init__(self, pool: Pool, max_limit: int, reads: Reads | None = None) -> None:
         self.pool = pool
         self.max_limit = max_limit
         self.reads = reads or Reads(pool)

@@ -9,9 +9,8 @@ import asyncio
 import errno
 from collections.abc import Awaitable, Callable
 
-import asyncpg
-
 from ricord_archive.blobstore import BlobStore
+from ricord_archive.index.database import Pool
 from ricord_archive.index.migrate import load_migrations, schema_difference
 
 CHECK_TIMEOUT = 3.0  # seconds each check may take before it counts as failed
@@ -21,7 +20,7 @@ OK = "ok"
 class Readiness:
     """The checks of one server process; `started` is false while it starts or stops."""
 
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore,
+    def __init__(self, pool: Pool, blobs: BlobStore,
                  started: Callable[[], bool]) -> None:
         self.pool = pool
         self.blobs = blobs

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from io import BytesIO
 
-import asyncpg
 import pydicom
 
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dicom_io import pixel_data_location
+from ricord_archive.index.database import Connection, Pool
 from ricord_archive.index.store import Patient, Site, ensure_site, store_instance
 from ricord_archive.ingest import describe
 from ricord_archive.records import PatientRecord, SiteRecord
@@ -50,7 +50,7 @@ async def record_sites(blobs: BlobStore, sites: Iterable[Site]) -> None:
         await asyncio.to_thread(blobs.records.write, record.record_name, record.encode())
 
 
-async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) -> RebuildReport:
+async def rebuild_index(pool: Pool, blobs: BlobStore, config: Config) -> RebuildReport:
     """Index every blob of the store into an empty index."""
     async with pool.acquire() as conn:
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM instance)"):
@@ -78,7 +78,7 @@ async def rebuild_index(pool: asyncpg.Pool, blobs: BlobStore, config: Config) ->
     return report
 
 
-async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> dict[str, Site]:
+async def _sites(conn: Connection, blobs: BlobStore, config: Config) -> dict[str, Site]:
     """Sites by SITEID: the recorded ones (their SITEIDs pinned), then the configured ones."""
     recorded = [SiteRecord.decode(data) for _, data in
                 await asyncio.to_thread(lambda: list(blobs.records.read("sites")))]
@@ -95,7 +95,7 @@ async def _sites(conn: asyncpg.Connection, blobs: BlobStore, config: Config) -> 
     return sites
 
 
-async def _patients(conn: asyncpg.Connection, blobs: BlobStore, sites: dict[str, Site]
+async def _patients(conn: Connection, blobs: BlobStore, sites: dict[str, Site]
                     ) -> dict[str, tuple[Site, Patient]]:
     found_records = await asyncio.to_thread(lambda: list(blobs.records.read("patients")))
     records = PatientRecord.merged(PatientRecord.decode(data) for _, data in found_records)
@@ -111,7 +111,7 @@ async def _patients(conn: asyncpg.Connection, blobs: BlobStore, sites: dict[str,
     return found
 
 
-async def _unrecorded(pool: asyncpg.Pool, sites: dict[str, Site], pseudonym: str,
+async def _unrecorded(pool: Pool, sites: dict[str, Site], pseudonym: str,
                       patients: dict[str, tuple[Site, Patient]], report: RebuildReport
                       ) -> tuple[Site, Patient]:
     """A pseudonym without an allocation record (written before records existed, or lost):
@@ -127,7 +127,7 @@ async def _unrecorded(pool: asyncpg.Pool, sites: dict[str, Site], pseudonym: str
     return site, patient
 
 
-async def _insert_patient(conn: asyncpg.Connection, site: Site, pseudonym: str, offset: int,
+async def _insert_patient(conn: Connection, site: Site, pseudonym: str, offset: int,
                           key: bytes | None, issuer_key: bytes | None = None) -> Patient:
     row = await conn.fetchrow(
         "INSERT INTO patient (site_id, patient_key, issuer_key, pseudonym, date_offset_days) "

@@ -8,7 +8,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 
-import asyncpg
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -17,9 +16,10 @@ from ricord_archive import pixels
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.dicom_io import pixel_data_location
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
-from ricord_archive.index.database import reporting_outages
-from ricord_archive.index.reads import StoredInstance, instance_metadata, stored_instances
+from ricord_archive.index.database import Pool, reporting_outages
+from ricord_archive.index.reads import instance_metadata, stored_instances
 from ricord_archive.index.replica import Reads
+from ricord_archive.instances import StoredInstance
 from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
@@ -36,7 +36,7 @@ class Frames:
 
 
 class RetrieveService:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, reads: Reads | None = None) -> None:
+    def __init__(self, pool: Pool, blobs: BlobStore, reads: Reads | None = None) -> None:
         self.pool = pool
         self.blobs = blobs
         self.reads = reads or Reads(pool)  # metadata only: a read replica when configured

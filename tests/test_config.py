@@ -326,3 +326,10 @@ def test_metrics_on_the_http_port_unless_a_port_is_given(tmp_path):
     rejected(tmp_path, "[metrics]\nport = 70000\n", "port")
     rejected(tmp_path, '[metrics]\nenabled = "yes"\n', "enabled")
     rejected(tmp_path, "[metrics]\npath = 1\n", "unknown setting")
+
+
+def test_database_pool_size_is_ten_unless_configured(tmp_path):
+    assert load_config(env={}).db_pool_size == 10
+    assert load(tmp_path, "[server]\ndb_pool_size = 32\n").db_pool_size == 32
+    for value in ("0", "1001", '"20"', "true"):
+        rejected(tmp_path, f"[server]\ndb_pool_size = {value}\n", "db_pool_size")

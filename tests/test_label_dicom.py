@@ -17,7 +17,7 @@ from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import load_config
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import ArchiveError, InvalidObject, NotFound
-from ricord_archive.label_dicom_service import PublishReport
+from ricord_archive.label_dicom_service import PROTOCOL, PublishReport
 from ricord_archive.labels.dicom import build, plan
 from ricord_archive.labels.model import (
     Annotation,
@@ -28,7 +28,7 @@ from ricord_archive.labels.model import (
     Scope,
 )
 from ricord_archive.tools.label_dicom import labels_to_dicom
-from ricord_archive.tools.services import archive_services
+from ricord_archive.tools.services import archive_services, operator
 from tests.conftest import Archive
 from tests.ct_phantom import ct_series
 
@@ -302,7 +302,7 @@ def test_own_objects_must_name_their_study_and_pseudonym(archive, ct):
             for keyword, value in change.items():
                 setattr(dataset, keyword, value)
             with pytest.raises(ArchiveError) as raised:
-                await services.ingest.store_own(dataset)
+                await services.ingest.store_own(dataset, by=operator(), protocol=PROTOCOL)
             return raised.value
 
     refused = asyncio.run(attempt({"PatientID": ORIGINALS[0]}))

@@ -11,7 +11,7 @@ from ricord_archive.blobstore import Blob
 from ricord_archive.config import Config
 from ricord_archive.dimse.association import Association
 from ricord_archive.errors import NotAuthorized
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.instances import StoredInstance
 
 
 def actor(association: Association, config: Config) -> audit.Actor:

@@ -49,7 +49,7 @@ from ricord_archive.dimse_status import (
     UNABLE_TO_PROCESS,
 )
 from ricord_archive.errors import ArchiveError, BadRequest
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.instances import StoredInstance
 from ricord_archive.matching import Level, Query, QueryKeys
 from ricord_archive.pixels import UNCOMPRESSED
 from ricord_archive.query import QueryService

@@ -249,10 +249,10 @@ class DimseServer:
             self.audit.record(dimse_audit.refused_without_site(association, self.config))
             return NOT_AUTHORIZED
         try:
-            result = await audit.storing(
-                self.audit, dimse_audit.actor(association, self.config), "C-STORE", site.name,
-                metrics.ingesting(_PROTOCOL, site.name, self.ingest.store(data, site.name)),
-            )
+            result = await metrics.ingesting(_PROTOCOL, site.name, self.ingest.store(
+                data, site.name, by=dimse_audit.actor(association, self.config),
+                protocol="C-STORE",
+            ))
         except ArchiveError as exc:
             log.info("C-STORE refused: %s", exc.message)
             await self._count(study, "failed" if isinstance(exc, StorageUnavailable)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -23,6 +23,14 @@ DATABASE_UNAVAILABLE = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
     OSError, asyncio.TimeoutError,
 )
+# Any failure of the index (a refused statement as well as a lost server): what services
+# outside `index/` catch, so that no module but this package names asyncpg.
+DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
+
+# The index's handles, as the services and tools see them (only `index/` uses their methods'
+# SQL; the others pass them through to `index/` functions).
+Pool: TypeAlias = asyncpg.Pool
+Connection: TypeAlias = asyncpg.Connection
 
 
 @contextlib.asynccontextmanager
@@ -71,13 +79,14 @@ class MeteredPool(asyncpg.Pool):
             metrics.DB_POOL_WAIT_SECONDS.observe(time.perf_counter() - started)
 
 
-async def create_pool(url: str, attempts: int = 20) -> asyncpg.Pool:
-    """A connection pool, retried while the server is still coming up."""
+async def create_pool(url: str, attempts: int = 20, max_size: int = 10) -> asyncpg.Pool:
+    """A connection pool of at most `max_size` connections, retried while the server is still
+    coming up."""
     delay = 0.1
     for attempt in range(attempts):
         try:
             return await MeteredPool(  # asyncpg.create_pool's defaults, but for the sizes
-                url, min_size=1, max_size=10, max_queries=50_000,
+                url, min_size=1, max_size=max_size, max_queries=50_000,
                 max_inactive_connection_lifetime=300.0, loop=None,
                 connection_class=asyncpg.Connection, record_class=asyncpg.Record,
                 command_timeout=60, reset=keep_session,

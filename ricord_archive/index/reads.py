@@ -3,32 +3,20 @@ the site and patient rows the offline tools look up (never allocating anything).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import fields
 
 import asyncpg
 
 from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.index.store import PATIENT_COLUMNS, Patient, Site, patient_entry
+from ricord_archive.instances import StoredInstance
 
-
-@dataclass(frozen=True)
-class StoredInstance:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    blob_key: str
-    size_bytes: int
-    pixel_data_offset: int | None
-    pixel_data_length: int | None
-    number_of_frames: int
-    rows: int | None
-    columns: int | None
-    samples_per_pixel: int | None
-    bits_allocated: int | None
-
-
+# The columns of a StoredInstance, named after its fields: the study's and series' UIDs from
+# their tables, the rest from the instance row.
+_TABLE_OF = {"study_uid": "st", "series_uid": "se"}
+_STORED_COLUMNS = ", ".join(
+    f"{_TABLE_OF.get(f.name, 'i')}.{f.name}" for f in fields(StoredInstance)
+)
 _SCOPE = {
     "study": "st.study_uid = $1",
     "series": "st.study_uid = $1 AND se.series_uid = $2",
@@ -56,10 +44,7 @@ async def stored_instances(
     one site only when `site_id` is given."""
     where, values = _where(uids, site_id)
     rows = await pool.fetch(
-        "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, "
-        "i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.pixel_data_offset, "
-        "i.pixel_data_length, i.number_of_frames, i.rows, i.columns, i.samples_per_pixel, "
-        f"i.bits_allocated {_FROM} WHERE {where} {_ORDER}",
+        f"SELECT {_STORED_COLUMNS} {_FROM} WHERE {where} {_ORDER}",
         *values,
     )
     return [StoredInstance(**dict(r)) for r in rows]

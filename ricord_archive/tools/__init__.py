@@ -4,8 +4,7 @@ imports (`import`, `import-pacs`), which store through the archive's own ingest 
 
 from __future__ import annotations
 
-import asyncpg
-
+from ricord_archive.index.database import Pool
 from ricord_archive.index.reads import site_by_name
 from ricord_archive.index.store import Site
 
@@ -14,7 +13,7 @@ class ToolError(Exception):
     """A tool cannot run as asked; the message says why and names no DICOM value."""
 
 
-async def indexed_site(pool: asyncpg.Pool, name: str) -> Site:
+async def indexed_site(pool: Pool, name: str) -> Site:
     """The index row of a configured site; the archive creates it when it first starts."""
     site = await site_by_name(pool, name)
     if site is None:

@@ -15,13 +15,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 from tqdm import tqdm
 
 from ricord_archive.archive import open_index
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring
 from ricord_archive.errors import ArchiveError, RefusedObject
+from ricord_archive.index.database import Pool
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS, Site
 from ricord_archive.ingest import admission, prepare_object
 from ricord_archive.patients import find_patients
@@ -44,7 +44,7 @@ class Pseudonyms:
     from the index by ingest's rule (`patients`)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, site: Site, site_config: SiteConfig, keys: Keyring
+        self, pool: Pool, site: Site, site_config: SiteConfig, keys: Keyring
     ) -> None:
         self.pool = pool
         self.site = site

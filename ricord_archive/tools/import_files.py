@@ -30,7 +30,6 @@ from typing import TextIO
 import pydicom
 from tqdm import tqdm
 
-from ricord_archive import audit
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError, RefusedObject, StorageUnavailable
 from ricord_archive.ingest import IngestService
@@ -217,9 +216,7 @@ class FileImport:
 
     def __init__(
         self, ingest: IngestService, site_name: str, max_bytes: int, report: TextIO | None,
-        trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
-        self.audit = trail
         self.operator = operator()
         self.ingest = ingest
         self.site_name = site_name
@@ -279,8 +276,8 @@ class FileImport:
             return outcome("unreadable", getattr(exc, "strerror", None) or type(exc).__name__)
         self.summary.bytes_read += len(data)
         try:
-            result = await audit.storing(self.audit, self.operator, "import", self.site_name,
-                                         self.ingest.store(data, self.site_name))
+            result = await self.ingest.store(data, self.site_name, by=self.operator,
+                                             protocol="import")
         except RefusedObject as exc:
             return outcome("refused", exc.reason, exc.sop_uid)
         except StorageUnavailable as exc:
@@ -305,7 +302,6 @@ async def import_files(
         async with archive_services(config) as services:
             run = FileImport(
                 services.ingest, site_name, config.limits.max_object_bytes, report,
-                services.audit,
             )
             todo = []
             for source in sources:

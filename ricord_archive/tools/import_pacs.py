@@ -36,7 +36,6 @@ from typing import TextIO
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
-from ricord_archive import audit
 from ricord_archive.config import Config
 from ricord_archive.dimse.client import (
     PacsAddress,
@@ -327,9 +326,8 @@ class PacsImport:
         """One object of a C-GET through ingest; its C-STORE status."""
         counts = self._get_counts
         try:
-            result = await audit.storing(
-                self.services.audit, operator(), "import-pacs", self.site.name,
-                self.services.ingest.store(data, self.site.name),
+            result = await self.services.ingest.store(
+                data, self.site.name, by=operator(), protocol="import-pacs",
             )
         except StorageUnavailable as exc:
             counts.failed += 1

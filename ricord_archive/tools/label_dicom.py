@@ -6,17 +6,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TextIO
 
-import asyncpg
-
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
+from ricord_archive.index.database import Pool
 from ricord_archive.label_dicom_service import LabelDicomService, PublishReport
 from ricord_archive.labels.model import Annotation, Label
 from ricord_archive.tools import ToolError
-from ricord_archive.tools.services import archive_services
+from ricord_archive.tools.services import archive_services, operator
 
 # Reads the annotations to publish and the labels by id, from the archive's index.
-Loader = Callable[[asyncpg.Pool], Awaitable[tuple[Sequence[Annotation], Mapping[str, Label]]]]
+Loader = Callable[[Pool], Awaitable[tuple[Sequence[Annotation], Mapping[str, Label]]]]
 
 
 async def labels_to_dicom(config: Config, load: Loader, out: TextIO | None = None
@@ -26,7 +25,7 @@ async def labels_to_dicom(config: Config, load: Loader, out: TextIO | None = Non
         annotations, labels = await load(services.pool)
         service = LabelDicomService(services.ingest, services.retrieve, services.keys)
         try:
-            report = await service.publish(annotations, labels)
+            report = await service.publish(annotations, labels, operator())
         except ArchiveError as exc:
             raise ToolError(exc.message) from None
     if out is not None:

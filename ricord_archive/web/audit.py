@@ -1,6 +1,7 @@
 """The HTTP side of the audit trail: who a request comes from, refused accesses (401, 403),
-WADO retrievals (one event per request), and helpers STOW-RS and QIDO-RS wrap their service
-calls in. Paths are recorded by route template, never as sent."""
+WADO retrievals (one event per request), and the helper QIDO-RS wraps its searches in (STOW-RS
+names the actor; ingest records the stored objects). Paths are recorded by route template,
+never as sent."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ricord_archive import audit, metrics
+from ricord_archive import audit
 from ricord_archive.matching import Level
 from ricord_archive.web import context
 from ricord_archive.web.auth import PRINCIPAL
 
-T = TypeVar("T")
 P = TypeVar("P", bound=audit.SearchPage)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -43,12 +43,6 @@ def route(request: web.Request) -> str | None:
 
 def _trail(request: web.Request) -> audit.AuditTrail:
     return request.app[context.SERVICES].audit
-
-
-async def storing(request: web.Request, site: str, store: Awaitable[T]) -> T:
-    """A STOW-RS object's ingest, recorded."""
-    return await audit.storing(_trail(request), actor(request), "STOW-RS", site,
-                               metrics.ingesting("stow_rs", site, store))
 
 
 async def searching(request: web.Request, level: Level, search: Awaitable[P]) -> P:

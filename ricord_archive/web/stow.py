@@ -10,6 +10,7 @@ from typing import TypeVar
 import orjson
 from aiohttp import BodyPartReader, web
 
+from ricord_archive import metrics
 from ricord_archive.dimse_status import UNABLE_TO_PROCESS
 from ricord_archive.errors import (
     ArchiveError,
@@ -66,9 +67,9 @@ async def _ingest_part(
     (its FailedSOPSequence item, False). StorageUnavailable escapes: it fails the request."""
     services = request.app[context.SERVICES]
     try:
-        result = await audit.storing(
-            request, site, services.ingest.store(data, site, target_study)
-        )
+        result = await metrics.ingesting("stow_rs", site, services.ingest.store(
+            data, site, target_study, by=audit.actor(request), protocol="STOW-RS",
+        ))
     except StorageUnavailable:
         raise
     except ArchiveError as exc:

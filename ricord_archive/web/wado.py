@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ricord_archive.dicom_json import instance_path
 from ricord_archive.errors import BadRequest, NotAcceptable
-from ricord_archive.index.reads import StoredInstance
+from ricord_archive.instances import StoredInstance
 from ricord_archive.pixels import STORED, choose_transfer_syntax, parse_frame_list
 from ricord_archive.rendering import MEDIA_TYPES, parse_options
 from ricord_archive.uids import is_uid
