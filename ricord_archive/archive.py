@@ -27,6 +27,7 @@ from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from ricord_archive.index.facade import Index
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
@@ -139,7 +140,8 @@ async def compose_services(
     try:
         yield ArchiveServices(
             pool, keys, sites, blobs,
-            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor, trail),
+            IngestService(Index(pool), blobs, keys, sites, IngestSettings.of(config), executor,
+                          trail),
             QueryService(pool, config.limits.qido_max_limit, reads),
             RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
             trail, writer,
