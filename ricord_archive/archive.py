@@ -130,6 +130,7 @@ async def compose_services(
     async with pool.acquire() as conn:
         sites = {s.name: await ensure_site(conn, s) for s in config.sites}
     blobs = open_blob_store(config)
+    index = Index(pool, reads)
     if primary:
         await record_sites(blobs, sites.values())
     executor = ingest_executor(config)
@@ -140,10 +141,9 @@ async def compose_services(
     try:
         yield ArchiveServices(
             pool, keys, sites, blobs,
-            IngestService(Index(pool), blobs, keys, sites, IngestSettings.of(config), executor,
-                          trail),
-            QueryService(pool, config.limits.qido_max_limit, reads),
-            RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
+            IngestService(index, blobs, keys, sites, IngestSettings.of(config), executor, trail),
+            QueryService(index, config.limits.qido_max_limit),
+            RetrieveService(index, blobs), ImportSessions(pool, keys),
             trail, writer,
         )
     finally:

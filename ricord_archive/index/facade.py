@@ -2,8 +2,8 @@
 from the pool, which owns the transactions, speaks domain types (sites, patients, instances)
 and fails with `errors.IndexFailure` / `IndexUnavailable`, never the driver's errors.
 
-Ingest goes through it; the other services still call the `index/` modules with the pool
-(docs/architecture.md)."""
+Ingest, query and retrieve go through it; the other services still call the `index/`
+modules with the pool (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,20 @@ from collections.abc import Awaitable
 from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.index import reads, store
 from ricord_archive.index.database import Pool
+from ricord_archive.index.replica import Reads
+from ricord_archive.index.search import Page, search
 from ricord_archive.index.store import NewInstance, Patient, PatientEntry, Site, StoredRow
+from ricord_archive.instances import StoredInstance
+from ricord_archive.matching import Query
 
 
 class Index:
-    """The index of one archive, over its connection pool."""
+    """The index of one archive, over its connection pool; searches and metadata go to
+    `replica` (a read replica when one is configured), everything else to the primary."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, replica: Reads | None = None) -> None:
         self._pool = pool
+        self._reads = replica or Reads(pool)
 
     async def patient(self, site: Site, keys: PatientKeys) -> PatientEntry:
         """The patient `keys` names at the site, claimed or allocated on first sight."""
@@ -41,3 +47,21 @@ class Index:
     async def count_refusal(self, site: Site, reason: str) -> None:
         """One more refusal for `reason` at the site."""
         await store.count_refusal(self._pool, site, reason)
+
+    async def search(self, query: Query, fresh: bool = False) -> Page:
+        """A page of the query's matches; `fresh`: asked of the primary, never of a read
+        replica that may lag behind."""
+        if fresh:
+            return await search(self._pool, query)
+        return await self._reads.run(lambda pool: search(pool, query))
+
+    async def stored_instances(self, *uids: str, site_id: int | None = None
+                               ) -> list[StoredInstance]:
+        """The instances of a study, series or instance (`reads.stored_instances`), on the
+        primary: where the bytes are."""
+        return await reads.stored_instances(self._pool, *uids, site_id=site_id)
+
+    async def instance_metadata(self, *uids: str, site_id: int | None = None) -> list[bytes]:
+        """The stored DICOM JSON of each instance in scope (`reads.instance_metadata`)."""
+        return await self._reads.run(
+            lambda pool: reads.instance_metadata(pool, *uids, site_id=site_id))
