@@ -42,18 +42,31 @@ async def translated() -> AsyncIterator[None]:
     try:
         yield
     except DATABASE_UNAVAILABLE as exc:
-        raise IndexUnavailable(f"the index is unavailable ({type(exc).__name__})") from exc
+        raise _unavailable(exc) from exc
     except asyncpg.PostgresError as exc:
-        raise IndexFailure(f"the index refused a statement ({type(exc).__name__})") from exc
+        raise _failure(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> IndexUnavailable:
+    return IndexUnavailable(f"the index is unavailable ({type(exc).__name__})")
+
+
+def _failure(exc: BaseException) -> IndexFailure:
+    return IndexFailure(f"the index refused a statement ({type(exc).__name__})")
 
 
 def translating(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """`translated` around every call of an index function."""
+    """`translated` around every call of an index function (a plain try: no context manager
+    object per call)."""
 
     @functools.wraps(function)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        async with translated():
+        try:
             return await function(*args, **kwargs)
+        except DATABASE_UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise _failure(exc) from exc
 
     return call
 
