@@ -27,6 +27,7 @@ from ricord_archive.imports import ImportSessions
 from ricord_archive.index.audit import AuditWriter
 from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from ricord_archive.index.facade import Index
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
@@ -129,6 +130,7 @@ async def compose_services(
     async with pool.acquire() as conn:
         sites = {s.name: await ensure_site(conn, s) for s in config.sites}
     blobs = open_blob_store(config)
+    index = Index(pool, reads)
     if primary:
         await record_sites(blobs, sites.values())
     executor = ingest_executor(config)
@@ -139,9 +141,9 @@ async def compose_services(
     try:
         yield ArchiveServices(
             pool, keys, sites, blobs,
-            IngestService(pool, blobs, keys, sites, IngestSettings.of(config), executor, trail),
-            QueryService(pool, config.limits.qido_max_limit, reads),
-            RetrieveService(pool, blobs, reads), ImportSessions(pool, keys),
+            IngestService(index, blobs, keys, sites, IngestSettings.of(config), executor, trail),
+            QueryService(index, config.limits.qido_max_limit),
+            RetrieveService(index, blobs), ImportSessions(pool, keys),
             trail, writer,
         )
     finally:

@@ -16,9 +16,9 @@ from ricord_archive import audit
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import export, sheet
 from ricord_archive.deid import Keyring
-from ricord_archive.errors import BadRequest, StorageUnavailable
+from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
 from ricord_archive.index import clinical as index
-from ricord_archive.index.database import DATABASE_UNAVAILABLE, Pool
+from ricord_archive.index.database import Pool
 from ricord_archive.index.store import Site
 from ricord_archive.ingest import IngestService
 
@@ -87,7 +87,7 @@ class ClinicalService:
             await index.declare_columns(self.pool, self.site(site_name).id, columns.values())
         except (col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
-        except DATABASE_UNAVAILABLE as exc:
+        except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         log.info("site %s declared %d clinical columns", site_name, len(columns))
         return sorted(columns)
@@ -136,7 +136,7 @@ class ClinicalService:
             )
         except (sheet.SheetError, col.ColumnMapError, index.ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
-        except DATABASE_UNAVAILABLE as exc:
+        except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
         twice = [sheet.Refusal(line, col.ACCESSION, sheet.DUPLICATE_EXAMINATION,
                                "the examination is named by another row too")
@@ -157,7 +157,7 @@ class ClinicalService:
             rows = await index.clinical_rows(self.pool, wanted)
         except export.FilterError as exc:
             raise BadRequest(str(exc)) from None
-        except DATABASE_UNAVAILABLE as exc:
+        except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         extra = {k for row in rows for k in row} - set(export.OUTPUT_COLUMNS)
         self.trail.record(audit.clinical_exported(
@@ -181,6 +181,6 @@ async def split_filters(
         wanted = export.parse_filters(clinical, site_id, declared) if clinical else None
     except export.FilterError as exc:
         raise BadRequest(str(exc)) from None
-    except DATABASE_UNAVAILABLE as exc:
+    except IndexUnavailable as exc:
         raise StorageUnavailable("the index is unavailable; try again later") from exc
     return wanted, {k: v for k, v in filters.items() if k not in keys}

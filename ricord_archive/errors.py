@@ -131,3 +131,13 @@ class Gone(ArchiveError):
     """What was asked for existed and no longer does (e.g. a frozen object since replaced)."""
 
     http_status = 410
+
+
+class IndexFailure(Exception):
+    """The index failed (a refused statement or a lost server), raised by `index/` instead of
+    the database driver's errors; the services turn it into an ArchiveError (never shown as
+    is: its text names only the driver's error class)."""
+
+
+class IndexUnavailable(IndexFailure):
+    """The index's database is lost or unreachable: what was asked may be asked again."""

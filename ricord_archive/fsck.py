@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from ricord_archive import metrics
 from ricord_archive.blobstore import BlobStore, FileBlobStore
-from ricord_archive.index.database import DATABASE_ERRORS, Pool
+from ricord_archive.errors import IndexFailure
+from ricord_archive.index.database import Pool
+from ricord_archive.index.maintenance import advisory_lock, instance_blobs
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,13 @@ async def check(pool: Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> F
     """Compare every index row with the blob store (one pass over each)."""
     on_disk, young, partial = await asyncio.to_thread(_scan, blobs, time.time(), grace)
     report = FsckReport(partial_writes=partial)
-    async with pool.acquire() as conn, conn.transaction():
-        async for row in conn.cursor("SELECT sop_uid, blob_key, size_bytes FROM instance"):
-            report.indexed += 1
-            size = on_disk.pop(row["blob_key"], None)
-            if size is None:
-                report.missing_blobs.append(row["sop_uid"])
-            elif size != row["size_bytes"]:
-                report.wrong_size.append(row["sop_uid"])
+    async for sop_uid, blob_key, size_bytes in instance_blobs(pool):
+        report.indexed += 1
+        size = on_disk.pop(blob_key, None)
+        if size is None:
+            report.missing_blobs.append(sop_uid)
+        elif size != size_bytes:
+            report.wrong_size.append(sop_uid)
     recent = set(young)
     report.orphan_blobs = sorted(key for key in on_disk if key not in recent)
     return report
@@ -96,7 +97,7 @@ async def report_at_start(pool: Pool, blobs: BlobStore) -> None:
     """The start-up check, in report mode: counts in the log, nothing changed."""
     try:
         report = await check(pool, blobs)
-    except DATABASE_ERRORS as exc:
+    except IndexFailure as exc:
         log.warning("fsck at start-up could not run: %s", type(exc).__name__)
         return
     if report.clean:
@@ -118,16 +119,13 @@ async def collect_orphans(pool: Pool, blobs: BlobStore, interval: float,
     while True:
         await asyncio.sleep(interval)
         try:
-            async with pool.acquire() as conn:
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _COLLECTOR_LOCK):
+            async with advisory_lock(pool, _COLLECTOR_LOCK) as locked:
+                if not locked:
                     metrics.ORPHAN_RUNS.labels("skipped").inc()
                     continue
-                try:
-                    report = await check(pool, blobs, grace)
-                    removed = await repair(blobs, report)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _COLLECTOR_LOCK)
-        except DATABASE_ERRORS as exc:
+                report = await check(pool, blobs, grace)
+                removed = await repair(blobs, report)
+        except IndexFailure as exc:
             metrics.ORPHAN_RUNS.labels("failed").inc()
             log.warning("orphan collector could not run: %s", type(exc).__name__)
             continue

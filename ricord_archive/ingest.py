@@ -45,21 +45,15 @@ from ricord_archive.dicom_json import (
 from ricord_archive.errors import (
     ArchiveError,
     DuplicateRefused,
+    IndexFailure,
     InvalidObject,
     NotFound,
     RefusedObject,
     StorageUnavailable,
     StudyMismatch,
 )
-from ricord_archive.index.database import DATABASE_ERRORS, Pool
-from ricord_archive.index.reads import study_owner
-from ricord_archive.index.store import (
-    NewInstance,
-    Patient,
-    Site,
-    count_refusal,
-    store_instance,
-)
+from ricord_archive.index.facade import Index
+from ricord_archive.index.store import NewInstance, Patient, Site
 from ricord_archive.patients import PatientDirectory
 
 log = logging.getLogger(__name__)
@@ -269,18 +263,18 @@ class IngestService:
     core and never holds the event loop's GIL), else threads."""
 
     def __init__(
-        self, pool: Pool, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
+        self, index: Index, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
         config: IngestSettings, executor: Executor | None = None,
         trail: audit.AuditTrail = audit.NO_AUDIT,
     ) -> None:
-        self.pool = pool
+        self.index = index
         self.blobs = blobs
         self.keys = keys
         self.sites = sites
         self.config = config  # the settings of ingest only (no Config)
         self.executor = executor
         self.trail = trail
-        self.patients = PatientDirectory(pool, keys, blobs)
+        self.patients = PatientDirectory(index, keys, blobs)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -339,8 +333,8 @@ class IngestService:
     async def _count_refusal(self, site: Site, refusal: RefusedObject) -> None:
         log.info("refused an object from site %s: %s", site.name, refusal.reason)
         try:
-            await count_refusal(self.pool, site, refusal.reason)
-        except DATABASE_ERRORS as exc:
+            await self.index.count_refusal(site, refusal.reason)
+        except IndexFailure as exc:
             log.warning("could not count a refusal: %s", type(exc).__name__)
 
     async def _store_admitted(
@@ -358,7 +352,7 @@ class IngestService:
             patient = await self.patients.resolve(
                 site, site_config, admitted.patient_id, admitted.issuer
             )
-        except DATABASE_ERRORS as exc:
+        except IndexFailure as exc:
             raise StorageUnavailable("the index is unavailable; send again later") from exc
         context = DeidContext(
             site.siteid, patient.pseudonym, patient.date_offset_days, self.keys,
@@ -383,15 +377,15 @@ class IngestService:
             if walked is not None:  # the index statement waits for the durable write anyway
                 new = describe_walked(walked, await written)
             new = replace(new, blob_key=key)
-            row = await store_instance(
-                self.pool, site, patient, new, self.config.duplicates, written
+            row = await self.index.store_instance(
+                site, patient, new, self.config.duplicates, written
             )
         except BaseException as exc:
             await self._discard(written, key)
             if isinstance(exc, OSError):
                 raise StorageUnavailable("the blob store is unavailable; send again later") \
                     from exc
-            if isinstance(exc, DATABASE_ERRORS):
+            if isinstance(exc, IndexFailure):
                 raise StorageUnavailable("the index is unavailable; send again later") from exc
             raise
         rec = new.record
@@ -426,7 +420,7 @@ class IngestService:
         as `store` is."""
         site: Site | None = None
         try:
-            owner = await study_owner(self.pool, str(dataset.StudyInstanceUID))
+            owner = await self.index.study_owner(str(dataset.StudyInstanceUID))
             if owner is None:
                 raise NotFound("no such study")
             site = owner[0]
@@ -450,11 +444,11 @@ class IngestService:
         key = self.blobs.new_key()
         written = asyncio.ensure_future(asyncio.to_thread(self.blobs.write, key, data))
         try:
-            row = await store_instance(self.pool, site, patient, replace(new, blob_key=key),
-                                       "overwrite", written)
+            row = await self.index.store_instance(site, patient, replace(new, blob_key=key),
+                                                  "overwrite", written)
         except BaseException as exc:
             await self._discard(written, key)
-            if isinstance(exc, (OSError, *DATABASE_ERRORS)):
+            if isinstance(exc, (OSError, IndexFailure)):
                 raise StorageUnavailable("the archive's storage is unavailable; try again "
                                          "later") from exc
             raise

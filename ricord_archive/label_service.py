@@ -21,9 +21,9 @@ import orjson
 
 from ricord_archive import audit
 from ricord_archive.deid import Keyring
-from ricord_archive.errors import BadRequest, StorageUnavailable
+from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
 from ricord_archive.index import labels as index
-from ricord_archive.index.database import DATABASE_UNAVAILABLE, Pool, reporting_outages
+from ricord_archive.index.database import Pool, reporting_outages
 from ricord_archive.index.labels import AnnotationFilter, Counts
 from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
@@ -98,7 +98,7 @@ class LabelService:
             counts = await index.store_schema(self.pool, schema.groups, schema.labels)
         except SchemaError as exc:
             raise BadRequest(str(exc)) from None
-        except DATABASE_UNAVAILABLE as exc:
+        except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         log.info("labelling schema %s: %d labels imported, %d updated, %d unchanged", name,
                  counts.imported, counts.updated, counts.unchanged)
@@ -138,7 +138,7 @@ class LabelService:
                 self.pool, parsed.groups, parsed.labels, stored, keep_notes)
         except mdai.ExportError as exc:
             raise BadRequest(str(exc)) from None
-        except DATABASE_UNAVAILABLE as exc:
+        except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
         absent = [mdai.Refusal(x.position, NOT_IN_ARCHIVE)
                   for x, h in zip(located, held, strict=True) if not h]

@@ -18,8 +18,9 @@ from ricord_archive.config import SiteConfig
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.errors import StorageUnavailable
 from ricord_archive.index.database import Pool
+from ricord_archive.index.facade import Index
 from ricord_archive.index.reads import known_patients
-from ricord_archive.index.store import Patient, PatientEntry, Site, patient_for
+from ricord_archive.index.store import Patient, PatientEntry, Site
 from ricord_archive.records import PatientRecord
 
 _CACHE_SIZE = 100_000
@@ -49,8 +50,8 @@ class PatientDirectory:
     Pseudonyms and date offsets never change once allocated, so a node keeps what it looked
     up: a cached patient costs one keyed hash and one dict lookup, no database round trip."""
 
-    def __init__(self, pool: Pool, keys: Keyring, blobs: BlobStore) -> None:
-        self.pool = pool
+    def __init__(self, index: Index, keys: Keyring, blobs: BlobStore) -> None:
+        self.index = index
         self.keys = keys
         self.blobs = blobs
         self._cache: dict[tuple[int, bytes], Patient] = {}
@@ -64,8 +65,8 @@ class PatientDirectory:
         key = self.keys.patient_key(site.siteid, patient_id, issuer)
         cached = self._cache.get((site.id, key))
         if cached is None:
-            entry = await patient_for(
-                self.pool, site, self.keys.patient_keys(site.siteid, patient_id, issuer)
+            entry = await self.index.patient(
+                site, self.keys.patient_keys(site.siteid, patient_id, issuer)
             )
             await self._record(site, entry)  # once per patient and process
             if len(self._cache) >= _CACHE_SIZE:

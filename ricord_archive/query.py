@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 
 from ricord_archive.dicom_json import INSTANCE_TAGS
-from ricord_archive.index.database import Pool, reporting_outages
-from ricord_archive.index.replica import Reads
-from ricord_archive.index.search import COUNT_CAP, Found, search
+from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.facade import Index
+from ricord_archive.index.search import COUNT_CAP, Found
 from ricord_archive.matching import Level, Query
 
 PATIENT_TAGS = frozenset({
@@ -85,12 +85,11 @@ def _instance(row: Found, query: Query, cache: dict[str, dict]) -> dict[str, Any
 
 
 class QueryService:
-    """Searches go to `reads` (a read replica when one is configured) unless `fresh`."""
+    """Searches go to the index's read replica, when one is configured, unless `fresh`."""
 
-    def __init__(self, pool: Pool, max_limit: int, reads: Reads | None = None) -> None:
-        self.pool = pool
+    def __init__(self, index: Index, max_limit: int) -> None:
+        self.index = index
         self.max_limit = max_limit
-        self.reads = reads or Reads(pool)
 
     async def search(
         self, query: Query, site_id: int | None = None, fresh: bool = False,
@@ -102,10 +101,7 @@ class QueryService:
             query = replace(query, site_id=site_id)
         level = query.level
         async with reporting_outages():
-            if fresh:
-                page = await search(self.pool, query)
-            else:
-                page = await self.reads.run(lambda pool: search(pool, query))
+            page = await self.index.search(query, fresh)
         cache: dict[str, dict] = {}
         if level is Level.INSTANCE:
             documents = [_instance(row, query, cache) for row in page.rows]

@@ -16,9 +16,8 @@ from ricord_archive import pixels
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.dicom_io import pixel_data_location
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
-from ricord_archive.index.database import Pool, reporting_outages
-from ricord_archive.index.reads import instance_metadata, stored_instances
-from ricord_archive.index.replica import Reads
+from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.facade import Index
 from ricord_archive.instances import StoredInstance
 from ricord_archive.rendering import RenderOptions, render
 
@@ -36,10 +35,9 @@ class Frames:
 
 
 class RetrieveService:
-    def __init__(self, pool: Pool, blobs: BlobStore, reads: Reads | None = None) -> None:
-        self.pool = pool
+    def __init__(self, index: Index, blobs: BlobStore) -> None:
+        self.index = index  # metadata from its read replica when configured, the rest not
         self.blobs = blobs
-        self.reads = reads or Reads(pool)  # metadata only: a read replica when configured
 
     async def instances(
         self, *uids: str, site_id: int | None = None
@@ -47,7 +45,7 @@ class RetrieveService:
         """The stored instances in scope with their blobs; NotFound when there are none.
         With `site_id`, another site's objects are as if they did not exist."""
         async with reporting_outages():
-            found = await stored_instances(self.pool, *uids, site_id=site_id)
+            found = await self.index.stored_instances(*uids, site_id=site_id)
         if not found:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return [(item, self._blob(item)) for item in found]
@@ -70,10 +68,10 @@ class RetrieveService:
             if len(scope) == 3:
                 members.setdefault(scope[:2], set()).add(scope[2])
             else:
-                for item in await stored_instances(self.pool, *scope):
+                for item in await self.index.stored_instances(*scope):
                     found.setdefault(item.sop_uid, item)
         for series, sop_uids in members.items():
-            for item in await stored_instances(self.pool, *series):
+            for item in await self.index.stored_instances(*series):
                 if item.sop_uid in sop_uids:
                     found.setdefault(item.sop_uid, item)
         return [(item, self._blob(item)) for item in found.values()]
@@ -153,9 +151,7 @@ class RetrieveService:
     async def metadata(self, *uids: str, site_id: int | None = None) -> bytes:
         """A DICOM JSON array of the instances in scope, assembled from stored documents."""
         async with reporting_outages():
-            documents = await self.reads.run(
-                lambda pool: instance_metadata(pool, *uids, site_id=site_id)
-            )
+            documents = await self.index.instance_metadata(*uids, site_id=site_id)
         if not documents:
             raise NotFound(f"no such {_LEVEL[len(uids) - 1]}")
         return b"[" + b",".join(documents) + b"]"

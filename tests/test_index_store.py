@@ -18,15 +18,17 @@ from ricord_archive.config import SiteConfig
 from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
-from ricord_archive.errors import RefusedObject
+from ricord_archive.errors import IndexFailure, IndexUnavailable, RefusedObject
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.search import search
 from ricord_archive.index.store import (
+    _STORE_PARAMETERS,
     NewInstance,
     Patient,
     Site,
     StoredRow,
+    count_refusal,
     ensure_site,
     patient_for,
     store_instance,
@@ -177,6 +179,31 @@ def test_conflicts_and_the_duplicate_policy_leave_counts_alone(index):
         assert await ix.counts(Level.PATIENT) == [(1, 1, 1), (0, 0, 0)]
         assert await ix.counts(Level.STUDY) == [(1, 1)]
         assert await ix.pool.fetchval("SELECT count(*) FROM series") == 1
+
+    index(scenario)
+
+
+def test_index_failures_are_its_own_and_a_blob_write_failure_stays_an_os_error(index):
+    async def failed_write() -> None:
+        raise OSError("no space left on device")
+
+    async def scenario(ix: Index) -> None:
+        arguments = await ix.pool.fetchval(
+            "SELECT pronargs FROM pg_proc WHERE proname = 'store_instance'")
+        assert arguments == len(_STORE_PARAMETERS)
+        patient = await ix.patient(b"p" * 32)
+        with pytest.raises(OSError) as failed:
+            await store_instance(ix.pool, ix.site, patient, instance(1, 1, 1), "keep-first",
+                                 failed_write())
+        assert not isinstance(failed.value, IndexFailure)
+        assert await ix.pool.fetchval("SELECT count(*) FROM instance") == 0
+        with pytest.raises(IndexFailure) as refused:  # no such site: a refused statement
+            await count_refusal(ix.pool, replace(ix.site, id=ix.site.id + 1000), "refused")
+        assert not isinstance(refused.value, IndexUnavailable)
+        assert isinstance(refused.value.__cause__, asyncpg.PostgresError)
+        await ix.pool.close()
+        with pytest.raises(IndexUnavailable):
+            await ix.store(patient, instance(1, 1, 1))
 
     index(scenario)
 

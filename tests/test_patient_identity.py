@@ -23,6 +23,7 @@ from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import ConfigError, SiteConfig, load_config
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.index.database import create_pool
+from ricord_archive.index.facade import Index
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.store import Site, ensure_site, patient_for
 from ricord_archive.patients import PatientDirectory, find_patients
@@ -124,7 +125,7 @@ def test_a_legacy_patient_is_claimed_by_the_first_issuer_only(cluster, request, 
             legacy = await _old_code_patient(conn, site, "MRN-1")
             await migrate(conn)  # the archive upgraded: 012 and whatever follows
         site_config = SiteConfig("site-a")
-        directory = PatientDirectory(pool, keys, FileBlobStore(tmp_path / "blobs"))
+        directory = PatientDirectory(Index(pool), keys, FileBlobStore(tmp_path / "blobs"))
 
         async def find(issuer: str) -> str | None:
             [found] = await find_patients(pool, keys, site, site_config, [("MRN-1", issuer)])
@@ -139,7 +140,7 @@ def test_a_legacy_patient_is_claimed_by_the_first_issuer_only(cluster, request, 
         assert (await directory.resolve(site, site_config, "MRN-1", "HOSP-A")).pseudonym == legacy
         assert (await directory.resolve(site, site_config, "MRN-1")).pseudonym == legacy
         # a fresh node (no cache) reads the same from the index
-        fresh = PatientDirectory(pool, keys, FileBlobStore(tmp_path / "blobs"))
+        fresh = PatientDirectory(Index(pool), keys, FileBlobStore(tmp_path / "blobs"))
         assert (await fresh.resolve(site, site_config, "MRN-1", "HOSP-B")) == second
         assert await find("HOSP-A") == legacy and await find("HOSP-B") == second.pseudonym
         assert await find("HOSP-C") is None  # the legacy patient is taken: HOSP-C is new

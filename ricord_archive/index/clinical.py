@@ -19,6 +19,7 @@ import orjson
 from ricord_archive.clinical.columns import ACCESSION, BUILT_IN, IDENTIFIERS, STUDY_DATE, Column
 from ricord_archive.clinical.export import ClinicalFilter, ColumnFilter
 from ricord_archive.clinical.sheet import ExamRow
+from ricord_archive.index.database import translating
 
 _BUILT_IN_COLUMNS = tuple(BUILT_IN.values())  # age, sex, test_method, test_result, test_date
 
@@ -35,6 +36,7 @@ class Stored:
     named_twice: list[int]  # lines naming an examination another row of the sheet names
 
 
+@translating
 async def declared_columns(pool: asyncpg.Pool, site_id: int | None) -> list[Column]:
     """The columns declared at a site (None: at every site)."""
     rows = await pool.fetch(
@@ -58,6 +60,7 @@ async def _declare(conn: asyncpg.Connection, site_id: int, columns: Collection[C
                                  "before; a column keeps its type")
 
 
+@translating
 async def declare_columns(pool: asyncpg.Pool, site_id: int, columns: Collection[Column]) -> None:
     """Record a column map's declarations for a site (a column keeps its kind)."""
     async with pool.acquire() as conn, conn.transaction():
@@ -117,6 +120,7 @@ async def _same_examinations(
     return keep, {p["pk"] for p in promoted}, twice
 
 
+@translating
 async def store_rows(
     pool: asyncpg.Pool, site_id: int, rows: Sequence[tuple[int, ExamRow]],
     present: frozenset[str], declared: Collection[Column],
@@ -154,6 +158,7 @@ async def store_rows(
     return Stored(imported, updated, len(keep) - imported - updated, twice)
 
 
+@translating
 async def studies_absent(pool: asyncpg.Pool, site_id: int, rows: Sequence[ExamRow]) -> int:
     """How many of a sheet's examinations have no study in the archive yet."""
     return await pool.fetchval(
@@ -210,6 +215,7 @@ _FROM = ("FROM clinical_exam e JOIN patient p ON p.pk = e.patient_pk "
          "JOIN site si ON si.id = e.site_id")
 
 
+@translating
 async def matching_study_uids(pool: asyncpg.Pool, wanted: ClinicalFilter) -> set[str]:
     """The de-identified StudyInstanceUIDs of the studies in the archive whose clinical rows
     match `wanted`."""
@@ -221,6 +227,7 @@ async def matching_study_uids(pool: asyncpg.Pool, wanted: ClinicalFilter) -> set
     return {r[0] for r in rows}
 
 
+@translating
 async def clinical_rows(
     pool: asyncpg.Pool, wanted: ClinicalFilter, study_uids: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:

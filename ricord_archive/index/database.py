@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ricord_archive import metrics
-from ricord_archive.errors import StorageUnavailable
+from ricord_archive.errors import IndexFailure, IndexUnavailable, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,8 @@ DATABASE_UNAVAILABLE = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
     OSError, asyncio.TimeoutError,
 )
-# Any failure of the index (a refused statement as well as a lost server): what services
-# outside `index/` catch, so that no module but this package names asyncpg.
-DATABASE_ERRORS = (asyncpg.PostgresError, *DATABASE_UNAVAILABLE)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # The index's handles, as the services and tools see them (only `index/` uses their methods'
 # SQL; the others pass them through to `index/` functions).
@@ -34,11 +34,49 @@ Connection: TypeAlias = asyncpg.Connection
 
 
 @contextlib.asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """The driver's failures as the index's own (errors.IndexUnavailable for a lost or
+    unreachable database, IndexFailure for a refused statement), so that no module outside
+    `index/` names asyncpg or its exceptions. Only around database work: an OSError of
+    anything else (a blob write) must stay what it is."""
+    try:
+        yield
+    except DATABASE_UNAVAILABLE as exc:
+        raise _unavailable(exc) from exc
+    except asyncpg.PostgresError as exc:
+        raise _failure(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> IndexUnavailable:
+    return IndexUnavailable(f"the index is unavailable ({type(exc).__name__})")
+
+
+def _failure(exc: BaseException) -> IndexFailure:
+    return IndexFailure(f"the index refused a statement ({type(exc).__name__})")
+
+
+def translating(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """`translated` around every call of an index function (a plain try: no context manager
+    object per call)."""
+
+    @functools.wraps(function)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await function(*args, **kwargs)
+        except DATABASE_UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise _failure(exc) from exc
+
+    return call
+
+
+@contextlib.asynccontextmanager
 async def reporting_outages() -> AsyncIterator[None]:
     """Turn a lost database into StorageUnavailable (503, C-STORE 0xA700) for the caller."""
     try:
         yield
-    except DATABASE_UNAVAILABLE as exc:
+    except (IndexUnavailable, *DATABASE_UNAVAILABLE) as exc:
         raise StorageUnavailable("the index is unavailable; try again later") from exc
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ricord_archive.index.database import translating
 from ricord_archive.labels.model import (
     Annotation,
     AnnotationMode,
@@ -81,6 +82,7 @@ async def _store_labels(conn: asyncpg.Connection, labels: Sequence[Label]) -> Co
     return _counts(rows, len(labels))
 
 
+@translating
 async def store_schema(pool: asyncpg.Pool, groups: Sequence[LabelGroup],
                        labels: Sequence[Label]) -> Counts:
     """Store label groups and labels in one transaction; counts of labels."""
@@ -93,6 +95,7 @@ _ANNOTATION_COLUMNS = ("label_id", "study_uid", "series_uid", "sop_uid", "frame"
                        "geometry", "note", "created_at", "updated_at")
 
 
+@translating
 async def store(
     pool: asyncpg.Pool, groups: Sequence[LabelGroup], labels: Sequence[Label],
     annotations: Sequence[Annotation], keep_notes: bool,
@@ -124,6 +127,7 @@ async def store(
     return label_counts, _counts(rows, len(annotations))
 
 
+@translating
 async def held(pool: asyncpg.Pool, annotations: Sequence[Annotation]) -> list[bool]:
     """For each annotation, whether the archive holds what it names: the study, the series
     in that study, the instance in that series."""
@@ -149,11 +153,13 @@ def _label(row: asyncpg.Record) -> Label:
                                         row["code_meaning"]))
 
 
+@translating
 async def groups(pool: asyncpg.Pool) -> list[LabelGroup]:
     rows = await pool.fetch("SELECT id, name FROM label_group ORDER BY id")
     return [LabelGroup(r["id"], r["name"]) for r in rows]
 
 
+@translating
 async def labels(pool: asyncpg.Pool) -> list[Label]:
     rows = await pool.fetch(f"SELECT id, {', '.join(_LABEL_COLUMNS)} FROM label "
                             "ORDER BY group_id, id")
@@ -178,6 +184,7 @@ _FROM = ("FROM annotation a JOIN label l ON l.id = a.label_id "
          "JOIN label_group g ON g.id = l.group_id")
 
 
+@translating
 async def stored_annotations(pool: asyncpg.Pool, wanted: AnnotationFilter) -> list[Annotation]:
     """The stored annotations matching `wanted`, by study, series, instance, frame, reader."""
     where, params = _where(wanted)
@@ -193,6 +200,7 @@ async def stored_annotations(pool: asyncpg.Pool, wanted: AnnotationFilter) -> li
     ) for r in rows]
 
 
+@translating
 async def global_choices(pool: asyncpg.Pool, group: str | None = None,
                          study_uids: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     """(StudyInstanceUID, reader, label name) of every global annotation, of one label group
@@ -206,15 +214,18 @@ async def global_choices(pool: asyncpg.Pool, group: str | None = None,
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+@translating
 async def group_exists(pool: asyncpg.Pool, group: str) -> bool:
     return await pool.fetchval(
         "SELECT EXISTS (SELECT 1 FROM label_group WHERE id = $1 OR name = $1)", group)
 
 
+@translating
 async def label_exists(pool: asyncpg.Pool, name: str) -> bool:
     return await pool.fetchval("SELECT EXISTS (SELECT 1 FROM label WHERE name = $1)", name)
 
 
+@translating
 async def studies_labelled(pool: asyncpg.Pool, name: str) -> list[str]:
     """The studies any reader gave a label of this name (on the examination or its images)."""
     rows = await pool.fetch(

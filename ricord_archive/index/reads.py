@@ -8,6 +8,7 @@ from dataclasses import fields
 import asyncpg
 
 from ricord_archive.deid.keys import PatientKeys
+from ricord_archive.index.database import translating
 from ricord_archive.index.store import PATIENT_COLUMNS, Patient, Site, patient_entry
 from ricord_archive.instances import StoredInstance
 
@@ -37,6 +38,7 @@ def _where(uids: tuple[str, ...], site_id: int | None) -> tuple[str, list]:
     return f"{scope} AND st.site_id = ${len(uids) + 1}", [*uids, site_id]
 
 
+@translating
 async def stored_instances(
     pool: asyncpg.Pool, *uids: str, site_id: int | None = None
 ) -> list[StoredInstance]:
@@ -50,6 +52,7 @@ async def stored_instances(
     return [StoredInstance(**dict(r)) for r in rows]
 
 
+@translating
 async def instance_metadata(
     pool: asyncpg.Pool, *uids: str, site_id: int | None = None
 ) -> list[bytes]:
@@ -60,12 +63,14 @@ async def instance_metadata(
     return [r["dicom_json"] for r in rows]
 
 
+@translating
 async def site_by_name(pool: asyncpg.Pool, name: str) -> Site | None:
     """The index row of a configured site, or None before the archive first started with it."""
     row = await pool.fetchrow("SELECT id, name, siteid FROM site WHERE name = $1", name)
     return Site(row["id"], row["name"], row["siteid"]) if row is not None else None
 
 
+@translating
 async def study_owner(pool: asyncpg.Pool, study_uid: str) -> tuple[Site, Patient] | None:
     """The site and patient a stored study is filed under, None when the index has no such
     study."""
@@ -81,6 +86,7 @@ async def study_owner(pool: asyncpg.Pool, study_uid: str) -> tuple[Site, Patient
             Patient(row["pk"], row["pseudonym"], row["date_offset_days"]))
 
 
+@translating
 async def known_patients(
     pool: asyncpg.Pool, site: Site, wanted: list[PatientKeys]
 ) -> list[Patient | None]:

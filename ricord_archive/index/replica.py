@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from ricord_archive import metrics
+from ricord_archive.errors import IndexFailure
 from ricord_archive.index.database import DATABASE_UNAVAILABLE, keep_session
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,14 @@ class Reads:
         if self._available and self._replica is not None:
             try:
                 return await operation(self._replica)
-            except _GONE as exc:
-                self._fall_back(exc)
-            except _REPLAY_CONFLICT:
-                pass  # this one read only: answered by the primary
+            except (IndexFailure, *_GONE, _REPLAY_CONFLICT) as exc:
+                # the driver's error, whether `operation` translated it (`translating`) or not
+                cause = exc.__cause__ if isinstance(exc, IndexFailure) else exc
+                if isinstance(cause, _GONE):
+                    self._fall_back(cause)
+                elif not isinstance(cause, _REPLAY_CONFLICT):
+                    raise
+                # else a replay conflict: this one read only is answered by the primary
         return await operation(self.primary)
 
     def _where(self) -> str:

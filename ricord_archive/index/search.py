@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ricord_archive.index.database import translating
 from ricord_archive.index.query_sql import COUNT_CAP, page_sql, rest_count_sql
 from ricord_archive.matching import Query
 
@@ -40,6 +41,7 @@ class Page:
     more: int  # how many further matches exist past this page (COUNT_CAP: at least that many)
 
 
+@translating
 async def search(pool: asyncpg.Pool, query: Query) -> Page:
     sql, arguments = page_sql(query)
     async with pool.acquire() as conn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.dicom_io import PixelDataLocation
 from ricord_archive.dicom_json import InstanceRecord
 from ricord_archive.errors import RefusedObject
+from ricord_archive.index.database import translated, translating
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class NewInstance:
     instance_json: bytes
 
 
+@translating
 async def ensure_site(conn: asyncpg.Connection, site: SiteConfig) -> Site:
     """The index row of a configured site; a new site gets a fresh random SITEID."""
     row = await conn.fetchrow("SELECT id, name, siteid FROM site WHERE name = $1", site.name)
@@ -134,6 +137,7 @@ def patient_entry(row: asyncpg.Record) -> PatientEntry:
                         key("patient_key"), key("issuer_key"))
 
 
+@translating
 async def patient_for(pool: asyncpg.Pool, site: Site, keys: PatientKeys) -> PatientEntry:
     """The patient filed under `keys.key`; else (an object naming an issuer) the patient that
     holds only the issuer-less `keys.legacy`, which this claims; else a new patient, its
@@ -164,6 +168,7 @@ async def patient_for(pool: asyncpg.Pool, site: Site, keys: PatientKeys) -> Pati
     return patient_entry(row)
 
 
+@translating
 async def count_refusal(pool: asyncpg.Pool, site: Site, reason: str) -> None:
     await pool.execute(
         "INSERT INTO refusal (site_id, reason) VALUES ($1, $2) ON CONFLICT (site_id, reason) "
@@ -172,6 +177,7 @@ async def count_refusal(pool: asyncpg.Pool, site: Site, reason: str) -> None:
     )
 
 
+@translating
 async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
     """(site name, reason, count) for every refusal reason seen."""
     rows = await pool.fetch(
@@ -181,9 +187,43 @@ async def refusal_counts(pool: asyncpg.Pool) -> list[tuple[str, str, int]]:
     return [(r["name"], r["reason"], r["count"]) for r in rows]
 
 
+@dataclass(frozen=True)
+class _StoreCall:
+    """What one call of the store_instance SQL function is made of."""
+
+    site: Site
+    patient: Patient
+    new: NewInstance
+    on_conflict: str
+
+    @property
+    def pixel_data_offset(self) -> int | None:
+        return self.new.pixel_data.offset if self.new.pixel_data else None
+
+    @property
+    def pixel_data_length(self) -> int | None:
+        return self.new.pixel_data.length if self.new.pixel_data else None
+
+
+# The store_instance function's parameters (migrations/009), in its order, as paths into a
+# _StoreCall: the one place the instance row is spelled out for the index.
+_STORE_PARAMETERS = (
+    "patient.pk", "site.id",
+    "new.record.study_uid", "new.record.study_date", "new.record.study_time",
+    "new.record.accession_number", "new.record.study_id", "new.record.patient_sex",
+    "new.record.patient_age", "new.study_json",
+    "new.record.series_uid", "new.record.modality", "new.record.series_number",
+    "new.record.pps_start_date", "new.record.pps_start_time", "new.series_json",
+    "new.record.sop_uid", "new.record.sop_class_uid", "new.record.instance_number",
+    "new.transfer_syntax_uid", "new.blob_key", "new.size_bytes", "new.sha256",
+    "new.instance_json", "pixel_data_offset", "pixel_data_length",
+    "new.record.number_of_frames", "new.record.rows", "new.record.columns",
+    "new.record.samples_per_pixel", "new.record.bits_allocated", "on_conflict",
+)
+_ARGUMENTS = operator.attrgetter(*_STORE_PARAMETERS)
 _STORE = (
     "SELECT outcome, stored_sha256, replaced_blob_key FROM store_instance("
-    + ", ".join(f"${n}" for n in range(1, 33)) + ")"
+    + ", ".join(f"${n}" for n in range(1, len(_STORE_PARAMETERS) + 1)) + ")"
 )
 
 
@@ -200,36 +240,24 @@ async def store_instance(
     again (at most TRANSIENT_ATTEMPTS in all). If the write fails, its error is raised and the
     index is not touched. `on_conflict` is the duplicate policy for a re-sent SOP Instance UID
     with other content: 'keep-first', 'reject' or 'overwrite'."""
-    rec, pixels = new.record, new.pixel_data
-    await blob_written
+    await blob_written  # its OSError stays an OSError: the blob store's failure, not the index's
+    arguments = _ARGUMENTS(_StoreCall(site, patient, new, on_conflict))
     attempt = 1
-    while True:
-        try:
-            row = await pool.fetchrow(
-                _STORE,
-                patient.pk, site.id,
-                rec.study_uid, rec.study_date, rec.study_time, rec.accession_number,
-                rec.study_id, rec.patient_sex, rec.patient_age, new.study_json,
-                rec.series_uid, rec.modality, rec.series_number, rec.pps_start_date,
-                rec.pps_start_time, new.series_json,
-                rec.sop_uid, rec.sop_class_uid, rec.instance_number,
-                new.transfer_syntax_uid, new.blob_key, new.size_bytes, new.sha256,
-                new.instance_json,
-                pixels.offset if pixels else None, pixels.length if pixels else None,
-                rec.number_of_frames, rec.rows, rec.columns, rec.samples_per_pixel,
-                rec.bits_allocated, on_conflict,
-            )
-            break
-        except _TRANSIENT as exc:
-            if attempt >= TRANSIENT_ATTEMPTS:
+    async with translated():
+        while True:
+            try:
+                row = await pool.fetchrow(_STORE, *arguments)
+                break
+            except _TRANSIENT as exc:
+                if attempt >= TRANSIENT_ATTEMPTS:
+                    raise
+                log.info("instance transaction aborted (%s), attempt %d of %d: running it "
+                         "again", exc.sqlstate, attempt, TRANSIENT_ATTEMPTS)
+                attempt += 1
+                await asyncio.sleep(0.01 * 2**attempt)
+            except asyncpg.PostgresError as exc:
+                if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
+                    raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
+                                        "relational-mismatch") from None
                 raise
-            log.info("instance transaction aborted (%s), attempt %d of %d: running it again",
-                     exc.sqlstate, attempt, TRANSIENT_ATTEMPTS)
-            attempt += 1
-            await asyncio.sleep(0.01 * 2**attempt)
-        except asyncpg.PostgresError as exc:
-            if getattr(exc, "sqlstate", None) == _RELATIONAL_CONFLICT:
-                raise RefusedObject(exc.args[0] if exc.args else "relational conflict",
-                                    "relational-mismatch") from None
-            raise
     return StoredRow(row["outcome"], row["stored_sha256"], row["replaced_blob_key"])

@@ -1,0 +1,67 @@
+"""The index as the services see it (Orthanc's ServerIndex is the model): one object built
+from the pool, which owns the transactions, speaks domain types (sites, patients, instances)
+and fails with `errors.IndexFailure` / `IndexUnavailable`, never the driver's errors.
+
+Ingest, query and retrieve go through it; the other services still call the `index/`
+modules with the pool (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from ricord_archive.deid.keys import PatientKeys
+from ricord_archive.index import reads, store
+from ricord_archive.index.database import Pool
+from ricord_archive.index.replica import Reads
+from ricord_archive.index.search import Page, search
+from ricord_archive.index.store import NewInstance, Patient, PatientEntry, Site, StoredRow
+from ricord_archive.instances import StoredInstance
+from ricord_archive.matching import Query
+
+
+class Index:
+    """The index of one archive, over its connection pool; searches and metadata go to
+    `replica` (a read replica when one is configured), everything else to the primary."""
+
+    def __init__(self, pool: Pool, replica: Reads | None = None) -> None:
+        self._pool = pool
+        self._reads = replica or Reads(pool)
+
+    async def patient(self, site: Site, keys: PatientKeys) -> PatientEntry:
+        """The patient `keys` names at the site, claimed or allocated on first sight."""
+        return await store.patient_for(self._pool, site, keys)
+
+    async def store_instance(
+        self, site: Site, patient: Patient, new: NewInstance, on_conflict: str,
+        blob_written: Awaitable[object],
+    ) -> StoredRow:
+        """Index one instance once its blob is written (`store.store_instance`): the blob
+        write's own error (an OSError) passes through as it is."""
+        return await store.store_instance(self._pool, site, patient, new, on_conflict,
+                                          blob_written)
+
+    async def study_owner(self, study_uid: str) -> tuple[Site, Patient] | None:
+        """The site and patient a stored study is filed under; None when not held."""
+        return await reads.study_owner(self._pool, study_uid)
+
+    async def count_refusal(self, site: Site, reason: str) -> None:
+        """One more refusal for `reason` at the site."""
+        await store.count_refusal(self._pool, site, reason)
+
+    async def search(self, query: Query, fresh: bool = False) -> Page:
+        """A page of the query's matches; `fresh`: asked of the primary, never of a read
+        replica that may lag behind."""
+        if fresh:
+            return await search(self._pool, query)
+        return await self._reads.run(lambda pool: search(pool, query))
+
+    async def stored_instances(self, *uids: str, site_id: int | None = None
+                               ) -> list[StoredInstance]:
+        """The instances of a study, series or instance (`reads.stored_instances`), on the
+        primary: where the bytes are."""
+        return await reads.stored_instances(self._pool, *uids, site_id=site_id)
+
+    async def instance_metadata(self, *uids: str, site_id: int | None = None) -> list[bytes]:
+        """The stored DICOM JSON of each instance in scope (`reads.instance_metadata`)."""
+        return await self._reads.run(
+            lambda pool: reads.instance_metadata(pool, *uids, site_id=site_id))
