@@ -21,8 +21,8 @@ import requests
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import sheet
 from ricord_archive.clinical.export import ClinicalFilter
-from ricord_archive.clinical_service import split_filters
 from ricord_archive.index import clinical as index
+from ricord_archive.services.clinical import split_filters
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.test_auth import CONFIG as AUTH_CONFIG

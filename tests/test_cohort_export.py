@@ -8,7 +8,8 @@ import io
 
 import pytest
 
-from ricord_archive.cohort_export import (
+from ricord_archive.errors import BadRequest
+from ricord_archive.services.cohort_export import (
     METADATA_COLUMNS,
     SeriesRow,
     entry_names,
@@ -16,7 +17,6 @@ from ricord_archive.cohort_export import (
     metadata_csv,
     parse_spec,
 )
-from ricord_archive.errors import BadRequest
 
 
 def test_a_definition_is_checked_and_values_become_strings():

@@ -12,7 +12,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
-from ricord_archive import dimse_status
+from ricord_archive.dicom import status as dimse_status
 
 _TABLES = (GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS,
            QR_GET_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS)

@@ -17,11 +17,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from ricord_archive.dicom_json import to_json
+from ricord_archive.dicom.json import to_json
 from ricord_archive.dimse import identifiers
 from ricord_archive.dimse.messages import encoded
 from ricord_archive.dimse.server import _answers, _response
-from ricord_archive.matching import KEYS
+from ricord_archive.search.model import KEYS
 
 pytestmark = pytest.mark.slow  # every pydicom test file, both encoders
 

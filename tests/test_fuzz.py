@@ -41,11 +41,11 @@ HUGE = (0xFFFFFFF0, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFE, 0xFFFF, 0x10000)
 # ---- the worker process: runs the pipeline, answers what came out --------------------------
 
 def _pipeline(data: bytes) -> str:
-    from ricord_archive import dicom_io
     from ricord_archive.config import SiteConfig
     from ricord_archive.deid import DeidContext, Keyring
+    from ricord_archive.dicom import io as dicom_io
     from ricord_archive.errors import InvalidObject
-    from ricord_archive.ingest import admission, prepare_object
+    from ricord_archive.services.ingest import admission, prepare_object
 
     admitted = admission(data, OBJECT_LIMIT, SiteConfig("fuzz", default=True), True)
     if admitted.refusal is not None:
@@ -61,7 +61,7 @@ def _pipeline(data: bytes) -> str:
 
 def _serve(connection) -> None:  # pragma: no cover - runs in the worker process
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    from ricord_archive.dicom_io import configure_pydicom
+    from ricord_archive.dicom.io import configure_pydicom
     from ricord_archive.errors import InvalidObject, RefusedObject
 
     configure_pydicom()

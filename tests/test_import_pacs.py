@@ -20,7 +20,7 @@ import pydicom
 import pytest
 
 from ricord_archive.dimse.client import PacsAddress, PacsError, Transfer
-from ricord_archive.index.imports import StudyCounts
+from ricord_archive.index.import_rows import StudyCounts
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.import_pacs import Wanted, read_accessions, wanted_list, worth_retrying
 from tests import dcmtk, load

@@ -16,8 +16,8 @@ import pytest
 
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import PatientKeys
-from ricord_archive.dicom_io import PixelDataLocation
-from ricord_archive.dicom_json import InstanceRecord
+from ricord_archive.dicom.io import PixelDataLocation
+from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.errors import IndexFailure, IndexUnavailable, RefusedObject
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.migrate import load_migrations, migrate
@@ -33,7 +33,7 @@ from ricord_archive.index.store import (
     patient_for,
     store_instance,
 )
-from ricord_archive.matching import Level, Query
+from ricord_archive.search.model import Level, Query
 from tests.conftest import fresh_database
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -17,7 +17,6 @@ from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import load_config
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import ArchiveError, InvalidObject, NotFound
-from ricord_archive.label_dicom_service import PROTOCOL, PublishReport
 from ricord_archive.labels.dicom import build, plan
 from ricord_archive.labels.model import (
     Annotation,
@@ -27,6 +26,7 @@ from ricord_archive.labels.model import (
     LabelType,
     Scope,
 )
+from ricord_archive.services.label_dicom import PROTOCOL, PublishReport
 from ricord_archive.tools.label_dicom import labels_to_dicom
 from ricord_archive.tools.services import archive_services, operator
 from tests.conftest import Archive

@@ -184,8 +184,8 @@ def test_concurrent_ingest_threads_do_not_change_pydicom_settings():
     from pydicom.data import get_testdata_file
 
     from ricord_archive.deid import DeidContext, Keyring
-    from ricord_archive.dicom_io import configure_pydicom, parse
-    from ricord_archive.ingest import prepare
+    from ricord_archive.dicom.io import configure_pydicom, parse
+    from ricord_archive.services.ingest import prepare
 
     saved = (pydicom.config.settings.reading_validation_mode,
              pydicom.config.settings.writing_validation_mode)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from ricord_archive.errors import BadRequest
 from ricord_archive.index.query_sql import Where
-from ricord_archive.matching import Level, Query, Universal, attribute_path, trim_name
-from ricord_archive.qido_query import parse_qido
+from ricord_archive.search.model import Level, Query, Universal, attribute_path, trim_name
+from ricord_archive.search.qido import parse_qido
 
 MAX_LIMIT = 100
 

@@ -23,7 +23,7 @@ from ricord_archive.errors import (
     RefusedObject,
     StorageUnavailable,
 )
-from ricord_archive.metrics import outcome_of
+from ricord_archive.runtime.metrics import outcome_of
 from tests import dcmtk
 from tests.conftest import free_port
 from tests.scrape import Scrape, scrape

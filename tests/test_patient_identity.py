@@ -20,14 +20,14 @@ import pydicom
 import pytest
 
 from ricord_archive.blobstore import FileBlobStore
+from ricord_archive.blobstore.records import PatientRecord
 from ricord_archive.config import ConfigError, SiteConfig, load_config
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.facade import Index
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.store import Site, ensure_site, patient_for
-from ricord_archive.patients import PatientDirectory, find_patients
-from ricord_archive.records import PatientRecord
+from ricord_archive.services.patients import PatientDirectory, find_patients
 from tests import dcmtk
 from tests.conftest import Archive, fresh_database
 from tests.phi_corpus import PhiCorpus

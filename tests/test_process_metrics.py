@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from ricord_archive import audit, metrics
-from ricord_archive.index.audit import AuditWriter
+from ricord_archive.index.audit_rows import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres
 from ricord_archive.index.replica import Reads
+from ricord_archive.runtime import metrics
+from ricord_archive.services import audit_trail
 
 
 def _value(name: str, **labels: str) -> float:
@@ -54,7 +55,7 @@ def test_a_request_waits_only_when_every_connection_is_in_use(url):
 
 
 def test_the_sampler_reports_the_pool_and_the_audit_buffer(url):
-    event = audit.audit_log_used(audit.Actor("tester", "admin", None, None), {}, 0)
+    event = audit_trail.audit_log_used(audit_trail.Actor("tester", "admin", None, None), {}, 0)
 
     async def run() -> None:
         pool = await create_pool(url)

@@ -27,7 +27,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from ricord_archive.dicom_xml import to_xml
+from ricord_archive.dicom.xml import to_xml
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
 from tests.phi_corpus import PhiCorpus

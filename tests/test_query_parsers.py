@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from ricord_archive.dimse.find_query import identifier_keys, parse_identifier
 from ricord_archive.errors import BadRequest
-from ricord_archive.matching import (
+from ricord_archive.search.model import (
     KEYS,
     AnyOf,
     DateTimeRange,
@@ -26,7 +26,7 @@ from ricord_archive.matching import (
     Universal,
     Wildcard,
 )
-from ricord_archive.qido_query import parse_qido
+from ricord_archive.search.qido import parse_qido
 
 MAX_LIMIT = 100
 

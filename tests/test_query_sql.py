@@ -17,7 +17,7 @@ from ricord_archive.index.query_sql import (
     page_sql,
     rest_count_sql,
 )
-from ricord_archive.matching import (
+from ricord_archive.search.model import (
     KEYS,
     AnyOf,
     DateTimeRange,

@@ -20,7 +20,7 @@ import requests
 
 from ricord_archive import cli
 from ricord_archive.config import ConfigError, load_config
-from ricord_archive.processes import Workers
+from ricord_archive.runtime.processes import Workers
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.pg_cluster import Cluster

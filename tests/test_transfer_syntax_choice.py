@@ -10,7 +10,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from ricord_archive.pixels import STORED, choose_transfer_syntax
+from ricord_archive.dicom.pixels import STORED, choose_transfer_syntax
 
 
 def test_the_stored_syntax_when_acceptable() -> None:

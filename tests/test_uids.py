@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ricord_archive.uids import is_uid
+from ricord_archive.dicom.uids import is_uid
 
 
 @pytest.mark.parametrize("text", ["1", "1.2.840.10008.1.2.1", "2.25.0", "1.02.3",

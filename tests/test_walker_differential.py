@@ -36,11 +36,11 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from ricord_archive import dicom_io
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import DeidContext, Keyring
+from ricord_archive.dicom import io as dicom_io
 from ricord_archive.errors import ArchiveError
-from ricord_archive.ingest import (
+from ricord_archive.services.ingest import (
     Admission,
     describe_walked,
     fast_admission,
@@ -74,9 +74,9 @@ FAULTS = _Faults()
 @pytest.fixture(autouse=True, scope="module")
 def _pydicom_settings():
     dicom_io.configure_pydicom()
-    logging.getLogger("ricord_archive.ingest").addHandler(FAULTS)
+    logging.getLogger("ricord_archive.services.ingest").addHandler(FAULTS)
     yield
-    logging.getLogger("ricord_archive.ingest").removeHandler(FAULTS)
+    logging.getLogger("ricord_archive.services.ingest").removeHandler(FAULTS)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The streamed ZIP64 layout (ricord_archive.zip_layout) against Python's zipfile and Info-ZIP's
-`unzip -t`: whole archives, any byte range, CRCs known up front or in data descriptors."""
+"""The streamed ZIP64 layout (ricord_archive.dicom.zip_layout) against Python's zipfile and
+Info-ZIP's `unzip -t`: whole archives, any byte range, CRCs known up front or in data
+descriptors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ricord_archive.zip_layout import DataSlice, Entry, ZipLayout
+from ricord_archive.dicom.zip_layout import DataSlice, Entry, ZipLayout
 
 WHEN = dt.datetime(2026, 12, 5, 6, 30, 12)
 

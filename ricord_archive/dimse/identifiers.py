@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from struct import Struct
 from typing import Any
 
-from ricord_archive.dicom_bytes import Unhandled, encode_text, header
+from ricord_archive.dicom.tokens import Unhandled, encode_text, header
 
 RESPONSE_CHARSET = "ISO_IR 192"  # what every C-FIND response declares
 _CHARSET_TAG, _LEVEL_TAG = 0x00080005, 0x00080052

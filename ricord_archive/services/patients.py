@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from ricord_archive.blobstore import BlobStore
+from ricord_archive.blobstore.records import PatientRecord
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.errors import StorageUnavailable
@@ -21,7 +22,6 @@ from ricord_archive.index.database import Pool
 from ricord_archive.index.facade import Index
 from ricord_archive.index.reads import known_patients
 from ricord_archive.index.store import Patient, PatientEntry, Site
-from ricord_archive.records import PatientRecord
 
 _CACHE_SIZE = 100_000
 

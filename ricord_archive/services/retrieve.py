@@ -12,14 +12,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from ricord_archive import pixels
 from ricord_archive.blobstore import Blob, BlobStore
-from ricord_archive.dicom_io import pixel_data_location
+from ricord_archive.dicom import pixels
+from ricord_archive.dicom.io import pixel_data_location
+from ricord_archive.dicom.rendering import RenderOptions, render
 from ricord_archive.errors import BadRequest, NotAcceptable, NotFound
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.facade import Index
 from ricord_archive.instances import StoredInstance
-from ricord_archive.rendering import RenderOptions, render
 
 _LEVEL = ("study", "series", "instance")
 __all__ = ["Blob", "Frames", "RetrieveService"]

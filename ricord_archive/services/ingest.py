@@ -5,9 +5,9 @@ transaction of its own, run once the blob is durable -> result. Success is retur
 the commit; if the transaction fails the new blob is deleted.
 A crash can leave an orphan blob, never an index row without its blob.
 
-The hot path is the byte walker (`dicom_bytes.tokenize`, `deid.walker.walk`): one pass over the
+The hot path is the byte walker (`dicom.tokens.tokenize`, `deid.walker.walk`): one pass over the
 encoded object, run inline on the event loop (it takes well under a millisecond). An object it
-does not handle takes the pydicom path (`dicom_io.parse`, `deidentify`, `dicom_io.serialize`),
+does not handle takes the pydicom path (`dicom.io.parse`, `deidentify`, `dicom.io.serialize`),
 in the executor as before; such an object is never refused for it.
 """
 
@@ -24,16 +24,16 @@ from typing import Any, TypeVar
 import orjson
 from pydicom.dataset import Dataset
 
-from ricord_archive import audit, dicom_io, dimse_status, metrics
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, Limits, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
 from ricord_archive.deid.engine import NO_PATIENT_ID, DeidentificationError
 from ricord_archive.deid.policy import check_acceptable, check_values
 from ricord_archive.deid.walker import Walked, admitted, walk
-from ricord_archive.dicom_bytes import Parsed, Unhandled, tokenize
-from ricord_archive.dicom_io import PixelDataLocation
-from ricord_archive.dicom_json import (
+from ricord_archive.dicom import io as dicom_io
+from ricord_archive.dicom import status as dimse_status
+from ricord_archive.dicom.io import PixelDataLocation
+from ricord_archive.dicom.json import (
     SERIES_TAGS,
     STUDY_TAGS,
     InstanceRecord,
@@ -42,6 +42,7 @@ from ricord_archive.dicom_json import (
     subset,
     to_json,
 )
+from ricord_archive.dicom.tokens import Parsed, Unhandled, tokenize
 from ricord_archive.errors import (
     ArchiveError,
     DuplicateRefused,
@@ -54,7 +55,9 @@ from ricord_archive.errors import (
 )
 from ricord_archive.index.facade import Index
 from ricord_archive.index.store import NewInstance, Patient, Site
-from ricord_archive.patients import PatientDirectory
+from ricord_archive.runtime import metrics
+from ricord_archive.services import audit_trail
+from ricord_archive.services.patients import PatientDirectory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,7 +268,7 @@ class IngestService:
     def __init__(
         self, index: Index, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
         config: IngestSettings, executor: Executor | None = None,
-        trail: audit.AuditTrail = audit.NO_AUDIT,
+        trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT,
     ) -> None:
         self.index = index
         self.blobs = blobs
@@ -281,12 +284,12 @@ class IngestService:
 
     async def store(
         self, data: bytes, site_name: str, study_uid: str | None = None, *,
-        by: audit.Actor, protocol: str,
+        by: audit_trail.Actor, protocol: str,
     ) -> StoreResult:
         """Store one Part 10 object for a site; `study_uid` is the STOW-RS target study, if any.
         The outcome, stored or not, goes to the audit trail as coming from `by` over
         `protocol`; the result or the error passes through."""
-        return await audit.storing(self.trail, by, protocol, site_name,
+        return await audit_trail.storing(self.trail, by, protocol, site_name,
                                    self._store(data, site_name, study_uid))
 
     async def _store(self, data: bytes, site_name: str, study_uid: str | None) -> StoreResult:
@@ -410,7 +413,7 @@ class IngestService:
                 return replace(result, warning=DUPLICATE_KEPT_WARNING)
         return result
 
-    async def store_own(self, dataset: Dataset, *, by: audit.Actor, protocol: str) -> str:
+    async def store_own(self, dataset: Dataset, *, by: audit_trail.Actor, protocol: str) -> str:
         """Store an object the archive built itself, only from de-identified instances it holds
         (a label SEG or SR): not de-identified again, filed under the site and patient of its
         study, which the archive must hold, and replacing the object stored before under its
@@ -426,10 +429,10 @@ class IngestService:
             site = owner[0]
             outcome = await self._store_own(dataset, *owner)
         except Exception as exc:
-            self.trail.record(audit.instance_refused(
+            self.trail.record(audit_trail.instance_refused(
                 by, protocol, site.name if site is not None else None, exc))
             raise
-        self.trail.record(audit.instance_stored(by, protocol, site.name, StoreResult(
+        self.trail.record(audit_trail.instance_stored(by, protocol, site.name, StoreResult(
             str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
             str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
             duplicate=outcome == "duplicate",

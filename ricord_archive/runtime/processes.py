@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 
-from ricord_archive import metrics_dir
+from ricord_archive.runtime import metrics_dir
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 
-from ricord_archive.dicom_json import INSTANCE_TAGS
+from ricord_archive.dicom.json import INSTANCE_TAGS
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.facade import Index
 from ricord_archive.index.search import COUNT_CAP, Found
-from ricord_archive.matching import Level, Query
+from ricord_archive.search.model import Level, Query
 
 PATIENT_TAGS = frozenset({
     "00080005", "00100010", "00100020", "00100030", "00100040", "00120030", "00120040",

@@ -10,9 +10,9 @@ importer never closed expires after `SESSION_TTL_SECONDS` without a new registra
 from __future__ import annotations
 
 from ricord_archive.deid import Keyring
-from ricord_archive.index import imports as index
+from ricord_archive.index import import_rows as index
 from ricord_archive.index.database import Pool
-from ricord_archive.index.imports import SessionStudy, StudyCounts
+from ricord_archive.index.import_rows import SessionStudy, StudyCounts
 from ricord_archive.index.store import Site
 
 SESSION_TTL_SECONDS = 6 * 3600.0

@@ -3,7 +3,7 @@
 `tokenize` reads a Part 10 object in Explicit or Implicit VR Little Endian (pixel data native
 or encapsulated) once, into a tree of element positions; values are not decoded. Anything it
 is not sure to read exactly as pydicom does raises `Unhandled`: such an object takes the
-pydicom path (`dicom_io.parse`), which decides whether it is valid at all.
+pydicom path (`dicom.io.parse`), which decides whether it is valid at all.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def strings(raw: bytes) -> list[str]:
 
 def file_meta(sop_class_uid: str, sop_uid: str, syntax: str, implementation_uid: str,
               implementation_name: str) -> bytes:
-    """The file meta information group as `dicom_io.serialize` writes it."""
+    """The file meta information group as `dicom.io.serialize` writes it."""
     body = b"".join(
         header(tag, vr, len(value)) + value for tag, vr, value in (
             (0x00020001, "OB", b"\x00\x01"),

@@ -4,7 +4,7 @@ A query is a level, a scope (the parent a QIDO-RS resource path names), one cond
 matching key, the keys to return and a page. The conditions are DICOM's matching types (PS3.4
 C.2.2.2): universal, single value, wildcard, range (dates, times, combined date-time), UID list,
 and for the archive's own needs any-of-a-list and fuzzy person names. Each adapter parses its own
-input (`qido_query.parse_qido`, `dimse.find_query.parse_identifier`) by feeding its keys to
+input (`search.qido.parse_qido`, `dimse.find_query.parse_identifier`) by feeding its keys to
 `QueryKeys`, which turns one key's DICOM value into its condition, one builder per matching type;
 malformed values raise BadRequest. Nothing here knows SQL: `index/query_sql.py` translates.
 Keys the archive keeps no value for (attributes de-identification removes) are not validated and
@@ -21,8 +21,8 @@ from enum import Enum, IntEnum
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from ricord_archive.dicom.uids import is_uid
 from ricord_archive.errors import BadRequest
-from ricord_archive.uids import is_uid
 
 _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")

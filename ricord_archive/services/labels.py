@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 
-from ricord_archive import audit
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
 from ricord_archive.index import labels as index
@@ -29,6 +28,7 @@ from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import Annotation, Code, Label, LabelGroup
 from ricord_archive.labels.schema import SchemaError, private_code, shipped_schema
+from ricord_archive.services import audit_trail
 
 log = logging.getLogger(__name__)
 NOT_IN_ARCHIVE = "not-in-archive"
@@ -74,19 +74,22 @@ class ImportSummary:
         ]
 
 
-def _event(actor: audit.Actor, protocol: str, action: audit.EventId,
-           detail: Mapping[str, Any], exc: BaseException | None = None) -> audit.AuditEvent:
-    return audit.AuditEvent(
-        action, audit.Action.CREATE if action is audit.EventId.IMPORT else audit.Action.READ,
-        audit.Outcome.SUCCESS if exc is None else audit.failure_outcome(exc), actor, protocol,
+def _event(actor: audit_trail.Actor, protocol: str, action: audit_trail.EventId,
+           detail: Mapping[str, Any], exc: BaseException | None = None) -> audit_trail.AuditEvent:
+    return audit_trail.AuditEvent(
+        action,
+        audit_trail.Action.CREATE if action is audit_trail.EventId.IMPORT
+        else audit_trail.Action.READ,
+        audit_trail.Outcome.SUCCESS if exc is None else audit_trail.failure_outcome(exc),
+        actor, protocol,
         resource="annotations",
-        detail=dict(detail) if exc is None else {"reason": audit.failure_reason(exc)},
+        detail=dict(detail) if exc is None else {"reason": audit_trail.failure_reason(exc)},
     )
 
 
 class LabelService:
     def __init__(self, pool: Pool, keys: Keyring,
-                 trail: audit.AuditTrail = audit.NO_AUDIT) -> None:
+                 trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT) -> None:
         self.pool = pool
         self.keys = keys
         self.trail = trail
@@ -104,15 +107,15 @@ class LabelService:
                  counts.imported, counts.updated, counts.unchanged)
         return counts
 
-    async def import_export(self, actor: audit.Actor, protocol: str, data: bytes,
+    async def import_export(self, actor: audit_trail.Actor, protocol: str, data: bytes,
                             keep_notes: bool = False) -> ImportSummary:
         """Import an MD.ai export (JSON bytes); recorded in the audit trail (counts only)."""
         try:
             summary = await self._import(data, keep_notes)
         except Exception as exc:
-            self.trail.record(_event(actor, protocol, audit.EventId.IMPORT, {}, exc))
+            self.trail.record(_event(actor, protocol, audit_trail.EventId.IMPORT, {}, exc))
             raise
-        self.trail.record(_event(actor, protocol, audit.EventId.IMPORT, {
+        self.trail.record(_event(actor, protocol, audit_trail.EventId.IMPORT, {
             "labels": summary.labels.as_dict(), "annotations": summary.annotations.as_dict(),
             "notInArchive": summary.not_in_archive, "refusedByReason": summary.refused,
             "keepNotes": keep_notes,
@@ -164,14 +167,14 @@ class LabelService:
             return await index.stored_annotations(self.pool, AnnotationFilter(
                 study_uid, series_uid, label, group, reader))
 
-    async def export(self, actor: audit.Actor, protocol: str,
+    async def export(self, actor: audit_trail.Actor, protocol: str,
                      wanted: AnnotationFilter) -> dict[str, Any]:
         """MD.ai's export shape: the whole schema and the annotations matching `wanted`."""
         async with reporting_outages():
             found = await index.stored_annotations(self.pool, wanted)
             document = mdai.to_export(await index.groups(self.pool),
                                       await index.labels(self.pool), found)
-        self.trail.record(_event(actor, protocol, audit.EventId.EXPORT,
+        self.trail.record(_event(actor, protocol, audit_trail.EventId.EXPORT,
                                  {"annotations": len(found)}))
         return document
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from ricord_archive.dicom_json import first_value
+from ricord_archive.dicom.json import first_value
 from ricord_archive.errors import BadRequest
 
 METADATA_COLUMNS = (

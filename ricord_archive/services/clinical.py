@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ricord_archive import audit
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import export, sheet
 from ricord_archive.deid import Keyring
@@ -20,7 +19,8 @@ from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailab
 from ricord_archive.index import clinical as index
 from ricord_archive.index.database import Pool
 from ricord_archive.index.store import Site
-from ricord_archive.ingest import IngestService
+from ricord_archive.services import audit_trail
+from ricord_archive.services.ingest import IngestService
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Export:
 
 class ClinicalService:
     def __init__(self, pool: Pool, keys: Keyring, ingest: IngestService,
-                 trail: audit.AuditTrail = audit.NO_AUDIT) -> None:
+                 trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT) -> None:
         self.pool = pool
         self.keys = keys
         self.ingest = ingest  # allocates patients as for the images
@@ -93,16 +93,16 @@ class ClinicalService:
         return sorted(columns)
 
     async def import_sheet(
-        self, actor: audit.Actor, protocol: str, site_name: str, data: bytes,
+        self, actor: audit_trail.Actor, protocol: str, site_name: str, data: bytes,
         media_type: str, sheet_name: str | None = None, map_text: str | None = None,
     ) -> ImportSummary:
         """Import a sheet for a site; recorded in the audit trail (counts only)."""
         try:
             summary = await self._import(site_name, data, media_type, sheet_name, map_text)
         except Exception as exc:
-            self.trail.record(audit.clinical_imported(actor, protocol, site_name, {}, exc))
+            self.trail.record(audit_trail.clinical_imported(actor, protocol, site_name, {}, exc))
             raise
-        self.trail.record(audit.clinical_imported(actor, protocol, site_name, {
+        self.trail.record(audit_trail.clinical_imported(actor, protocol, site_name, {
             **summary.counts(), "refused": len(summary.refusals),
             "refusedByReason": summary.refused,
         }))
@@ -145,7 +145,7 @@ class ClinicalService:
                              sorted([*parsed.refusals, *twice], key=lambda r: r.line))
 
     async def export(
-        self, actor: audit.Actor, protocol: str, site_name: str | None,
+        self, actor: audit_trail.Actor, protocol: str, site_name: str | None,
         params: Iterable[tuple[str, str]], ricord: bool = False,
     ) -> Export:
         """The rows matching a request's filters, limited to a site when named."""
@@ -160,7 +160,7 @@ class ClinicalService:
         except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
         extra = {k for row in rows for k in row} - set(export.OUTPUT_COLUMNS)
-        self.trail.record(audit.clinical_exported(
+        self.trail.record(audit_trail.clinical_exported(
             actor, protocol, site_name, sorted({k for k, _ in params} - export.CONTROL),
             len(rows),
         ))

@@ -14,11 +14,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ricord_archive import metrics
 from ricord_archive.blobstore import BlobStore, FileBlobStore
 from ricord_archive.errors import IndexFailure
 from ricord_archive.index.database import Pool
 from ricord_archive.index.maintenance import advisory_lock, instance_blobs
+from ricord_archive.runtime import metrics
 
 log = logging.getLogger(__name__)
 

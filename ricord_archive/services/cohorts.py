@@ -11,21 +11,21 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ricord_archive import cohort_export
 from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.clinical import export as clinical_export
-from ricord_archive.clinical_service import split_filters
-from ricord_archive.cohort_export import CohortSpec, SeriesRow
+from ricord_archive.dicom.zip_layout import Entry, ZipLayout
 from ricord_archive.errors import BadRequest, Gone, NotFound
 from ricord_archive.index import clinical as clinical_index
 from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
 from ricord_archive.index.database import Pool, reporting_outages
 from ricord_archive.instances import StoredInstance
-from ricord_archive.label_service import split_label_filters
-from ricord_archive.matching import Level, Query, Term, UidList
-from ricord_archive.qido_query import parse_qido
-from ricord_archive.zip_layout import Entry, ZipLayout
+from ricord_archive.search.model import Level, Query, Term, UidList
+from ricord_archive.search.qido import parse_qido
+from ricord_archive.services import cohort_export
+from ricord_archive.services.clinical import split_filters
+from ricord_archive.services.cohort_export import CohortSpec, SeriesRow
+from ricord_archive.services.labels import split_label_filters
 
 _CHUNK = 1024 * 1024
 _CRC_THREADS = 4

@@ -16,12 +16,12 @@ from io import BytesIO
 import pydicom
 
 from ricord_archive.blobstore import Blob, BlobStore
+from ricord_archive.blobstore.records import PatientRecord, SiteRecord
 from ricord_archive.config import Config, SiteConfig
-from ricord_archive.dicom_io import pixel_data_location
+from ricord_archive.dicom.io import pixel_data_location
 from ricord_archive.index.database import Connection, Pool
 from ricord_archive.index.store import Patient, Site, ensure_site, store_instance
-from ricord_archive.ingest import describe
-from ricord_archive.records import PatientRecord, SiteRecord
+from ricord_archive.services.ingest import describe
 
 log = logging.getLogger(__name__)
 

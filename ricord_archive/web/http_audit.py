@@ -10,12 +10,12 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ricord_archive import audit
-from ricord_archive.matching import Level
+from ricord_archive.search.model import Level
+from ricord_archive.services import audit_trail
 from ricord_archive.web import context
 from ricord_archive.web.auth import PRINCIPAL
 
-P = TypeVar("P", bound=audit.SearchPage)
+P = TypeVar("P", bound=audit_trail.SearchPage)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
@@ -23,7 +23,7 @@ _WADO_URI_UIDS = ("studyUID", "seriesUID", "objectUID")
 _SCOPE_KEYWORDS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
 
-def actor(request: web.Request) -> audit.Actor:
+def actor(request: web.Request) -> audit_trail.Actor:
     """The caller: its token's name, role and site; 'anonymous' when authentication is off or
     no known token came."""
     principal = request.get(PRINCIPAL)
@@ -31,8 +31,8 @@ def actor(request: web.Request) -> audit.Actor:
     if principal is None and authenticator is not None:  # refused before it was stored
         principal = authenticator.principal(request.headers.get("Authorization"))
     if principal is None:
-        return audit.Actor(None, "anonymous", None, request.remote)
-    return audit.Actor(principal.name, principal.role, principal.site_name, request.remote)
+        return audit_trail.Actor(None, "anonymous", None, request.remote)
+    return audit_trail.Actor(principal.name, principal.role, principal.site_name, request.remote)
 
 
 def route(request: web.Request) -> str | None:
@@ -41,7 +41,7 @@ def route(request: web.Request) -> str | None:
     return resource.canonical if resource is not None else None
 
 
-def _trail(request: web.Request) -> audit.AuditTrail:
+def _trail(request: web.Request) -> audit_trail.AuditTrail:
     return request.app[context.SERVICES].audit
 
 
@@ -49,7 +49,8 @@ async def searching(request: web.Request, level: Level, search: Awaitable[P]) ->
     """A QIDO-RS search, recorded with the keywords of its parameters and path."""
     params = [*request.query.items(),
               *((_SCOPE_KEYWORDS[k], "scope") for k in request.match_info)]
-    return await audit.querying(_trail(request), actor(request), "QIDO-RS", level, params, search)
+    return await audit_trail.querying(_trail(request), actor(request), "QIDO-RS", level, params,
+                                      search)
 
 
 def _retrieved_uids(request: web.Request) -> tuple[str, ...]:
@@ -64,16 +65,16 @@ def _record(request: web.Request, status: int) -> None:
     if status in (401, 403):
         method = request.method if request.method in _METHODS else "other"
         _trail(request).record(
-            audit.access_refused(actor(request), status, route(request), method)
+            audit_trail.access_refused(actor(request), status, route(request), method)
         )
     elif context.is_retrieval(request):
         success = status < 400
-        outcome = (audit.Outcome.SUCCESS if success else audit.Outcome.SERIOUS_FAILURE
-                   if status >= 500 else audit.Outcome.MINOR_FAILURE)
+        outcome = (audit_trail.Outcome.SUCCESS if success else audit_trail.Outcome.SERIOUS_FAILURE
+                   if status >= 500 else audit_trail.Outcome.MINOR_FAILURE)
         # a successful retrieval found these UIDs in the index: de-identified ones
         uids = _retrieved_uids(request) if success else ()
         protocol = "WADO-URI" if "study" not in request.match_info else "WADO-RS"
-        _trail(request).record(audit.retrieved(
+        _trail(request).record(audit_trail.retrieved(
             actor(request), protocol, route(request), uids, outcome, {"status": status}
         ))
 

@@ -1,8 +1,9 @@
 """Where the server processes keep their metrics: prometheus_client's multi-process directory.
 
 prometheus_client decides at import whether it runs in multi-process mode (by the environment
-variable PROMETHEUS_MULTIPROC_DIR), so `use` runs before `ricord_archive.metrics` is imported:
-in `ricord-archive serve`, before the archive is assembled. The worker processes inherit it.
+variable PROMETHEUS_MULTIPROC_DIR), so `use` runs before `ricord_archive.runtime.metrics` is
+imported: in `ricord-archive serve`, before the archive is assembled. The worker processes
+inherit it.
 """
 
 from __future__ import annotations

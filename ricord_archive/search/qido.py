@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ricord_archive.errors import BadRequest
-from ricord_archive.matching import (
+from ricord_archive.search.model import (
     CONTROL_PARAMETERS,
     Level,
     Query,

@@ -6,50 +6,51 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ricord_archive import audit, logs
 from ricord_archive.blobstore import Blob
 from ricord_archive.config import Config
 from ricord_archive.dimse.association import Association
 from ricord_archive.errors import NotAuthorized
 from ricord_archive.instances import StoredInstance
+from ricord_archive.runtime import logs
+from ricord_archive.services import audit_trail
 
 
-def actor(association: Association, config: Config) -> audit.Actor:
+def actor(association: Association, config: Config) -> audit_trail.Actor:
     """The peer: its calling AE title, and the site that title belongs to."""
     site = config.site_for_aet(association.calling_aet)
-    return audit.Actor(association.calling_aet, "calling-ae", site.name if site else None,
+    return audit_trail.Actor(association.calling_aet, "calling-ae", site.name if site else None,
                        association.address)
 
 
-def refused_without_site(association: Association, config: Config) -> audit.AuditEvent:
+def refused_without_site(association: Association, config: Config) -> audit_trail.AuditEvent:
     """A C-STORE refused (0x0124) because its calling AE title belongs to no site."""
     refusal = NotAuthorized("the calling AE title belongs to no site", "calling-ae-without-site")
-    return audit.instance_refused(actor(association, config), "C-STORE", None, refusal)
+    return audit_trail.instance_refused(actor(association, config), "C-STORE", None, refusal)
 
 
 def transfer(
     association: Association, config: Config, protocol: str,
     found: list[tuple[StoredInstance, Blob]] | int | None, destination: str | None = None,
-) -> audit.AuditEvent:
+) -> audit_trail.AuditEvent:
     """A C-GET or C-MOVE: what the identifier resolved to, or the failure status answered
     (None: the move destination is unknown)."""
     who = actor(association, config)
     detail: dict[str, Any] = {"destination": destination} if destination else {}
     if found is None:
-        return audit.transfer_begun(who, protocol, [], 0, audit.Outcome.MINOR_FAILURE,
+        return audit_trail.transfer_begun(who, protocol, [], 0, audit_trail.Outcome.MINOR_FAILURE,
                                     {"reason": "move-destination-unknown"})
     if isinstance(found, int):
-        return audit.transfer_begun(who, protocol, [], 0, audit.Outcome.MINOR_FAILURE,
+        return audit_trail.transfer_begun(who, protocol, [], 0, audit_trail.Outcome.MINOR_FAILURE,
                                     {**detail, "status": found})
     studies = list(dict.fromkeys(item.study_uid for item, _ in found))
-    return audit.transfer_begun(who, protocol, studies, len(found), audit.Outcome.SUCCESS,
-                                detail)
+    return audit_trail.transfer_begun(who, protocol, studies, len(found),
+                                      audit_trail.Outcome.SUCCESS, detail)
 
 
 class AssociationAudit:
     """Each association recorded once opened and once closed, and each rejection."""
 
-    def __init__(self, trail: audit.AuditTrail, config: Config) -> None:
+    def __init__(self, trail: audit_trail.AuditTrail, config: Config) -> None:
         self.trail = trail
         self.config = config
         self._open: dict[Association, tuple[str, float]] = {}
@@ -58,7 +59,7 @@ class AssociationAudit:
         number = logs.association_id.get() or logs.new_id()  # as in the log lines
         self._open[association] = (number, time.monotonic())
         self.trail.record(
-            audit.association(actor(association, self.config), True, {"association": number})
+            audit_trail.association(actor(association, self.config), True, {"association": number})
         )
 
     def closed(self, association: Association, how: str) -> None:
@@ -66,9 +67,9 @@ class AssociationAudit:
         if opened is None:
             return
         number, since = opened
-        self.trail.record(audit.association(actor(association, self.config), False, {
+        self.trail.record(audit_trail.association(actor(association, self.config), False, {
             "association": number, "ended": how, "seconds": round(time.monotonic() - since, 3),
         }))
 
     def rejected(self, association: Association, reason: str) -> None:
-        self.trail.record(audit.association_rejected(actor(association, self.config), reason))
+        self.trail.record(audit_trail.association_rejected(actor(association, self.config), reason))

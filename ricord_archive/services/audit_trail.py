@@ -16,7 +16,7 @@ from enum import Enum, IntEnum, StrEnum
 from typing import Any, Protocol, TypeVar
 
 from ricord_archive.errors import ArchiveError, RefusedObject, StorageUnavailable
-from ricord_archive.matching import CONTROL_PARAMETERS, Level, attribute_path
+from ricord_archive.search.model import CONTROL_PARAMETERS, Level, attribute_path
 
 T = TypeVar("T")
 _MAX_LISTED_STUDIES = 100

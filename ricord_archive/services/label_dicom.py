@@ -18,14 +18,14 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from ricord_archive.audit import Actor
 from ricord_archive.blobstore import Blob
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import NotFound
-from ricord_archive.ingest import IngestService
 from ricord_archive.labels import dicom
 from ricord_archive.labels.model import Annotation, Label
-from ricord_archive.retrieve import RetrieveService
+from ricord_archive.services.audit_trail import Actor
+from ricord_archive.services.ingest import IngestService
+from ricord_archive.services.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
 PROTOCOL = "labels-to-dicom"  # how the audit trail names the objects published here

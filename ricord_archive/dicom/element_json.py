@@ -1,4 +1,4 @@
-"""DICOM JSON (PS3.18 Annex F) of one encoded element value, as `dicom_json.to_json` gives it
+"""DICOM JSON (PS3.18 Annex F) of one encoded element value, as `dicom.json.to_json` gives it
 through pydicom. Pure.
 
 Common values (ASCII text, numbers, binary) are rendered here directly; anything else (person
@@ -17,7 +17,7 @@ from typing import Any
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.tag import BaseTag
 
-from ricord_archive.dicom_json import BULK_DATA_THRESHOLD
+from ricord_archive.dicom.json import BULK_DATA_THRESHOLD
 
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _INLINE_LIMIT = (BULK_DATA_THRESHOLD // 4) * 3  # larger binary values become a BulkDataURI
