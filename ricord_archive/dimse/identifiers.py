@@ -5,7 +5,7 @@ Through pydicom each match became a `Dataset` (`Dataset.from_json`) and then byt
 has many matches. The common case is encoded here: ASCII text, UIDs, dates and times, person
 names as one alphabetic group, integer strings and binary integers, in Implicit or Explicit VR
 Little Endian, no sequence. Anything else answers None and the match takes pydicom's path,
-which stays the reference: tests/test_find_identifiers.py compares both byte for byte.
+which stays the reference: tests/dimse/test_find_identifiers.py compares both byte for byte.
 """
 
 from __future__ import annotations

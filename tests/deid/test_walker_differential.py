@@ -48,9 +48,10 @@ from ricord_archive.services.ingest import (
     pydicom_admission,
     walk_or_none,
 )
-from tests import test_deid, test_fuzz
+from tests.deid import test_deid
 from tests.phi_corpus import PhiCorpus
 from tests.phi_trap import PhiTrap
+from tests.services import test_fuzz
 
 LIMIT = 64 * 1024**2
 SITE = SiteConfig("differential", default=True)

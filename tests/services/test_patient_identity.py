@@ -31,7 +31,7 @@ from ricord_archive.services.patients import PatientDirectory, find_patients
 from tests import dcmtk
 from tests.conftest import Archive, fresh_database
 from tests.phi_corpus import PhiCorpus
-from tests.test_tools import run
+from tests.tools.test_tools import run
 
 pytestmark = pytest.mark.slow  # a server process per test
 

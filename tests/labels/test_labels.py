@@ -23,12 +23,12 @@ from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import LabelType, Scope
 from ricord_archive.labels.schema import private_code, shipped_schema
 from tests import dcmtk
-from tests import test_label_dicom as label_dicom
+from tests.clinical.test_clinical import _index_text
 from tests.conftest import Archive
 from tests.ct_phantom import ct_series
-from tests.test_auth import CONFIG as AUTH_CONFIG
-from tests.test_auth import TOKENS, sha
-from tests.test_clinical import _index_text
+from tests.labels import test_label_dicom as label_dicom
+from tests.web.test_auth import CONFIG as AUTH_CONFIG
+from tests.web.test_auth import TOKENS, sha
 
 pytestmark = pytest.mark.slow  # a server process per test
 

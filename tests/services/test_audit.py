@@ -27,7 +27,7 @@ from ricord_archive.services import audit_trail
 from ricord_archive.services.ingest import StoreResult
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
-from tests.test_phi_leak import _hits, _needles
+from tests.end_to_end.test_phi_leak import _hits, _needles
 
 pytestmark = pytest.mark.slow  # a server process per test
 

@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 
 from ricord_archive.web.listener import tls_context
 from tests.conftest import Archive
-from tests.test_auth import ct
+from tests.web.test_auth import ct
 
 pytestmark = pytest.mark.slow  # a server process per test
 

@@ -25,8 +25,8 @@ from ricord_archive.index import clinical as index
 from ricord_archive.services.clinical import split_filters
 from tests import dcmtk
 from tests.conftest import Archive
-from tests.test_auth import CONFIG as AUTH_CONFIG
-from tests.test_auth import SITEIDS, TOKENS
+from tests.web.test_auth import CONFIG as AUTH_CONFIG
+from tests.web.test_auth import SITEIDS, TOKENS
 
 pytestmark = pytest.mark.slow  # a server process per test
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -21,8 +20,9 @@ from pydicom.uid import CTImageStorage
 
 from ricord_archive.deid import DeidContext, Keyring, deidentify
 from ricord_archive.deid.table import profile_table
+from tests import DATA
 
-PROTOCOL = Path(__file__).resolve().parent / "data" / "ricord_deid_protocol.txt"
+PROTOCOL = DATA / "ricord_deid_protocol.txt"
 SITE = "100001"
 KEYS = Keyring(b"ricord-protocol-test-secret-0123")
 ORIGINAL_UID = "1.2.826.0.1.3680043.10.1234.5.6.7"

@@ -4,14 +4,14 @@ from the archive's own lists and must equal what the document holds."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from ricord_archive.dimse import server as dimse_server
 from ricord_archive.tools import conformance
+from tests import REPO
 
-DOCUMENT = Path(__file__).parents[1] / "docs" / "conformance-statement.md"
+DOCUMENT = REPO / "docs" / "conformance-statement.md"
 REGENERATE = "python -m ricord_archive.tools.conformance"
 
 

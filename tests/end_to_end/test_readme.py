@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests import REPO
+
+README = REPO / "README.md"
 SECTION = "## Send a first study and find it"
 DEFAULT_DIMSE_PORT = "11112"
 

@@ -31,9 +31,9 @@ from ricord_archive.labels.model import (
 )
 from tests.conftest import Archive
 from tests.ct_phantom import DISC, MARKER, SIZE, ct_series
+from tests.labels.test_label_dicom import publish
 from tests.ohif import app_config, ohif_dist, serve_viewer
 from tests.ohif_browser import Page, Request, chromium_binary, chromium_page, poll
-from tests.test_label_dicom import publish
 
 pytestmark = pytest.mark.slow  # the OHIF viewer in headless Chromium
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import DATA
 from tests.conftest import Archive, free_port
 from tests.phi_corpus import PhiCorpus
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow  # Orthanc as the STOW-RS client
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-SHIM_SOURCE = Path(__file__).parent / "data" / "loopback_bind.c"
+SHIM_SOURCE = DATA / "loopback_bind.c"
 START_DEADLINE = 60.0
 SLICES = 3
 

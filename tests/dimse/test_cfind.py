@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
-from tests.test_qido import (
+from tests.web.test_qido import (
     MODALITIES,
     PATIENT_ID,
     PLAN,

@@ -14,7 +14,7 @@ import pytest
 
 from ricord_archive.config import ConfigError, load_config
 from tests.conftest import Archive
-from tests.test_auth import ct
+from tests.web.test_auth import ct
 
 PROXY, CLIENT = "127.0.0.2", "127.0.0.1"
 ROOT = "1.2.826.0.1.3680043.10.4"

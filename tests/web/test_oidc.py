@@ -18,7 +18,7 @@ from ricord_archive.config import ConfigError, OidcConfig, load_config
 from ricord_archive.web.oidc import KeySet
 from tests.conftest import Archive
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey, claims, unsigned
-from tests.test_auth import ct, sites_toml, stored_uids
+from tests.web.test_auth import ct, sites_toml, stored_uids
 
 CHALLENGE = 'Bearer realm="ricord-archive"'
 ROOT = "1.2.826.0.1.3680043.10.2"
