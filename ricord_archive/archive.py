@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ricord_archive.audit_trail import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import BlobStore, open_blob_store
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
@@ -35,7 +36,6 @@ from ricord_archive.runtime.processes import (
 )
 from ricord_archive.runtime.readiness import Readiness
 from ricord_archive.runtime.secret import load_secret
-from ricord_archive.services.audit_trail import NO_AUDIT, AuditTrail
 from ricord_archive.services.clinical import ClinicalService
 from ricord_archive.services.cohorts import CohortService
 from ricord_archive.services.fsck import collect_orphans, report_at_start

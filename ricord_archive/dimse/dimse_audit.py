@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ricord_archive import audit_trail
 from ricord_archive.blobstore import Blob
 from ricord_archive.config import Config
 from ricord_archive.dimse.association import Association
 from ricord_archive.errors import NotAuthorized
 from ricord_archive.instances import StoredInstance
 from ricord_archive.runtime import logs
-from ricord_archive.services import audit_trail
 
 
 def actor(association: Association, config: Config) -> audit_trail.Actor:

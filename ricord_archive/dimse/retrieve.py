@@ -31,6 +31,7 @@ from pynetdicom.status import STATUS_SUCCESS as CATEGORY_SUCCESS
 from pynetdicom.status import STATUS_WARNING as CATEGORY_WARNING
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from ricord_archive import audit_trail
 from ricord_archive.config import Config, MoveDestination
 from ricord_archive.dicom.pixels import UNCOMPRESSED
 from ricord_archive.dicom.status import (
@@ -51,7 +52,6 @@ from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.instances import StoredInstance
 from ricord_archive.search.model import Level, Query, QueryKeys
-from ricord_archive.services import audit_trail
 from ricord_archive.services.query import QueryService
 from ricord_archive.services.retrieve import Blob, RetrieveService
 

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from ricord_archive import audit_trail
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dicom.status import (
     CANCEL,
@@ -58,7 +59,6 @@ from ricord_archive.dimse.transport import PduStream, PeerGone
 from ricord_archive.errors import ArchiveError, StorageUnavailable
 from ricord_archive.runtime import logs, metrics
 from ricord_archive.search.model import Level
-from ricord_archive.services import audit_trail
 from ricord_archive.services.import_sessions import ImportSessions, SessionStudy
 from ricord_archive.services.ingest import IngestService
 from ricord_archive.services.query import QueryService, SearchResult

@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ricord_archive.audit_trail import AuditEvent
 from ricord_archive.index.database import DATABASE_UNAVAILABLE
-from ricord_archive.services.audit_trail import AuditEvent
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ricord_archive import audit_trail
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import export, sheet
 from ricord_archive.deid import Keyring
@@ -19,7 +20,6 @@ from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailab
 from ricord_archive.index import clinical as index
 from ricord_archive.index.database import Pool
 from ricord_archive.index.store import Site
-from ricord_archive.services import audit_trail
 from ricord_archive.services.ingest import IngestService
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import orjson
 from pydicom.dataset import Dataset
 
+from ricord_archive import audit_trail
 from ricord_archive.blobstore import BlobStore
 from ricord_archive.config import Config, Limits, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify, issuer_of, patient_id_of
@@ -56,7 +57,6 @@ from ricord_archive.errors import (
 from ricord_archive.index.facade import Index
 from ricord_archive.index.store import NewInstance, Patient, Site
 from ricord_archive.runtime import metrics
-from ricord_archive.services import audit_trail
 from ricord_archive.services.patients import PatientDirectory
 
 log = logging.getLogger(__name__)

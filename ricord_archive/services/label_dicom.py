@@ -18,12 +18,12 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from ricord_archive.audit_trail import Actor
 from ricord_archive.blobstore import Blob
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import NotFound
 from ricord_archive.labels import dicom
 from ricord_archive.labels.model import Annotation, Label
-from ricord_archive.services.audit_trail import Actor
 from ricord_archive.services.ingest import IngestService
 from ricord_archive.services.retrieve import RetrieveService
 

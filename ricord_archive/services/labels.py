@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ricord_archive import audit_trail
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
 from ricord_archive.index import labels as index
@@ -28,7 +29,6 @@ from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import Annotation, Code, Label, LabelGroup
 from ricord_archive.labels.schema import SchemaError, private_code, shipped_schema
-from ricord_archive.services import audit_trail
 
 log = logging.getLogger(__name__)
 NOT_IN_ARCHIVE = "not-in-archive"

@@ -9,15 +9,15 @@ from typing import Any, TextIO
 import orjson
 
 from ricord_archive.archive import open_index
-from ricord_archive.config import Config
-from ricord_archive.index.audit_rows import AuditFilter, insert_events, read_events
-from ricord_archive.services.audit_trail import (
+from ricord_archive.audit_trail import (
     EVENT_IDS,
     EVENT_TYPES,
     Action,
     Outcome,
     audit_log_used,
 )
+from ricord_archive.config import Config
+from ricord_archive.index.audit_rows import AuditFilter, insert_events, read_events
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import operator
 

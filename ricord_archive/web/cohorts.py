@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ricord_archive import audit_trail
 from ricord_archive.errors import BadRequest
-from ricord_archive.services import audit_trail
 from ricord_archive.services.cohort_export import parse_spec
 from ricord_archive.services.cohorts import Cohort, CohortService
 from ricord_archive.web import access, context, forwarded, http_audit

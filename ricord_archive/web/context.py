@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from ricord_archive.services.audit_trail import NO_AUDIT, AuditTrail
+from ricord_archive.audit_trail import NO_AUDIT, AuditTrail
 from ricord_archive.services.clinical import ClinicalService
 from ricord_archive.services.cohorts import CohortService
 from ricord_archive.services.ingest import IngestService

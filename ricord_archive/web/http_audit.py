@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from ricord_archive import audit_trail
 from ricord_archive.search.model import Level
-from ricord_archive.services import audit_trail
 from ricord_archive.web import context
 from ricord_archive.web.auth import PRINCIPAL
 

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
+from ricord_archive import audit_trail
 from ricord_archive.index.audit_rows import AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres
 from ricord_archive.index.replica import Reads
 from ricord_archive.runtime import metrics
-from ricord_archive.services import audit_trail
 
 
 def _value(name: str, **labels: str) -> float:

@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 from tests import dcmtk
 from tests.conftest import Archive
 from tests.phi_corpus import PhiCorpus
-from tests.services.test_audit import audit_events
+from tests.test_audit import audit_events
 from tests.web.test_auth import CONFIG as AUTH_CONFIG
 from tests.web.test_auth import SITEIDS, TOKENS
 

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 
 from ricord_archive.archive import ArchiveServices, compose_services, database
+from ricord_archive.audit_trail import Action, Actor, AuditEvent, Outcome
 from ricord_archive.config import Config, Limits
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import InvalidObject, NotFound, ObjectTooLarge, StorageUnavailable
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.migrate import migrate
 from ricord_archive.search.model import Level, Query, Scope
-from ricord_archive.services.audit_trail import Action, Actor, AuditEvent, Outcome
 from tests.conftest import fresh_database
 from tests.phi_corpus import PhiCorpus
 

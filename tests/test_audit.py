@@ -19,11 +19,11 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
+from ricord_archive import audit_trail
 from ricord_archive.config import ConfigError, load_config
 from ricord_archive.errors import RefusedObject, StorageUnavailable
 from ricord_archive.index.audit_rows import AuditWriter
 from ricord_archive.search.model import Level
-from ricord_archive.services import audit_trail
 from ricord_archive.services.ingest import StoreResult
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
