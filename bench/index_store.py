@@ -34,8 +34,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import PatientKeys
-from ricord_archive.dicom_io import PixelDataLocation
-from ricord_archive.dicom_json import InstanceRecord
+from ricord_archive.dicom.io import PixelDataLocation
+from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres
 from ricord_archive.index.migrate import migrate

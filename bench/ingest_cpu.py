@@ -32,12 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corpus import generate
 
-from ricord_archive import dicom_io
 from ricord_archive.blobstore import FileBlobStore
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import DeidContext, Keyring, deidentify
-from ricord_archive.dicom_json import index_record, instance_path, to_json
-from ricord_archive.ingest import (
+from ricord_archive.dicom import io as dicom_io
+from ricord_archive.dicom.json import index_record, instance_path, to_json
+from ricord_archive.services.ingest import (
     describe_walked,
     fast_admission,
     prepare_object,

@@ -45,8 +45,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ricord_archive.index.query_sql import page_sql
 from ricord_archive.index.search import search
-from ricord_archive.matching import Level
-from ricord_archive.qido_query import parse_qido
+from ricord_archive.search.model import Level
+from ricord_archive.search.qido import parse_qido
 
 SERIES_PER_STUDY = 2
 INSTANCES_PER_SERIES = 100

@@ -13,18 +13,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ricord_archive import metrics
-from ricord_archive.audit import NO_AUDIT, AuditTrail
+from ricord_archive.audit_trail import NO_AUDIT, AuditTrail
 from ricord_archive.blobstore import BlobStore, open_blob_store
-from ricord_archive.clinical_service import ClinicalService
-from ricord_archive.cohorts import CohortService
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
-from ricord_archive.dicom_io import configure_pydicom
+from ricord_archive.dicom.io import configure_pydicom
 from ricord_archive.dimse.server import REJECTION_REASONS, DimseServer
-from ricord_archive.fsck import collect_orphans, report_at_start
-from ricord_archive.imports import ImportSessions
-from ricord_archive.index.audit import AuditWriter
+from ricord_archive.index.audit_rows import AuditWriter
 from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.facade import Index
@@ -32,19 +27,24 @@ from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site, ensure_site
-from ricord_archive.ingest import IngestService, IngestSettings
-from ricord_archive.label_service import LabelService
-from ricord_archive.processes import (
+from ricord_archive.runtime import metrics
+from ricord_archive.runtime.processes import (
     Workers,
     become_worker_of,
     process_count,
     tell_primary_ready,
 )
-from ricord_archive.query import QueryService
-from ricord_archive.readiness import Readiness
-from ricord_archive.rebuild import record_sites
-from ricord_archive.retrieve import RetrieveService
-from ricord_archive.secret import load_secret
+from ricord_archive.runtime.readiness import Readiness
+from ricord_archive.runtime.secret import load_secret
+from ricord_archive.services.clinical import ClinicalService
+from ricord_archive.services.cohorts import CohortService
+from ricord_archive.services.fsck import collect_orphans, report_at_start
+from ricord_archive.services.import_sessions import ImportSessions
+from ricord_archive.services.ingest import IngestService, IngestSettings
+from ricord_archive.services.labels import LabelService
+from ricord_archive.services.query import QueryService
+from ricord_archive.services.rebuild import record_sites
+from ricord_archive.services.retrieve import RetrieveService
 from ricord_archive.web.app import Services, create_app
 from ricord_archive.web.auth import Authenticator
 from ricord_archive.web.listener import Deadlines, listen, tls_context

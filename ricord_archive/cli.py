@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ricord_archive import __version__, logs, metrics_dir
+from ricord_archive import __version__
 from ricord_archive.config import Config, ConfigError, load_config
-from ricord_archive.dicom_io import configure_pydicom
+from ricord_archive.dicom.io import configure_pydicom
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.migrate import MigrationError
+from ricord_archive.runtime import logs, metrics_dir
 
 log = logging.getLogger("ricord_archive")
 
@@ -344,7 +345,7 @@ async def _rebuild_index(config: Config) -> int:
     """Exit 0 when every blob was indexed, 1 when some could not be read."""
     from ricord_archive.archive import open_index
     from ricord_archive.blobstore import open_blob_store
-    from ricord_archive.rebuild import RebuildError, rebuild_index
+    from ricord_archive.services.rebuild import RebuildError, rebuild_index
 
     async with open_index(config) as pool:
         try:
@@ -360,8 +361,8 @@ async def _fsck(config: Config, repair: bool) -> int:
     """Exit 0 when the blob store and the index agree, 1 when something is reported."""
     from ricord_archive.archive import open_index
     from ricord_archive.blobstore import open_blob_store
-    from ricord_archive.fsck import check
-    from ricord_archive.fsck import repair as remove_orphans
+    from ricord_archive.services.fsck import check
+    from ricord_archive.services.fsck import repair as remove_orphans
 
     blobs = open_blob_store(config)
     async with open_index(config, create=False) as pool:
@@ -375,9 +376,14 @@ async def _fsck(config: Config, repair: bool) -> int:
 
 
 def _audit(config: Config, args: argparse.Namespace) -> int:
-    from ricord_archive.index.audit import AuditFilter
+    from ricord_archive.index.audit_rows import AuditFilter
     from ricord_archive.tools import ToolError
-    from ricord_archive.tools.audit import parse_action, parse_outcome, parse_time, print_audit
+    from ricord_archive.tools.audit_report import (
+        parse_action,
+        parse_outcome,
+        parse_time,
+        print_audit,
+    )
 
     try:
         wanted = AuditFilter(

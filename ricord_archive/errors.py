@@ -6,7 +6,7 @@ protocol adapter maps them in one place. Messages never contain PHI: they may re
 
 from __future__ import annotations
 
-from ricord_archive.dimse_status import (
+from ricord_archive.dicom.status import (
     DUPLICATE_SOP_INSTANCE,
     IDENTIFIER_MISMATCH,
     NOT_AUTHORIZED,

@@ -19,19 +19,19 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
-from ricord_archive import audit
+from ricord_archive import audit_trail
 from ricord_archive.config import ConfigError, load_config
 from ricord_archive.errors import RefusedObject, StorageUnavailable
-from ricord_archive.index.audit import AuditWriter
-from ricord_archive.ingest import StoreResult
-from ricord_archive.matching import Level
+from ricord_archive.index.audit_rows import AuditWriter
+from ricord_archive.search.model import Level
+from ricord_archive.services.ingest import StoreResult
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
-from tests.test_phi_leak import _hits, _needles
+from tests.end_to_end.test_phi_leak import _hits, _needles
 
 pytestmark = pytest.mark.slow  # a server process per test
 
-ACTOR = audit.Actor("PACS_A", "calling-ae", "site-a", "127.0.0.1")
+ACTOR = audit_trail.Actor("PACS_A", "calling-ae", "site-a", "127.0.0.1")
 TOKENS = {"upload": "tok-audit-upload-7c1d", "research": "tok-audit-research-90ab"}
 
 
@@ -67,7 +67,7 @@ def test_query_keywords_name_attributes_never_values():
     params = [("PatientName", "DOE^JOHN"), ("00100020", "PID123456"), ("StudyDate", ""),
               ("AccessionNumber", "*"), ("limit", "5"), ("includefield", "PatientAge"),
               ("JOHNSMITH1234", "x"), ("ReferencedStudySequence.ReferencedSOPInstanceUID", "1.2")]
-    assert audit.query_keywords(params) == [
+    assert audit_trail.query_keywords(params) == [
         "PatientID", "PatientName", "ReferencedStudySequence.ReferencedSOPInstanceUID", "unknown",
     ]
 
@@ -76,31 +76,35 @@ def test_stored_duplicate_and_refused_objects():
     new = StoreResult("2.25.1", "2.25.2", "2.25.3", "1.2.840.10008.5.1.4.1.1.2", False)
     again = StoreResult("2.25.1", "2.25.2", "2.25.3", "1.2.840.10008.5.1.4.1.1.2", True)
     other = StoreResult("2.25.1", "2.25.2", "2.25.3", "1.2.840.10008.5.1.4.1.1.2", True, 0xB006)
-    created = audit.instance_stored(ACTOR, "C-STORE", "site-a", new)
+    created = audit_trail.instance_stored(ACTOR, "C-STORE", "site-a", new)
     assert (created.event_id, created.action, created.outcome) == (
-        audit.EventId.INSTANCES_TRANSFERRED, audit.Action.CREATE, audit.Outcome.SUCCESS)
+        audit_trail.EventId.INSTANCES_TRANSFERRED, audit_trail.Action.CREATE,
+        audit_trail.Outcome.SUCCESS)
     assert (created.study_uid, created.series_uid, created.sop_uid) == ("2.25.1", "2.25.2",
                                                                          "2.25.3")
-    assert audit.instance_stored(ACTOR, "C-STORE", "site-a", again).action is audit.Action.READ
-    kept = audit.instance_stored(ACTOR, "STOW-RS", "site-a", other)
-    assert kept.outcome is audit.Outcome.MINOR_FAILURE
+    again_stored = audit_trail.instance_stored(ACTOR, "C-STORE", "site-a", again)
+    assert again_stored.action is audit_trail.Action.READ
+    kept = audit_trail.instance_stored(ACTOR, "STOW-RS", "site-a", other)
+    assert kept.outcome is audit_trail.Outcome.MINOR_FAILURE
     assert kept.detail == {"stored": "duplicate-other-content-first-kept", "status": 0xB006}
     refusal = RefusedObject("PatientID DOE-123 missing", "no-patient-id")
     refusal.sop_uid = "2.25.9"
-    refused = audit.instance_refused(ACTOR, "C-STORE", "site-a", refusal)
-    assert refused.outcome is audit.Outcome.MINOR_FAILURE and refused.sop_uid == "2.25.9"
+    refused = audit_trail.instance_refused(ACTOR, "C-STORE", "site-a", refusal)
+    assert refused.outcome is audit_trail.Outcome.MINOR_FAILURE and refused.sop_uid == "2.25.9"
     assert refused.detail == {"reason": "no-patient-id", "status": 0xC000}  # not the message
-    down = audit.instance_refused(ACTOR, "STOW-RS", "site-a", StorageUnavailable("down"))
-    assert down.outcome is audit.Outcome.SERIOUS_FAILURE and down.detail["status"] == 0xA700
-    crash = audit.instance_refused(ACTOR, "STOW-RS", "site-a", KeyError("DOE^JOHN"))
-    assert crash.outcome is audit.Outcome.MAJOR_FAILURE and crash.detail == {"reason": "KeyError"}
+    down = audit_trail.instance_refused(ACTOR, "STOW-RS", "site-a",
+                                        StorageUnavailable("down"))
+    assert down.outcome is audit_trail.Outcome.SERIOUS_FAILURE and down.detail["status"] == 0xA700
+    crash = audit_trail.instance_refused(ACTOR, "STOW-RS", "site-a", KeyError("DOE^JOHN"))
+    assert crash.outcome is audit_trail.Outcome.MAJOR_FAILURE
+    assert crash.detail == {"reason": "KeyError"}
 
 
 def test_querying_records_the_outcome_and_passes_errors_through():
-    events: list[audit.AuditEvent] = []
+    events: list[audit_trail.AuditEvent] = []
 
     class Trail:
-        def record(self, event: audit.AuditEvent) -> None:
+        def record(self, event: audit_trail.AuditEvent) -> None:
             events.append(event)
 
     class Page:
@@ -113,13 +117,13 @@ def test_querying_records_the_outcome_and_passes_errors_through():
         raise StorageUnavailable("the index is unavailable")
 
     params = [("PatientID", "PID-SECRET")]
-    page = asyncio.run(audit.querying(Trail(), ACTOR, "C-FIND", Level.STUDY, params, found()))
+    page = asyncio.run(audit_trail.querying(Trail(), ACTOR, "C-FIND", Level.STUDY, params, found()))
     assert isinstance(page, Page)
     with pytest.raises(StorageUnavailable):
-        asyncio.run(audit.querying(Trail(), ACTOR, "C-FIND", Level.STUDY, params, broken()))
+        asyncio.run(audit_trail.querying(Trail(), ACTOR, "C-FIND", Level.STUDY, params, broken()))
     assert [(e.outcome, e.resource, dict(e.detail)) for e in events] == [
-        (audit.Outcome.SUCCESS, "STUDY", {"keys": ["PatientID"], "matches": 2}),
-        (audit.Outcome.SERIOUS_FAILURE, "STUDY",
+        (audit_trail.Outcome.SUCCESS, "STUDY", {"keys": ["PatientID"], "matches": 2}),
+        (audit_trail.Outcome.SERIOUS_FAILURE, "STUDY",
          {"keys": ["PatientID"], "reason": "StorageUnavailable"}),
     ]
 
@@ -127,7 +131,7 @@ def test_querying_records_the_outcome_and_passes_errors_through():
 def test_a_full_buffer_drops_and_counts_instead_of_blocking():
     writer = AuditWriter(pool=None, capacity=3)  # type: ignore[arg-type]  # never flushed
     for _ in range(5):
-        writer.record(audit.association(ACTOR, True, {}))
+        writer.record(audit_trail.association(ACTOR, True, {}))
     assert writer.dropped == 2
 
 
@@ -159,16 +163,16 @@ def test_writer_batches_into_an_append_only_table(make_archive):
             writer = AuditWriter(pool, batch=10, interval=60)  # a full batch wakes it up
             writer.start()
             for number in range(10):
-                writer.record(audit.association(ACTOR, True, {"association": str(number)}))
+                writer.record(audit_trail.association(ACTOR, True, {"association": str(number)}))
             for _ in range(200):  # polling the table, at most 10 s
                 if await pool.fetchval("SELECT count(*) FROM audit_event") == 10:
                     break
                 await asyncio.sleep(0.05)
             assert await pool.fetchval("SELECT count(*) FROM audit_event") == 10
-            writer.record(audit.association(ACTOR, True, {"unencodable": object()}))
+            writer.record(audit_trail.association(ACTOR, True, {"unencodable": object()}))
             await writer.flush()  # a batch that cannot be written is dropped, not retried
             assert writer.dropped == 1
-            writer.record(audit.association(ACTOR, False, {"ended": "aborted"}))
+            writer.record(audit_trail.association(ACTOR, False, {"ended": "aborted"}))
             await writer.stop()  # flushes what is left
             row = await pool.fetchrow("SELECT * FROM audit_event ORDER BY id DESC LIMIT 1")
             assert (row["event_id"], row["event_type"], row["action"], row["outcome"],
@@ -309,7 +313,7 @@ def test_audit_trail_end_to_end(make_archive, corpus, tmp_path):
     assert associations.count(("STORESCU", "Detach", "released")) == 2
     assert ("FINDSCU", "Detach", "released") in associations
     assert ("INTRUDER", "Attach", None) not in associations
-    assert {k[0] for k in kinds} <= {e.meaning for e in audit.EventId}
+    assert {k[0] for k in kinds} <= {e.meaning for e in audit_trail.EventId}
 
     queried = audit_events(archive, "--action", "Query", "--who", "research")
     assert [e["detail"]["keys"] for e in queried] == [[], ["PatientName"], ["StudyInstanceUID"]]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from ricord_archive.config import ConfigError, MoveDestination, load_config
+from tests import REPO
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "conf" / "ricord-archive.toml"
+EXAMPLE = REPO / "conf" / "ricord-archive.toml"
 SITES_AND_DESTINATIONS = """
 [[sites]]
 name = "a"

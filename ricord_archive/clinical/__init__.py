@@ -1,6 +1,6 @@
 """Clinical data around the images (issue #14), the pure part: reading a site's clinical sheet
 (`sheet`), its column types and the column map (`columns`), and the export's filters and
-column names (`export`). No sockets, no database; the service is `clinical_service`, the SQL
+column names (`export`). No sockets, no database; the service is `services.clinical`, the SQL
 `index/clinical.py`, the adapters `web/clinical.py` and `tools/clinical.py`.
 
 How rows meet images: a row is stored under the patient row ingest allocates (the import

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ricord_archive.deid.rules import cap_age
-from ricord_archive.uids import is_uid
+from ricord_archive.dicom.uids import is_uid
 
 _SETTINGS = {"number": {"type", "unit"}, "category": {"type", "values"}, "boolean": {"type"},
              "date": {"type"}}  # what a column map may say of each kind

@@ -27,7 +27,19 @@ from ricord_archive.deid.rules import (
     decision_vr,
     inserted,
 )
-from ricord_archive.dicom_bytes import (
+from ricord_archive.dicom.element_json import BINARY_VRS, BulkData, render, single_value
+from ricord_archive.dicom.io import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    PixelDataLocation,
+)
+from ricord_archive.dicom.json import (
+    PIXEL_DATA_TAGS,
+    InstanceRecord,
+    instance_path,
+    record_of,
+)
+from ricord_archive.dicom.tokens import (
     ITEM_END,
     ITEM_UNDEFINED,
     PIXEL_DATA,
@@ -43,18 +55,6 @@ from ricord_archive.dicom_bytes import (
     item_header,
     strings,
 )
-from ricord_archive.dicom_io import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    PixelDataLocation,
-)
-from ricord_archive.dicom_json import (
-    PIXEL_DATA_TAGS,
-    InstanceRecord,
-    instance_path,
-    record_of,
-)
-from ricord_archive.element_json import BINARY_VRS, BulkData, render, single_value
 
 _CHARSET = 0x00080005
 _PIXEL_REPRESENTATION = 0x00280103
@@ -424,7 +424,7 @@ def walk(parsed: Parsed, context: DeidContext) -> Walked:
 
 def _pixel_data(walker: _Walker, out: _Out, last: bool, offset: int, chunks: list
                 ) -> PixelDataLocation:
-    """Emit the top-level Pixel Data (as `dicom_io.serialize` writes it); where it lands."""
+    """Emit the top-level Pixel Data (as `dicom.io.serialize` writes it); where it lands."""
     element = out.pixels
     assert element is not None
     parsed = walker.parsed

@@ -19,9 +19,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from ricord_archive.dicom.status import PENDING, PENDING_WARNING, SUB_OPERATIONS_FAILED, SUCCESS
 from ricord_archive.dimse.network import no_delay
 from ricord_archive.dimse.server import TRANSFER_SYNTAXES
-from ricord_archive.dimse_status import PENDING, PENDING_WARNING, SUB_OPERATIONS_FAILED, SUCCESS
 
 _ADDRESS = re.compile(r"^([\x20-\x7e]{1,16})@(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 _PENDING = (PENDING, PENDING_WARNING)

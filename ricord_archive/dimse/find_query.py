@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from ricord_archive.matching import Level, Query, QueryKeys
+from ricord_archive.search.model import Level, Query, QueryKeys
 
 _NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
 

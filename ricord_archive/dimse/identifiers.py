@@ -5,7 +5,7 @@ Through pydicom each match became a `Dataset` (`Dataset.from_json`) and then byt
 has many matches. The common case is encoded here: ASCII text, UIDs, dates and times, person
 names as one alphabetic group, integer strings and binary integers, in Implicit or Explicit VR
 Little Endian, no sequence. Anything else answers None and the match takes pydicom's path,
-which stays the reference: tests/test_find_identifiers.py compares both byte for byte.
+which stays the reference: tests/dimse/test_find_identifiers.py compares both byte for byte.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from struct import Struct
 from typing import Any
 
-from ricord_archive.dicom_bytes import Unhandled, encode_text, header
+from ricord_archive.dicom.tokens import Unhandled, encode_text, header
 
 RESPONSE_CHARSET = "ISO_IR 192"  # what every C-FIND response declares
 _CHARSET_TAG, _LEVEL_TAG = 0x00080005, 0x00080052

@@ -1,7 +1,7 @@
 """Incoming PDU lengths, checked on the 6-byte header before a byte of the PDU's body is read.
 
 A peer announcing 4 GiB gets an A-ABORT and the connection is closed: the announced length is
-never allocated and the peer's sends are never read (tests/test_dimse_hostile.py).
+never allocated and the peer's sends are never read (tests/dimse/test_dimse_hostile.py).
 """
 
 from __future__ import annotations

@@ -31,14 +31,10 @@ from pynetdicom.status import STATUS_SUCCESS as CATEGORY_SUCCESS
 from pynetdicom.status import STATUS_WARNING as CATEGORY_WARNING
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from ricord_archive import audit
+from ricord_archive import audit_trail
 from ricord_archive.config import Config, MoveDestination
-from ricord_archive.dimse import audit as dimse_audit
-from ricord_archive.dimse.association import Association
-from ricord_archive.dimse.commands import Message
-from ricord_archive.dimse.messages import decoded, encoded
-from ricord_archive.dimse.network import no_delay
-from ricord_archive.dimse_status import (
+from ricord_archive.dicom.pixels import UNCOMPRESSED
+from ricord_archive.dicom.status import (
     CANCEL,
     MOVE_DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES_MATCHES,
@@ -48,12 +44,16 @@ from ricord_archive.dimse_status import (
     SUCCESS,
     UNABLE_TO_PROCESS,
 )
+from ricord_archive.dimse import dimse_audit
+from ricord_archive.dimse.association import Association
+from ricord_archive.dimse.commands import Message
+from ricord_archive.dimse.messages import decoded, encoded
+from ricord_archive.dimse.network import no_delay
 from ricord_archive.errors import ArchiveError, BadRequest
 from ricord_archive.instances import StoredInstance
-from ricord_archive.matching import Level, Query, QueryKeys
-from ricord_archive.pixels import UNCOMPRESSED
-from ricord_archive.query import QueryService
-from ricord_archive.retrieve import Blob, RetrieveService
+from ricord_archive.search.model import Level, Query, QueryKeys
+from ricord_archive.services.query import QueryService
+from ricord_archive.services.retrieve import Blob, RetrieveService
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class RetrieveHandlers:
 
     def __init__(
         self, config: Config, query: QueryService, retrieve: RetrieveService,
-        trail: audit.AuditTrail = audit.NO_AUDIT,
+        trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT,
     ) -> None:
         self.audit = trail
         self.config = config

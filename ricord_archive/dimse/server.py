@@ -24,10 +24,18 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ricord_archive import audit, logs, metrics
+from ricord_archive import audit_trail
 from ricord_archive.config import Config, SiteConfig
-from ricord_archive.dimse import audit as dimse_audit
-from ricord_archive.dimse import identifiers
+from ricord_archive.dicom.status import (
+    CANCEL,
+    IDENTIFIER_MISMATCH,
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PENDING,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
+from ricord_archive.dimse import dimse_audit, identifiers
 from ricord_archive.dimse.association import Association, Handler, Rejection, Timeouts
 from ricord_archive.dimse.commands import (
     C_ECHO_RQ,
@@ -48,21 +56,13 @@ from ricord_archive.dimse.retrieve import (
 )
 from ricord_archive.dimse.security import AllowedAddresses
 from ricord_archive.dimse.transport import PduStream, PeerGone
-from ricord_archive.dimse_status import (
-    CANCEL,
-    IDENTIFIER_MISMATCH,
-    NOT_AUTHORIZED,
-    OUT_OF_RESOURCES,
-    PENDING,
-    SUCCESS,
-    UNABLE_TO_PROCESS,
-)
 from ricord_archive.errors import ArchiveError, StorageUnavailable
-from ricord_archive.imports import ImportSessions, SessionStudy
-from ricord_archive.ingest import IngestService
-from ricord_archive.matching import Level
-from ricord_archive.query import QueryService, SearchResult
-from ricord_archive.retrieve import RetrieveService
+from ricord_archive.runtime import logs, metrics
+from ricord_archive.search.model import Level
+from ricord_archive.services.import_sessions import ImportSessions, SessionStudy
+from ricord_archive.services.ingest import IngestService
+from ricord_archive.services.query import QueryService, SearchResult
+from ricord_archive.services.retrieve import RetrieveService
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class DimseServer:
     def __init__(
         self, config: Config, ingest: IngestService, query: QueryService,
         retrieve: RetrieveService, sessions: ImportSessions,
-        trail: audit.AuditTrail = audit.NO_AUDIT,
+        trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT,
     ) -> None:
         self.config = config
         self.ingest = ingest
@@ -310,7 +310,7 @@ class DimseServer:
                 log.info("C-FIND refused: unsupported query level for this information model")
                 await respond(IDENTIFIER_MISMATCH)
                 return
-            result = await audit.querying(
+            result = await audit_trail.querying(
                 self.audit, dimse_audit.actor(association, self.config), "C-FIND", level,
                 identifier_keys(keys), self._search(level, keys),
             )

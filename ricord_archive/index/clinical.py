@@ -1,7 +1,7 @@
 """Clinical rows in the index (migrations/010): storing a checked, keyed sheet in one
 transaction, the columns sites declared, and the row query researchers (and cohorts) use.
 
-For cohorts: `clinical_service.split_filters(pool, site_id, filters)` -> (ClinicalFilter or
+For cohorts: `services.clinical.split_filters(pool, site_id, filters)` -> (ClinicalFilter or
 None, the other keys); `matching_study_uids(pool, wanted)` -> the de-identified
 StudyInstanceUIDs of the studies in the archive whose clinical rows match; `clinical_rows(pool,
 wanted, study_uids)` -> one row per examination (optionally only of these studies).

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from ricord_archive.index.query_sql import matches_sql
-from ricord_archive.matching import Query
+from ricord_archive.search.model import Query
 
 
 @dataclass(frozen=True)

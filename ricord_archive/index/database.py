@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ricord_archive import metrics
 from ricord_archive.errors import IndexFailure, IndexUnavailable, StorageUnavailable
+from ricord_archive.runtime import metrics
 
 log = logging.getLogger(__name__)
 

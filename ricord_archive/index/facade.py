@@ -16,7 +16,7 @@ from ricord_archive.index.replica import Reads
 from ricord_archive.index.search import Page, search
 from ricord_archive.index.store import NewInstance, Patient, PatientEntry, Site, StoredRow
 from ricord_archive.instances import StoredInstance
-from ricord_archive.matching import Query
+from ricord_archive.search.model import Query
 
 
 class Index:

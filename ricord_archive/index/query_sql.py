@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ricord_archive.matching import (
+from ricord_archive.search.model import (
     AnyOf,
     Condition,
     DateTimeRange,

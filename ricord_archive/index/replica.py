@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from ricord_archive import metrics
 from ricord_archive.errors import IndexFailure
 from ricord_archive.index.database import DATABASE_UNAVAILABLE, keep_session
+from ricord_archive.runtime import metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import asyncpg
 
 from ricord_archive.index.database import translating
 from ricord_archive.index.query_sql import COUNT_CAP, page_sql, rest_count_sql
-from ricord_archive.matching import Query
+from ricord_archive.search.model import Query
 
 __all__ = ["COUNT_CAP", "Found", "Page", "search"]
 

@@ -19,8 +19,8 @@ import asyncpg
 
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid.keys import PatientKeys
-from ricord_archive.dicom_io import PixelDataLocation
-from ricord_archive.dicom_json import InstanceRecord
+from ricord_archive.dicom.io import PixelDataLocation
+from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.errors import RefusedObject
 from ricord_archive.index.database import translated, translating
 

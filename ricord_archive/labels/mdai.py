@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ricord_archive.deid import Keyring
+from ricord_archive.dicom.uids import is_uid
 from ricord_archive.labels.model import (
     Annotation,
     AnnotationMode,
@@ -29,7 +30,6 @@ from ricord_archive.labels.model import (
     LabelType,
     Scope,
 )
-from ricord_archive.uids import is_uid
 
 READER_CODE = re.compile(r"R-[0-9A-F]{8}")
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")

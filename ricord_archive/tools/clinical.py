@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ricord_archive.clinical import sheet
-from ricord_archive.clinical_service import ClinicalService, ImportSummary
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
+from ricord_archive.services.clinical import ClinicalService, ImportSummary
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import archive_services, operator
 

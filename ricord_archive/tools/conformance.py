@@ -32,17 +32,19 @@ from pynetdicom import status as dimse_status
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import SOPClass
 
-from ricord_archive import dimse_status as codes
-from ricord_archive import errors, ingest, matching
+from ricord_archive import errors
 from ricord_archive.config import Limits
 from ricord_archive.deid import policy
 from ricord_archive.deid.table import APPLIED_OPTIONS, DECLARED_OPTIONS
+from ricord_archive.dicom import status as codes
+from ricord_archive.dicom.pixels import FRAME_MEDIA_TYPES, UNCOMPRESSED
+from ricord_archive.dicom.rendering import MEDIA_TYPES
 from ricord_archive.dimse import client as dimse_client
 from ricord_archive.dimse import retrieve as dimse_retrieve
 from ricord_archive.dimse import server as dimse_server
 from ricord_archive.errors import RefusedObject
-from ricord_archive.pixels import FRAME_MEDIA_TYPES, UNCOMPRESSED
-from ricord_archive.rendering import MEDIA_TYPES
+from ricord_archive.search import model as matching
+from ricord_archive.services import ingest
 from ricord_archive.web import app as web_app
 
 DOCUMENT = Path("docs/conformance-statement.md")
@@ -152,7 +154,7 @@ def dimse_statuses() -> str:
         short = module.__name__.removeprefix("ricord_archive.")
         for name, value in vars(module).items():
             if _CODES.get(name) == value:  # one of the codes, imported where it is answered
-                sources.append((services, value, f"`dimse_status.{name}`", tables))
+                sources.append((services, value, f"`dicom.status.{name}`", tables))
             elif re.fullmatch(r"[A-Z_]+_WARNING", name) and isinstance(value, int):
                 sources.append((services, value, f"`{short}.{name}`", tables))
     for error in _archive_errors():

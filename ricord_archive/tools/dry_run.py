@@ -23,9 +23,9 @@ from ricord_archive.deid import DeidContext, Keyring
 from ricord_archive.errors import ArchiveError, RefusedObject
 from ricord_archive.index.database import Pool
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS, Site
-from ricord_archive.ingest import admission, prepare_object
-from ricord_archive.patients import find_patients
-from ricord_archive.secret import load_secret
+from ricord_archive.runtime.secret import load_secret
+from ricord_archive.services.ingest import admission, prepare_object
+from ricord_archive.services.patients import find_patients
 from ricord_archive.tools import ToolError, indexed_site
 
 PROVISIONAL_MARK = "DRYRUN"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError, RefusedObject, StorageUnavailable
-from ricord_archive.ingest import IngestService
+from ricord_archive.services.ingest import IngestService
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import archive_services, operator
 

@@ -37,6 +37,7 @@ from pydicom.dataset import Dataset
 from tqdm import tqdm
 
 from ricord_archive.config import Config
+from ricord_archive.dicom.status import MOVE_DESTINATION_UNKNOWN, OUT_OF_RESOURCES, SUCCESS
 from ricord_archive.dimse.client import (
     PacsAddress,
     PacsClient,
@@ -45,9 +46,8 @@ from ricord_archive.dimse.client import (
     transient_status,
 )
 from ricord_archive.dimse.server import DimseServer
-from ricord_archive.dimse_status import MOVE_DESTINATION_UNKNOWN, OUT_OF_RESOURCES, SUCCESS
 from ricord_archive.errors import ArchiveError, StorageUnavailable
-from ricord_archive.index.imports import StudyCounts
+from ricord_archive.index.import_rows import StudyCounts
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import ArchiveServices, archive_services, operator
 

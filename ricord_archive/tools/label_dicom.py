@@ -9,8 +9,8 @@ from typing import TextIO
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
 from ricord_archive.index.database import Pool
-from ricord_archive.label_dicom_service import LabelDicomService, PublishReport
 from ricord_archive.labels.model import Annotation, Label
+from ricord_archive.services.label_dicom import LabelDicomService, PublishReport
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import archive_services, operator
 

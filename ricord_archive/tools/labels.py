@@ -16,7 +16,7 @@ from typing import TextIO
 from ricord_archive.config import Config
 from ricord_archive.errors import ArchiveError
 from ricord_archive.index.labels import Counts
-from ricord_archive.label_service import ImportSummary, LabelService, annotations_and_labels
+from ricord_archive.services.labels import ImportSummary, LabelService, annotations_and_labels
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.label_dicom import labels_to_dicom
 from ricord_archive.tools.services import archive_services, operator

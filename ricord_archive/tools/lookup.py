@@ -16,8 +16,8 @@ from ricord_archive.archive import open_index
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.index.store import Patient
-from ricord_archive.patients import find_patients
-from ricord_archive.secret import load_secret
+from ricord_archive.runtime.secret import load_secret
+from ricord_archive.services.patients import find_patients
 from ricord_archive.tools import ToolError, indexed_site
 
 PATIENT_ID_COLUMN = "PatientID"

@@ -10,11 +10,11 @@ import socket
 from collections.abc import AsyncIterator
 
 from ricord_archive.archive import ArchiveServices, compose_services, open_index
-from ricord_archive.audit import Actor
+from ricord_archive.audit_trail import Actor
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
 from ricord_archive.index.store import SiteConflict
-from ricord_archive.secret import load_secret
+from ricord_archive.runtime.secret import load_secret
 from ricord_archive.tools import ToolError
 
 __all__ = ["ArchiveServices", "archive_services", "operator"]

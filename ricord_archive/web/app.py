@@ -9,13 +9,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ricord_archive.errors import ArchiveError
-from ricord_archive.matching import Level
+from ricord_archive.search.model import Level
 from ricord_archive.web import (
     access,
-    audit,
     auth,
     clinical,
     cohorts,
+    http_audit,
     labels,
     ops,
     qido,
@@ -136,7 +136,7 @@ def create_app(services: Services) -> web.Application:
     middlewares: list[Middleware] = [cors_preflight, errors]
     if services.authenticator is not None:  # after preflights, which carry no credentials
         middlewares.insert(1, auth.middleware(services.authenticator))
-    middlewares.insert(1, audit.middleware)  # outside authentication: sees its 401 and 403
+    middlewares.insert(1, http_audit.middleware)  # outside authentication: sees its 401 and 403
     middlewares.insert(0, ops.observe)  # outermost: every request has its id and is counted
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[SERVICES] = services

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from ricord_archive.clinical import sheet
 from ricord_archive.clinical.export import to_csv
-from ricord_archive.clinical_service import ClinicalService
 from ricord_archive.errors import BadRequest, NotAcceptable, ObjectTooLarge, UnsupportedMediaType
+from ricord_archive.services.clinical import ClinicalService
 from ricord_archive.web import access, context
-from ricord_archive.web.audit import actor
+from ricord_archive.web.http_audit import actor
 
 MAX_SHEET_BYTES = 64 * 1024**2
 MAX_MAP_BYTES = 1024**2

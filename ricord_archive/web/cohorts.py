@@ -9,12 +9,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ricord_archive import audit
-from ricord_archive.cohort_export import parse_spec
-from ricord_archive.cohorts import Cohort, CohortService
+from ricord_archive import audit_trail
 from ricord_archive.errors import BadRequest
-from ricord_archive.web import access, context, forwarded
-from ricord_archive.web import audit as web_audit
+from ricord_archive.services.cohort_export import parse_spec
+from ricord_archive.services.cohorts import Cohort, CohortService
+from ricord_archive.web import access, context, forwarded, http_audit
 from ricord_archive.web.zip_stream import Tally, send_zip
 
 ROOT = "/api/cohorts"
@@ -101,9 +100,9 @@ async def delete(request: web.Request) -> web.Response:
 
 
 def _record(request: web.Request, cohort: Cohort, sent: int, status: int) -> None:
-    outcome = audit.Outcome.SUCCESS if status < 400 else audit.Outcome.MINOR_FAILURE
-    request.app[context.SERVICES].audit.record(audit.cohort_downloaded(
-        web_audit.actor(request), web_audit.route(request), cohort.id, cohort.num_studies,
+    outcome = audit_trail.Outcome.SUCCESS if status < 400 else audit_trail.Outcome.MINOR_FAILURE
+    request.app[context.SERVICES].audit.record(audit_trail.cohort_downloaded(
+        http_audit.actor(request), http_audit.route(request), cohort.id, cohort.num_studies,
         sent, outcome, status,
     ))
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from ricord_archive.audit import NO_AUDIT, AuditTrail
-from ricord_archive.clinical_service import ClinicalService
-from ricord_archive.cohorts import CohortService
-from ricord_archive.ingest import IngestService
-from ricord_archive.label_service import LabelService
-from ricord_archive.query import QueryService
-from ricord_archive.retrieve import RetrieveService
+from ricord_archive.audit_trail import NO_AUDIT, AuditTrail
+from ricord_archive.services.clinical import ClinicalService
+from ricord_archive.services.cohorts import CohortService
+from ricord_archive.services.ingest import IngestService
+from ricord_archive.services.labels import LabelService
+from ricord_archive.services.query import QueryService
+from ricord_archive.services.retrieve import RetrieveService
 from ricord_archive.web import auth, forwarded
 
 ROOT = "/dicom-web"

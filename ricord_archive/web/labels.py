@@ -11,11 +11,11 @@ from aiohttp import web
 
 from ricord_archive.errors import BadRequest, UnsupportedMediaType
 from ricord_archive.index.labels import AnnotationFilter
-from ricord_archive.label_service import LabelService
 from ricord_archive.labels.mdai import annotation_entry, label_entry
+from ricord_archive.services.labels import LabelService
 from ricord_archive.web import access, context
-from ricord_archive.web.audit import actor
 from ricord_archive.web.clinical import read_body
+from ricord_archive.web.http_audit import actor
 
 MAX_EXPORT_BYTES = 512 * 1024**2
 _READERS = ("researcher", "annotator", "admin")

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from ricord_archive import logs, metrics
-from ricord_archive.readiness import OK
+from ricord_archive.runtime import logs, metrics
+from ricord_archive.runtime.readiness import OK
 from ricord_archive.web import context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

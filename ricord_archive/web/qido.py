@@ -10,12 +10,12 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from ricord_archive.dicom_xml import to_xml
+from ricord_archive.dicom.xml import to_xml
 from ricord_archive.errors import NotAcceptable
-from ricord_archive.matching import Level
-from ricord_archive.qido_query import parse_qido
-from ricord_archive.query import SearchResult
-from ricord_archive.web import audit, auth, context
+from ricord_archive.search.model import Level
+from ricord_archive.search.qido import parse_qido
+from ricord_archive.services.query import SearchResult
+from ricord_archive.web import auth, context, http_audit
 from ricord_archive.web.media import DICOM_JSON, DICOM_XML, accepts, accepts_multipart
 
 _WARN_AGENT = re.compile(r"[A-Za-z0-9.:\[\]-]{1,300}")
@@ -90,7 +90,7 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
             query = parse_qido(level, request.query.items(), services.query.max_limit, scope)
             return await services.query.search(query, site_id=auth.site_id(request))
 
-        result = await audit.searching(request, level, searched())
+        result = await http_audit.searching(request, level, searched())
         base = context.base_url(request)
         for document in result.documents:
             url = _retrieve_url(base, level, document)

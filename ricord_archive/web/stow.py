@@ -10,8 +10,7 @@ from typing import TypeVar
 import orjson
 from aiohttp import BodyPartReader, web
 
-from ricord_archive import metrics
-from ricord_archive.dimse_status import UNABLE_TO_PROCESS
+from ricord_archive.dicom.status import UNABLE_TO_PROCESS
 from ricord_archive.errors import (
     ArchiveError,
     BadRequest,
@@ -19,7 +18,8 @@ from ricord_archive.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
-from ricord_archive.web import audit, auth, context, multipart
+from ricord_archive.runtime import metrics
+from ricord_archive.web import auth, context, http_audit, multipart
 from ricord_archive.web.media import DICOM, DICOM_JSON, parse_media_type
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def _ingest_part(
     services = request.app[context.SERVICES]
     try:
         result = await metrics.ingesting("stow_rs", site, services.ingest.store(
-            data, site, target_study, by=audit.actor(request), protocol="STOW-RS",
+            data, site, target_study, by=http_audit.actor(request), protocol="STOW-RS",
         ))
     except StorageUnavailable:
         raise

@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ricord_archive.dicom_json import instance_path
+from ricord_archive.dicom.json import instance_path
+from ricord_archive.dicom.pixels import STORED, choose_transfer_syntax, parse_frame_list
+from ricord_archive.dicom.rendering import MEDIA_TYPES, parse_options
+from ricord_archive.dicom.uids import is_uid
 from ricord_archive.errors import BadRequest, NotAcceptable
 from ricord_archive.instances import StoredInstance
-from ricord_archive.pixels import STORED, choose_transfer_syntax, parse_frame_list
-from ricord_archive.rendering import MEDIA_TYPES, parse_options
-from ricord_archive.uids import is_uid
 from ricord_archive.web import auth, context, zip_stream
 from ricord_archive.web.media import (
     DICOM,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ricord_archive.blobstore import Blob
+from ricord_archive.dicom.zip_layout import DataSlice, ZipLayout
 from ricord_archive.web.sendfile import sendfile
-from ricord_archive.zip_layout import DataSlice, ZipLayout
 
 ZIP = "application/zip"
 _CHUNK = 1024 * 1024

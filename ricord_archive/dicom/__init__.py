@@ -1,0 +1,1 @@
+"""Pure DICOM encoding and representation: no I/O beyond the bytes given."""

@@ -1,0 +1,1 @@
+"""Process and operations plumbing: metrics, logs, processes, readiness, secrets."""

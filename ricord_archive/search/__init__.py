@@ -1,0 +1,1 @@
+"""The pure query model and its QIDO-RS parser."""

@@ -1,0 +1,1 @@
+"""Application services: they use index/ and blobstore/, and speak domain types."""

@@ -1,0 +1,1 @@
+"""Tests of the blob stores (ricord_archive/blobstore/)."""

@@ -1,0 +1,1 @@
+"""Tests of clinical data (ricord_archive/clinical/)."""

@@ -1,0 +1,1 @@
+"""Tests of de-identification and the acceptance policy (ricord_archive/deid/)."""

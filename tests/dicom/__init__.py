@@ -1,0 +1,1 @@
+"""Tests of the pure DICOM encoding and representation (ricord_archive/dicom/)."""

@@ -1,0 +1,1 @@
+"""Tests of the DIMSE adapter (ricord_archive/dimse/)."""

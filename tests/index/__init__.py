@@ -1,0 +1,1 @@
+"""Tests of the index: SQL on the embedded PostgreSQL (ricord_archive/index/)."""

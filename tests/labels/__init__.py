@@ -1,0 +1,1 @@
+"""Tests of expert labels (ricord_archive/labels/)."""

@@ -1,0 +1,1 @@
+"""Tests of the process and operations plumbing (ricord_archive/runtime/)."""

@@ -1,0 +1,1 @@
+"""Tests of the query model and its parsers (ricord_archive/search/)."""

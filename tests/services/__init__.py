@@ -1,0 +1,1 @@
+"""Tests of the application services (ricord_archive/services/)."""

@@ -1,0 +1,1 @@
+"""Tests of the offline tools (ricord_archive/tools/)."""

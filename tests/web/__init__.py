@@ -1,0 +1,1 @@
+"""Tests of the HTTP adapter (ricord_archive/web/)."""
