@@ -23,7 +23,7 @@ from ricord_archive.clinical import sheet
 from ricord_archive.clinical.export import ClinicalFilter
 from ricord_archive.index import clinical as index
 from ricord_archive.services.clinical import split_filters
-from tests import dcmtk
+from tests import dcmtk, leaks
 from tests.conftest import Archive
 from tests.web.test_auth import CONFIG as AUTH_CONFIG
 from tests.web.test_auth import SITEIDS, TOKENS
@@ -162,31 +162,6 @@ def _needles(rows: list[list], refused: tuple[str, ...]) -> set[bytes]:
             if isinstance(v, dt.date):
                 values.update({v.strftime("%Y%m%d"), v.isoformat()})
     return {v.encode() for v in values}
-
-
-def _db_url(archive: Archive) -> str:
-    return subprocess.run(archive.command("db-url"), capture_output=True, text=True,
-                          timeout=60, check=True).stdout.strip()
-
-
-def _index_text(archive: Archive) -> bytes:
-    """Every row of every table of the index as text (a logical dump: dates as text too)."""
-    url = _db_url(archive)
-
-    async def dump() -> bytes:
-        conn = await asyncpg.connect(url)
-        try:
-            tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = "
-                                      "'public'")
-            parts = []
-            for (table,) in tables:
-                rows = await conn.fetch(f'SELECT t::text FROM "{table}" t')
-                parts += [r[0].encode() for r in rows]
-            return b"\n".join(parts)
-        finally:
-            await conn.close()
-
-    return asyncio.run(dump())
 
 
 def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path):
@@ -352,18 +327,9 @@ def test_sheets_meet_images_sent_before_and_after(make_archive, corpus, tmp_path
                if r.get(k)}
     needles -= {form.encode() for day in shifted for form in (day, _iso(day))}
     assert len(needles) >= 20
-    index_text = _index_text(archive)
-    assert b"Temperature" in index_text  # the dump holds the clinical rows
-    assert archive.stop() == 0
-    leaks = {}
-    for name, blob in [("index", index_text), ("log", archive.log_path.read_bytes()),
-                       *((str(p), p.read_bytes()) for p in archive.data_dir.rglob("*")
-                         if p.is_file() and not p.is_symlink()),
-                       *((f"answer {n}", a) for n, a in enumerate(answers))]:
-        hits = {n for n in needles if n in blob}
-        if hits:
-            leaks[name] = hits
-    assert leaks == {}
+    index = leaks.index_text(archive)
+    assert b"Temperature" in index  # the dump holds the clinical rows
+    assert leaks.leaks(archive, index, answers, needles) == {}
 
 
 def test_roles_and_sites_with_authentication_on(make_archive):
@@ -416,7 +382,7 @@ def _cohort_view(
     clinical rows match, those rows' ages, and the filters left for QIDO-RS."""
 
     async def view() -> tuple[set[str], list[int], dict[str, str]]:
-        pool = await asyncpg.create_pool(_db_url(archive), min_size=1, max_size=2)
+        pool = await asyncpg.create_pool(leaks.db_url(archive), min_size=1, max_size=2)
         try:
             wanted, rest = await split_filters(pool, None, filters)
             assert wanted is not None

@@ -22,8 +22,7 @@ from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import LabelType, Scope
 from ricord_archive.labels.schema import private_code, shipped_schema
-from tests import dcmtk
-from tests.clinical.test_clinical import _index_text
+from tests import dcmtk, leaks
 from tests.conftest import Archive
 from tests.ct_phantom import ct_series
 from tests.labels import test_label_dicom as label_dicom
@@ -235,18 +234,9 @@ def _run(archive: Archive, *args: str) -> subprocess.CompletedProcess:
 
 
 def _scan(archive: Archive, answers: list[bytes], needles: set[bytes]) -> dict[str, set]:
-    index_text = _index_text(archive)
-    assert b"R-" in index_text and b"vertices" in index_text  # the dump holds annotations
-    assert archive.stop() == 0
-    leaks = {}
-    for name, blob in [("index", index_text), ("log", archive.log_path.read_bytes()),
-                       *((str(p), p.read_bytes()) for p in archive.data_dir.rglob("*")
-                         if p.is_file() and not p.is_symlink()),
-                       *((f"answer {n}", a) for n, a in enumerate(answers))]:
-        hits = {n for n in needles if n in blob}
-        if hits:
-            leaks[name] = hits
-    return leaks
+    index = leaks.index_text(archive)
+    assert b"R-" in index and b"vertices" in index  # the dump holds annotations
+    return leaks.leaks(archive, index, answers, needles)
 
 
 def test_mdai_export_in_and_out_of_a_running_archive(make_archive, corpus, tmp_path):
