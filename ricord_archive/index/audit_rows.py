@@ -21,12 +21,10 @@ import asyncpg
 import orjson
 
 from ricord_archive.audit_trail import AuditEvent
-from ricord_archive.index.database import DATABASE_UNAVAILABLE
+from ricord_archive.errors import IndexUnavailable
+from ricord_archive.index.database import translating
 
 log = logging.getLogger(__name__)
-
-# A database that is away or shutting down: the events wait in the buffer for it.
-_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.OperatorInterventionError)
 
 COLUMNS = (
     "at", "event_id", "event_type", "action", "outcome", "who", "role", "site", "source",
@@ -44,12 +42,17 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
     )
 
 
+@translating
 async def insert_events(pool: asyncpg.Pool, events: list[AuditEvent]) -> None:
-    """Append events in one COPY."""
-    async with pool.acquire() as conn:
-        await conn.copy_records_to_table(
-            "audit_event", records=[_row(e) for e in events], columns=COLUMNS
-        )
+    """Append events in one COPY. A database shutting down is unavailable for the audit, as
+    one that is away: the events wait in the buffer for it."""
+    try:
+        async with pool.acquire() as conn:
+            await conn.copy_records_to_table(
+                "audit_event", records=[_row(e) for e in events], columns=COLUMNS
+            )
+    except asyncpg.OperatorInterventionError as exc:
+        raise IndexUnavailable(f"the index is shutting down ({type(exc).__name__})") from exc
 
 
 class AuditWriter:
@@ -127,10 +130,10 @@ class AuditWriter:
                 return
             try:
                 await insert_events(self.pool, events)
-            except _UNAVAILABLE as exc:  # kept for the next attempt
+            except IndexUnavailable as exc:  # kept for the next attempt
                 if not self._failing:
                     log.warning("audit: events not written yet, kept for later (%s)",
-                                type(exc).__name__)
+                                type(exc.__cause__ or exc).__name__)
                 self._failing = True
                 with self._lock:
                     room = self.capacity - len(self._pending)
@@ -139,7 +142,7 @@ class AuditWriter:
                 return
             except Exception as exc:  # rows refused or not encodable: retrying would not help
                 log.error("audit: %d events could not be written (%s)", len(events),
-                          type(exc).__name__)
+                          type(exc.__cause__ or exc).__name__)
                 with self._lock:
                     self.dropped += len(events)
                 continue
@@ -165,6 +168,7 @@ class AuditFilter:
     limit: int = 100
 
 
+@translating
 async def read_events(pool: asyncpg.Pool, wanted: AuditFilter) -> list[dict[str, Any]]:
     """The latest `limit` events that pass the filter, oldest first."""
     conditions, values = [], []

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ricord_archive.index.database import translating
 from ricord_archive.index.query_sql import matches_sql
 from ricord_archive.search.model import Query
 
@@ -73,6 +74,7 @@ _ARCHIVE_ORDER = (
 )
 
 
+@translating
 async def matching_files(pool: asyncpg.Pool, query: Query) -> list[CohortFile]:
     """The instances of every series the (series-level) query matches now, in archive order:
     by subject, study, series and instance number; CRC-32s known from earlier cohorts."""
@@ -89,6 +91,7 @@ async def matching_files(pool: asyncpg.Pool, query: Query) -> list[CohortFile]:
     return [CohortFile(**dict(r)) for r in rows]
 
 
+@translating
 async def series_records(
     pool: asyncpg.Pool, series_pks: Sequence[int], first_instance_pks: Sequence[int]
 ) -> list[SeriesRecord]:
@@ -108,6 +111,7 @@ async def series_records(
     ]
 
 
+@translating
 async def insert_cohort(
     pool: asyncpg.Pool, cohort: NewCohort, files: Sequence[CohortFile], crcs: Sequence[int],
     metadata_csv: bytes, clinical_csv: bytes,
@@ -151,6 +155,7 @@ def _cohort(row: asyncpg.Record) -> Cohort:
     return Cohort(**{**dict(row), "filters": orjson.loads(row["filters"])})
 
 
+@translating
 async def list_cohorts(pool: asyncpg.Pool, site_id: int | None) -> list[Cohort]:
     """Every cohort, or only those of one site when `site_id` is given."""
     rows = await pool.fetch(
@@ -160,6 +165,7 @@ async def list_cohorts(pool: asyncpg.Pool, site_id: int | None) -> list[Cohort]:
     return [_cohort(r) for r in rows]
 
 
+@translating
 async def get_cohort(pool: asyncpg.Pool, cohort_id: int, site_id: int | None) -> Cohort | None:
     row = await pool.fetchrow(
         f"SELECT {_COHORT_COLUMNS} FROM cohort WHERE id = $1 "
@@ -168,6 +174,7 @@ async def get_cohort(pool: asyncpg.Pool, cohort_id: int, site_id: int | None) ->
     return _cohort(row) if row is not None else None
 
 
+@translating
 async def cohort_texts(pool: asyncpg.Pool, cohort_id: int) -> tuple[bytes, bytes]:
     """(metadata.csv, clinical.csv) as frozen."""
     row = await pool.fetchrow(
@@ -176,6 +183,7 @@ async def cohort_texts(pool: asyncpg.Pool, cohort_id: int) -> tuple[bytes, bytes
     return bytes(row["metadata_csv"]), bytes(row["clinical_csv"])
 
 
+@translating
 async def cohort_files(pool: asyncpg.Pool, cohort_id: int) -> list[CohortFile]:
     """The frozen objects of a cohort, in archive order."""
     rows = await pool.fetch(
@@ -188,6 +196,7 @@ async def cohort_files(pool: asyncpg.Pool, cohort_id: int) -> list[CohortFile]:
     return [CohortFile(**dict(r)) for r in rows]
 
 
+@translating
 async def cohort_series_uids(pool: asyncpg.Pool, cohort_id: int) -> list[str]:
     rows = await pool.fetch(
         "SELECT se.series_uid FROM cohort_series c JOIN series se ON se.pk = c.series_pk "
@@ -196,11 +205,13 @@ async def cohort_series_uids(pool: asyncpg.Pool, cohort_id: int) -> list[str]:
     return [r["series_uid"] for r in rows]
 
 
+@translating
 async def delete_cohort(pool: asyncpg.Pool, cohort_id: int) -> bool:
     return await pool.fetchval("DELETE FROM cohort WHERE id = $1 RETURNING id", cohort_id) \
         is not None
 
 
+@translating
 async def subjects(pool: asyncpg.Pool, study_uids: Sequence[str]) -> dict[str, str]:
     """The pseudonym of each study's patient, by study UID."""
     rows = await pool.fetch(
@@ -210,6 +221,7 @@ async def subjects(pool: asyncpg.Pool, study_uids: Sequence[str]) -> dict[str, s
     return {r["study_uid"]: r["pseudonym"] for r in rows}
 
 
+@translating
 async def replaced_files(pool: asyncpg.Pool, cohort_id: int) -> int:
     """How many of a cohort's objects were replaced since it was frozen (an `overwrite`
     duplicate policy stores the new object under a new blob and deletes the old one)."""

@@ -73,10 +73,11 @@ def translating(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
 
 @contextlib.asynccontextmanager
 async def reporting_outages() -> AsyncIterator[None]:
-    """Turn a lost database into StorageUnavailable (503, C-STORE 0xA700) for the caller."""
+    """Turn a lost database into StorageUnavailable (503, C-STORE 0xA700) for the caller
+    (every `index/` function raises IndexUnavailable for it, never the driver's errors)."""
     try:
         yield
-    except (IndexUnavailable, *DATABASE_UNAVAILABLE) as exc:
+    except IndexUnavailable as exc:
         raise StorageUnavailable("the index is unavailable; try again later") from exc
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ricord_archive.index.database import translating
+
 OUTCOMES = ("stored", "duplicates", "refused", "failed")
 
 
@@ -27,6 +29,7 @@ class StudyCounts:
     failed: int = 0
 
 
+@translating
 async def open_session(pool: asyncpg.Pool, site_id: int, calling_aet: str, ttl: float) -> int:
     return await pool.fetchval(
         "INSERT INTO import_session (site_id, calling_aet, expires_at) "
@@ -35,6 +38,7 @@ async def open_session(pool: asyncpg.Pool, site_id: int, calling_aet: str, ttl: 
     )
 
 
+@translating
 async def expect_studies(
     pool: asyncpg.Pool, session_id: int, study_keys: list[bytes], ttl: float
 ) -> None:
@@ -52,6 +56,7 @@ async def expect_studies(
         )
 
 
+@translating
 async def close_session(pool: asyncpg.Pool, session_id: int) -> None:
     """Remove a session, and any session that has expired."""
     await pool.execute(
@@ -59,6 +64,7 @@ async def close_session(pool: asyncpg.Pool, session_id: int) -> None:
     )
 
 
+@translating
 async def importing_aets(pool: asyncpg.Pool) -> list[str]:
     """The calling AE titles of active sessions."""
     rows = await pool.fetch(
@@ -67,6 +73,7 @@ async def importing_aets(pool: asyncpg.Pool) -> list[str]:
     return [r["calling_aet"] for r in rows]
 
 
+@translating
 async def session_study(
     pool: asyncpg.Pool, calling_aet: str, study_key: bytes
 ) -> SessionStudy | None:
@@ -82,6 +89,7 @@ async def session_study(
     return SessionStudy(row["id"], study_key, row["name"]) if row is not None else None
 
 
+@translating
 async def count_outcome(pool: asyncpg.Pool, study: SessionStudy, outcome: str) -> None:
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
@@ -92,6 +100,7 @@ async def count_outcome(pool: asyncpg.Pool, study: SessionStudy, outcome: str) -
     )
 
 
+@translating
 async def study_counts(pool: asyncpg.Pool, session_id: int, study_key: bytes) -> StudyCounts:
     row = await pool.fetchrow(
         "SELECT stored, duplicates, refused, failed FROM import_session_study "

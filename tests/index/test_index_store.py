@@ -14,11 +14,14 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
+from ricord_archive.audit_trail import Action, Actor, AuditEvent, EventId, Outcome
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom.io import PixelDataLocation
 from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.errors import IndexFailure, IndexUnavailable, RefusedObject
+from ricord_archive.index import cohorts, import_rows
+from ricord_archive.index.audit_rows import AuditFilter, AuditWriter, read_events
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.search import search
@@ -204,6 +207,32 @@ def test_index_failures_are_its_own_and_a_blob_write_failure_stays_an_os_error(i
         await ix.pool.close()
         with pytest.raises(IndexUnavailable):
             await ix.store(patient, instance(1, 1, 1))
+
+    index(scenario)
+
+
+def test_import_cohort_and_audit_rows_fail_with_the_index_own_errors(index):
+    """Import sessions, cohorts and the audit trail translate the driver's errors too; the
+    audit writer keeps its events while the index is unavailable."""
+    event = AuditEvent(EventId.IMPORT, Action.CREATE, Outcome.SUCCESS,
+                       Actor("tester", "admin", None, "127.0.0.1"), "CLI")
+
+    async def scenario(ix: Index) -> None:
+        with pytest.raises(IndexFailure) as refused:  # no such site
+            await import_rows.open_session(ix.pool, ix.site.id + 1000, "PACS", 60.0)
+        assert not isinstance(refused.value, IndexUnavailable)
+        writer = AuditWriter(ix.pool)
+        writer.record(event)
+        await writer.flush()
+        assert [e["who"] for e in await read_events(ix.pool, AuditFilter())] == ["tester"]
+        await ix.pool.close()
+        for call in (import_rows.importing_aets(ix.pool), cohorts.list_cohorts(ix.pool, None),
+                     read_events(ix.pool, AuditFilter())):
+            with pytest.raises(IndexUnavailable):
+                await call
+        writer.record(event)
+        await writer.flush()
+        assert (writer.buffered, writer.dropped) == (1, 0)
 
     index(scenario)
 
