@@ -106,6 +106,7 @@ class ArchiveServices:
     """The services `serve` and the offline tools share, over one index and blob store."""
 
     pool: Pool
+    index: Index
     keys: Keyring
     sites: dict[str, Site]
     blobs: BlobStore
@@ -140,10 +141,10 @@ async def compose_services(
         writer.start()
     try:
         yield ArchiveServices(
-            pool, keys, sites, blobs,
+            pool, index, keys, sites, blobs,
             IngestService(index, blobs, keys, sites, IngestSettings.of(config), executor, trail),
             QueryService(index, config.limits.qido_max_limit),
-            RetrieveService(index, blobs), ImportSessions(pool, keys),
+            RetrieveService(index, blobs), ImportSessions(index, keys),
             trail, writer,
         )
     finally:
@@ -219,9 +220,9 @@ async def serve(
             body_idle_timeout=config.limits.http_body_idle_timeout,
             send_timeout=config.limits.http_send_timeout,
             audit=trail,
-            cohorts=CohortService(pool, blobs),
-            clinical=ClinicalService(pool, keys, ingest, trail),
-            labels=LabelService(pool, keys, trail),
+            cohorts=CohortService(core.index, blobs),
+            clinical=ClinicalService(core.index, keys, ingest, trail),
+            labels=LabelService(core.index, keys, trail),
             metrics=config.metrics.enabled and config.metrics.port is None,
             ready_checks=Readiness(pool, blobs, readiness).checks,
         )
@@ -250,9 +251,9 @@ async def serve(
                               config.limits.shutdown_grace, config.read_database_url)
             await workers.start(timeout=_WORKERS_START_TIMEOUT)
         readiness.ready = True
-        fsck_at_start = asyncio.create_task(report_at_start(pool, blobs))
+        fsck_at_start = asyncio.create_task(report_at_start(core.index, blobs))
         collector = asyncio.create_task(collect_orphans(
-            pool, blobs, config.limits.orphan_collect_interval, config.limits.orphan_grace
+            core.index, blobs, config.limits.orphan_collect_interval, config.limits.orphan_grace
         ))
         if config.auth.enabled:
             log.warning(

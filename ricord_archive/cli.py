@@ -361,12 +361,13 @@ async def _fsck(config: Config, repair: bool) -> int:
     """Exit 0 when the blob store and the index agree, 1 when something is reported."""
     from ricord_archive.archive import open_index
     from ricord_archive.blobstore import open_blob_store
+    from ricord_archive.index.facade import Index
     from ricord_archive.services.fsck import check
     from ricord_archive.services.fsck import repair as remove_orphans
 
     blobs = open_blob_store(config)
     async with open_index(config, create=False) as pool:
-        report = await check(pool, blobs)
+        report = await check(Index(pool), blobs)
     print("\n".join(report.lines()))
     if repair:
         removed = await remove_orphans(blobs, report)

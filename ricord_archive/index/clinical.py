@@ -36,16 +36,6 @@ class Stored:
     named_twice: list[int]  # lines naming an examination another row of the sheet names
 
 
-@translating
-async def declared_columns(pool: asyncpg.Pool, site_id: int | None) -> list[Column]:
-    """The columns declared at a site (None: at every site)."""
-    rows = await pool.fetch(
-        "SELECT name, kind, unit, allowed FROM clinical_column "
-        "WHERE $1::int IS NULL OR site_id = $1 ORDER BY site_id, name", site_id,
-    )
-    return [Column(r["name"], r["kind"], r["unit"], tuple(r["allowed"] or ())) for r in rows]
-
-
 async def _declare(conn: asyncpg.Connection, site_id: int, columns: Collection[Column]) -> None:
     for column in columns:
         kind = await conn.fetchval(
@@ -58,13 +48,6 @@ async def _declare(conn: asyncpg.Connection, site_id: int, columns: Collection[C
         if kind is None:
             raise ColumnConflict(f"column {column.name!r} was declared with another type "
                                  "before; a column keeps its type")
-
-
-@translating
-async def declare_columns(pool: asyncpg.Pool, site_id: int, columns: Collection[Column]) -> None:
-    """Record a column map's declarations for a site (a column keeps its kind)."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _declare(conn, site_id, columns)
 
 
 _SET = ("patient_pk", "accession_number", "study_date", *_BUILT_IN_COLUMNS, "extra")
@@ -120,55 +103,6 @@ async def _same_examinations(
     return keep, {p["pk"] for p in promoted}, twice
 
 
-@translating
-async def store_rows(
-    pool: asyncpg.Pool, site_id: int, rows: Sequence[tuple[int, ExamRow]],
-    present: frozenset[str], declared: Collection[Column],
-) -> Stored:
-    """Store `(patient_pk, row)` pairs of one sheet and its column declarations in one
-    transaction. `present`: the sheet's columns (canonical names); the others are left as they
-    were."""
-    index_present = {BUILT_IN[n] for n in present if n in BUILT_IN} | {"patient_pk"}
-    index_present |= {c for n, c in ((ACCESSION, "accession_number"),
-                                     (STUDY_DATE, "study_date")) if n in present}
-    extra_present = sorted(n for n in present if n not in BUILT_IN and n not in IDENTIFIERS)
-    returned: list[asyncpg.Record] = []
-    async with pool.acquire() as conn, conn.transaction():
-        await _declare(conn, site_id, declared)
-        keep, promoted, twice = await _same_examinations(conn, site_id, rows)
-        for conflict, batch in (
-            ("(site_id, study_uid)", [r for r in keep if r[1].study_uid]),
-            ("(site_id, accession_number) WHERE study_uid IS NULL",
-             [r for r in keep if not r[1].study_uid]),
-        ):
-            if not batch:
-                continue
-            columns: list[list[Any]] = [[] for _ in range(10)]
-            for patient_pk, row in batch:
-                values = [patient_pk, row.study_uid, row.accession, row.study_date,
-                          *(row.values.get(c) for c in _BUILT_IN_COLUMNS),
-                          orjson.dumps({k: v for k, v in row.extra.items()
-                                        if v is not None}).decode()]
-                for column, value in zip(columns, values, strict=True):
-                    column.append(value)
-            returned += await conn.fetch(_upsert(frozenset(index_present), conflict),
-                                         site_id, *columns, extra_present)
-    imported = sum(1 for r in returned if r["inserted"])
-    updated = len({r["pk"] for r in returned if not r["inserted"]} | promoted)
-    return Stored(imported, updated, len(keep) - imported - updated, twice)
-
-
-@translating
-async def studies_absent(pool: asyncpg.Pool, site_id: int, rows: Sequence[ExamRow]) -> int:
-    """How many of a sheet's examinations have no study in the archive yet."""
-    return await pool.fetchval(
-        "SELECT count(*) FROM unnest($2::text[], $3::text[]) AS e(uid, accession) "
-        "WHERE NOT EXISTS (SELECT 1 FROM study s WHERE s.site_id = $1 AND "
-        "(s.study_uid = e.uid OR (e.uid IS NULL AND s.accession_number = e.accession)))",
-        site_id, [r.study_uid for r in rows], [r.accession for r in rows],
-    )
-
-
 def _condition(wanted: ColumnFilter, params: list[Any]) -> str:
     """SQL for one column condition; values go in `params`, never into the text."""
     if wanted.index_column is not None:
@@ -215,34 +149,101 @@ _FROM = ("FROM clinical_exam e JOIN patient p ON p.pk = e.patient_pk "
          "JOIN site si ON si.id = e.site_id")
 
 
-@translating
-async def matching_study_uids(pool: asyncpg.Pool, wanted: ClinicalFilter) -> set[str]:
-    """The de-identified StudyInstanceUIDs of the studies in the archive whose clinical rows
-    match `wanted`."""
-    where, params = _where(wanted, None)
-    rows = await pool.fetch(
-        f"SELECT DISTINCT e.exam_study_uid {_FROM} WHERE e.study_pk IS NOT NULL AND {where}",
-        *params,
-    )
-    return {r[0] for r in rows}
+class ClinicalRows:
+    """Clinical columns and rows in the index, over its pool."""
 
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
 
-@translating
-async def clinical_rows(
-    pool: asyncpg.Pool, wanted: ClinicalFilter, study_uids: Collection[str] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per examination matching `wanted` (and, when given, of these de-identified
-    studies): SITEID, PatientID (the pseudonym), StudyInstanceUID, AccessionNumber (keyed),
-    StudyDate (shifted), the built-in columns, then each declared column that has a value."""
-    where, params = _where(wanted, study_uids)
-    rows = await pool.fetch(
-        "SELECT si.siteid, p.pseudonym, e.exam_study_uid, e.exam_accession, "
-        "e.exam_study_date, e.age, e.sex, e.test_method, e.test_result, e.test_date, "
-        f"e.extra::text AS extra {_FROM} WHERE {where} "
-        "ORDER BY si.siteid, p.pseudonym, e.exam_study_date NULLS LAST, e.pk",
-        *params,
-    )
-    names = ("SITEID", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate",
-             *BUILT_IN)
-    return [{**dict(zip(names, tuple(r)[:10], strict=True)), **orjson.loads(r["extra"])}
-            for r in rows]
+    @translating
+    async def declared_columns(self, site_id: int | None) -> list[Column]:
+        """The columns declared at a site (None: at every site)."""
+        rows = await self._pool.fetch(
+            "SELECT name, kind, unit, allowed FROM clinical_column "
+            "WHERE $1::int IS NULL OR site_id = $1 ORDER BY site_id, name", site_id,
+        )
+        return [Column(r["name"], r["kind"], r["unit"], tuple(r["allowed"] or ())) for r in rows]
+
+    @translating
+    async def declare_columns(self, site_id: int, columns: Collection[Column]) -> None:
+        """Record a column map's declarations for a site (a column keeps its kind)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await _declare(conn, site_id, columns)
+
+    @translating
+    async def store_rows(
+        self, site_id: int, rows: Sequence[tuple[int, ExamRow]],
+        present: frozenset[str], declared: Collection[Column],
+    ) -> Stored:
+        """Store `(patient_pk, row)` pairs of one sheet and its column declarations in one
+        transaction. `present`: the sheet's columns (canonical names); the others are left as they
+        were."""
+        index_present = {BUILT_IN[n] for n in present if n in BUILT_IN} | {"patient_pk"}
+        index_present |= {c for n, c in ((ACCESSION, "accession_number"),
+                                         (STUDY_DATE, "study_date")) if n in present}
+        extra_present = sorted(n for n in present if n not in BUILT_IN and n not in IDENTIFIERS)
+        returned: list[asyncpg.Record] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await _declare(conn, site_id, declared)
+            keep, promoted, twice = await _same_examinations(conn, site_id, rows)
+            for conflict, batch in (
+                ("(site_id, study_uid)", [r for r in keep if r[1].study_uid]),
+                ("(site_id, accession_number) WHERE study_uid IS NULL",
+                 [r for r in keep if not r[1].study_uid]),
+            ):
+                if not batch:
+                    continue
+                columns: list[list[Any]] = [[] for _ in range(10)]
+                for patient_pk, row in batch:
+                    values = [patient_pk, row.study_uid, row.accession, row.study_date,
+                              *(row.values.get(c) for c in _BUILT_IN_COLUMNS),
+                              orjson.dumps({k: v for k, v in row.extra.items()
+                                            if v is not None}).decode()]
+                    for column, value in zip(columns, values, strict=True):
+                        column.append(value)
+                returned += await conn.fetch(_upsert(frozenset(index_present), conflict),
+                                             site_id, *columns, extra_present)
+        imported = sum(1 for r in returned if r["inserted"])
+        updated = len({r["pk"] for r in returned if not r["inserted"]} | promoted)
+        return Stored(imported, updated, len(keep) - imported - updated, twice)
+
+    @translating
+    async def studies_absent(self, site_id: int, rows: Sequence[ExamRow]) -> int:
+        """How many of a sheet's examinations have no study in the archive yet."""
+        return await self._pool.fetchval(
+            "SELECT count(*) FROM unnest($2::text[], $3::text[]) AS e(uid, accession) "
+            "WHERE NOT EXISTS (SELECT 1 FROM study s WHERE s.site_id = $1 AND "
+            "(s.study_uid = e.uid OR (e.uid IS NULL AND s.accession_number = e.accession)))",
+            site_id, [r.study_uid for r in rows], [r.accession for r in rows],
+        )
+
+    @translating
+    async def matching_study_uids(self, wanted: ClinicalFilter) -> set[str]:
+        """The de-identified StudyInstanceUIDs of the studies in the archive whose clinical rows
+        match `wanted`."""
+        where, params = _where(wanted, None)
+        rows = await self._pool.fetch(
+            f"SELECT DISTINCT e.exam_study_uid {_FROM} WHERE e.study_pk IS NOT NULL AND {where}",
+            *params,
+        )
+        return {r[0] for r in rows}
+
+    @translating
+    async def clinical_rows(
+        self, wanted: ClinicalFilter, study_uids: Collection[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One row per examination matching `wanted` (and, when given, of these de-identified
+        studies): SITEID, PatientID (the pseudonym), StudyInstanceUID, AccessionNumber (keyed),
+        StudyDate (shifted), the built-in columns, then each declared column that has a value."""
+        where, params = _where(wanted, study_uids)
+        rows = await self._pool.fetch(
+            "SELECT si.siteid, p.pseudonym, e.exam_study_uid, e.exam_accession, "
+            "e.exam_study_date, e.age, e.sex, e.test_method, e.test_result, e.test_date, "
+            f"e.extra::text AS extra {_FROM} WHERE {where} "
+            "ORDER BY si.siteid, p.pseudonym, e.exam_study_date NULLS LAST, e.pk",
+            *params,
+        )
+        names = ("SITEID", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate",
+                 *BUILT_IN)
+        return [{**dict(zip(names, tuple(r)[:10], strict=True)), **orjson.loads(r["extra"])}
+                for r in rows]

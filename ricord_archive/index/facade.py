@@ -2,16 +2,21 @@
 from the pool, which owns the transactions, speaks domain types (sites, patients, instances)
 and fails with `errors.IndexFailure` / `IndexUnavailable`, never the driver's errors.
 
-Ingest, query and retrieve go through it; the other services still call the `index/`
-modules with the pool (docs/architecture.md)."""
+Its parts beyond the instances are small facades of their own: `imports` (import sessions),
+`cohorts`, `clinical` and `labels`."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager
 
 from ricord_archive.deid.keys import PatientKeys
-from ricord_archive.index import reads, store
+from ricord_archive.index import maintenance, reads, store
+from ricord_archive.index.clinical import ClinicalRows
+from ricord_archive.index.cohorts import CohortRows
 from ricord_archive.index.database import Pool
+from ricord_archive.index.import_rows import ImportRows
+from ricord_archive.index.labels import LabelRows
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.search import Page, search
 from ricord_archive.index.store import NewInstance, Patient, PatientEntry, Site, StoredRow
@@ -26,6 +31,10 @@ class Index:
     def __init__(self, pool: Pool, replica: Reads | None = None) -> None:
         self._pool = pool
         self._reads = replica or Reads(pool)
+        self.imports = ImportRows(pool)
+        self.cohorts = CohortRows(pool)
+        self.clinical = ClinicalRows(pool)
+        self.labels = LabelRows(pool)
 
     async def patient(self, site: Site, keys: PatientKeys) -> PatientEntry:
         """The patient `keys` names at the site, claimed or allocated on first sight."""
@@ -65,3 +74,11 @@ class Index:
         """The stored DICOM JSON of each instance in scope (`reads.instance_metadata`)."""
         return await self._reads.run(
             lambda pool: reads.instance_metadata(pool, *uids, site_id=site_id))
+
+    def instance_blobs(self) -> AsyncIterator[tuple[str, str, int]]:
+        """(SOP Instance UID, blob key, size) of every indexed instance, in one transaction."""
+        return maintenance.instance_blobs(self._pool)
+
+    def advisory_lock(self, key: int) -> AbstractAsyncContextManager[bool]:
+        """Whether this process took the advisory lock `key`, held until the block ends."""
+        return maintenance.advisory_lock(self._pool, key)

@@ -17,8 +17,8 @@ from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import export, sheet
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
-from ricord_archive.index import clinical as index
-from ricord_archive.index.database import Pool
+from ricord_archive.index.clinical import ColumnConflict
+from ricord_archive.index.facade import Index
 from ricord_archive.index.store import Site
 from ricord_archive.services.ingest import IngestService
 
@@ -67,9 +67,9 @@ class Export:
 
 
 class ClinicalService:
-    def __init__(self, pool: Pool, keys: Keyring, ingest: IngestService,
+    def __init__(self, index: Index, keys: Keyring, ingest: IngestService,
                  trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT) -> None:
-        self.pool = pool
+        self.index = index
         self.keys = keys
         self.ingest = ingest  # allocates patients as for the images
         self.trail = trail
@@ -84,8 +84,8 @@ class ClinicalService:
         """Record a column map's declarations for a site; the declared names."""
         try:
             columns = col.parse_column_map(map_text)
-            await index.declare_columns(self.pool, self.site(site_name).id, columns.values())
-        except (col.ColumnMapError, index.ColumnConflict) as exc:
+            await self.index.clinical.declare_columns(self.site(site_name).id, columns.values())
+        except (col.ColumnMapError, ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
         except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; try again later") from exc
@@ -119,7 +119,7 @@ class ClinicalService:
         try:
             mapped = col.parse_column_map(map_text) if map_text is not None else {}
             table = sheet.read_table(data, media_type, sheet_name)
-            known = {c.name: c for c in await index.declared_columns(self.pool, site.id)}
+            known = {c.name: c for c in await self.index.clinical.declared_columns(site.id)}
             parsed = sheet.parse_sheet(table, {**known, **mapped})
             rows = []
             for row in parsed.rows:
@@ -129,12 +129,11 @@ class ClinicalService:
                 )
                 rows.append((patient.pk, sheet.keyed(row, self.keys, site.siteid,
                                                      patient.date_offset_days)))
-            stored = await index.store_rows(self.pool, site.id, rows, parsed.present,
-                                            list(mapped.values()))
-            absent = await index.studies_absent(
-                self.pool, site.id, [r for _, r in rows if r.line not in stored.named_twice]
-            )
-        except (sheet.SheetError, col.ColumnMapError, index.ColumnConflict) as exc:
+            stored = await self.index.clinical.store_rows(site.id, rows, parsed.present,
+                                                          list(mapped.values()))
+            absent = await self.index.clinical.studies_absent(
+                site.id, [r for _, r in rows if r.line not in stored.named_twice])
+        except (sheet.SheetError, col.ColumnMapError, ColumnConflict) as exc:
             raise BadRequest(str(exc)) from None
         except IndexUnavailable as exc:
             raise StorageUnavailable("the index is unavailable; import again later") from exc
@@ -152,9 +151,9 @@ class ClinicalService:
         params = list(params)
         site_id = self.site(site_name).id if site_name is not None else None
         try:
-            declared = export.merge_declared(await index.declared_columns(self.pool, site_id))
+            declared = export.merge_declared(await self.index.clinical.declared_columns(site_id))
             wanted = export.parse_filters(params, site_id, declared)
-            rows = await index.clinical_rows(self.pool, wanted)
+            rows = await self.index.clinical.clinical_rows(wanted)
         except export.FilterError as exc:
             raise BadRequest(str(exc)) from None
         except IndexUnavailable as exc:
@@ -169,13 +168,13 @@ class ClinicalService:
 
 
 async def split_filters(
-    pool: Pool, site_id: int | None, filters: Mapping[str, str],
+    index: Index, site_id: int | None, filters: Mapping[str, str],
 ) -> tuple[export.ClinicalFilter | None, dict[str, str]]:
     """For cohorts: the clinical part of mixed filters (None when they name no clinical
     column) and the rest (the QIDO-RS keys), at a site (its index id; None: every site). Then
-    `index.clinical.matching_study_uids(pool, clinical)` gives the matching studies."""
+    `index.clinical.matching_study_uids(clinical)` gives the matching studies."""
     try:
-        declared = export.merge_declared(await index.declared_columns(pool, site_id))
+        declared = export.merge_declared(await index.clinical.declared_columns(site_id))
         keys = export.clinical_keys(declared)
         clinical = [(k, v) for k, v in filters.items() if k in keys]
         wanted = export.parse_filters(clinical, site_id, declared) if clinical else None

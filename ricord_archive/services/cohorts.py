@@ -15,10 +15,9 @@ from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.clinical import export as clinical_export
 from ricord_archive.dicom.zip_layout import Entry, ZipLayout
 from ricord_archive.errors import BadRequest, Gone, NotFound
-from ricord_archive.index import clinical as clinical_index
-from ricord_archive.index import cohorts as index
 from ricord_archive.index.cohorts import Cohort, CohortFile, NewCohort
-from ricord_archive.index.database import Pool, reporting_outages
+from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.facade import Index
 from ricord_archive.instances import StoredInstance
 from ricord_archive.search.model import Level, Query, Term, UidList
 from ricord_archive.search.qido import parse_qido
@@ -54,16 +53,16 @@ def crc32_of(blob: Blob, size: int) -> int:
 
 
 class CohortService:
-    def __init__(self, pool: Pool, blobs: BlobStore) -> None:
-        self.pool = pool
+    def __init__(self, index: Index, blobs: BlobStore) -> None:
+        self.index = index
         self.blobs = blobs
 
     async def _query(self, filters: dict[str, str], site_id: int | None) -> Query:
         """The series-level query of a cohort's filters: QIDO-RS keys through the query
         engine, clinical columns as the studies whose clinical rows match them, label filters
         (`label=`, `consensus=`) as the studies whose annotations match them."""
-        labelled, filters = await split_label_filters(self.pool, filters)
-        clinical, dicom = await split_filters(self.pool, site_id, filters)
+        labelled, filters = await split_label_filters(self.index, filters)
+        clinical, dicom = await split_filters(self.index, site_id, filters)
         query = parse_qido(Level.SERIES, dicom.items(), max_limit=1)
         if query.ignored:  # a cohort never silently ignores a filter
             raise BadRequest("; ".join(query.ignored))
@@ -71,7 +70,7 @@ class CohortService:
         studies = labelled
         if clinical is not None:
             async with reporting_outages():
-                uids = await clinical_index.matching_study_uids(self.pool, clinical)
+                uids = await self.index.clinical.matching_study_uids(clinical)
             studies = uids if studies is None else studies & uids
         if studies is not None:
             terms.append(Term("StudyInstanceUID", UidList(tuple(sorted(studies)))))
@@ -81,8 +80,8 @@ class CohortService:
         """clinical.csv: the clinical row of each study that has one, as GET /api/clinical
         exports it."""
         async with reporting_outages():
-            rows = await clinical_index.clinical_rows(
-                self.pool, clinical_export.ClinicalFilter(), study_uids)
+            rows = await self.index.clinical.clinical_rows(
+                clinical_export.ClinicalFilter(), study_uids)
         extra = {k for row in rows for k in row} - set(clinical_export.OUTPUT_COLUMNS)
         return clinical_export.to_csv(
             clinical_export.column_names(extra, False),
@@ -94,7 +93,7 @@ class CohortService:
         """Freeze the series matching the filters now (only `site_id`'s when given)."""
         query = await self._query(spec.filters, site_id)
         async with reporting_outages():
-            files = await index.matching_files(self.pool, query)
+            files = await self.index.cohorts.matching_files(query)
         if not files:  # nothing to freeze; and a filter value that matches nothing (an
             # original identifier typed by mistake) is never stored
             raise BadRequest("no series match the filters: a cohort is never created empty")
@@ -103,8 +102,8 @@ class CohortService:
         for f in files:
             firsts.setdefault(f.series_pk, f)
         async with reporting_outages():
-            records = await index.series_records(
-                self.pool, list(firsts), [f.instance_pk for f in firsts.values()])
+            records = await self.index.cohorts.series_records(
+                list(firsts), [f.instance_pk for f in firsts.values()])
         clinical = await self._clinical_csv(list(dict.fromkeys(f.study_uid for f in files)))
         images: dict[int, list[CohortFile]] = {}
         for f in files:
@@ -118,8 +117,7 @@ class CohortService:
         new = NewCohort(spec.name, spec.description, spec.license, spec.citation, spec.filters,
                         site_id, created_by)
         async with reporting_outages():
-            cohort_id = await index.insert_cohort(
-                self.pool, new, files, crcs, metadata, clinical)
+            cohort_id = await self.index.cohorts.insert_cohort(new, files, crcs, metadata, clinical)
         return await self.get(cohort_id, None)
 
     async def _crcs(self, files: Sequence[CohortFile]) -> list[int]:
@@ -139,28 +137,28 @@ class CohortService:
 
     async def list(self, site_id: int | None) -> list[Cohort]:
         async with reporting_outages():
-            return await index.list_cohorts(self.pool, site_id)
+            return await self.index.cohorts.list_cohorts(site_id)
 
     async def get(self, cohort_id: int, site_id: int | None) -> Cohort:
         async with reporting_outages():
-            found = await index.get_cohort(self.pool, cohort_id, site_id)
+            found = await self.index.cohorts.get_cohort(cohort_id, site_id)
         if found is None:
             raise NotFound("no such cohort")
         return found
 
     async def delete(self, cohort_id: int) -> None:
         async with reporting_outages():
-            if not await index.delete_cohort(self.pool, cohort_id):
+            if not await self.index.cohorts.delete_cohort(cohort_id):
                 raise NotFound("no such cohort")
 
     async def manifest(self, cohort: Cohort, download_url: str) -> bytes:
         async with reporting_outages():
-            uids = await index.cohort_series_uids(self.pool, cohort.id)
+            uids = await self.index.cohorts.cohort_series_uids(cohort.id)
         return cohort_export.manifest(download_url, cohort.name, uids)
 
     async def metadata_csv(self, cohort: Cohort) -> bytes:
         async with reporting_outages():
-            return (await index.cohort_texts(self.pool, cohort.id))[0]
+            return (await self.index.cohorts.cohort_texts(cohort.id))[0]
 
     async def _contents(self, cohort: Cohort
                         ) -> tuple[builtins.list[CohortFile], builtins.list[str],
@@ -168,11 +166,11 @@ class CohortService:
         """The cohort's objects, their names in the ZIP, and its text files by name; Gone when
         an object was replaced since the cohort was frozen (its bytes are no longer kept)."""
         async with reporting_outages():
-            if await index.replaced_files(self.pool, cohort.id):
+            if await self.index.cohorts.replaced_files(cohort.id):
                 raise Gone("objects of this cohort were replaced since it was frozen: create "
                            "the cohort again")
-            files = await index.cohort_files(self.pool, cohort.id)
-            metadata, clinical = await index.cohort_texts(self.pool, cohort.id)
+            files = await self.index.cohorts.cohort_files(cohort.id)
+            metadata, clinical = await self.index.cohorts.cohort_texts(cohort.id)
         names = cohort_export.entry_names([
             cohort_export.series_folder(f.pseudonym, f.study_uid, f.series_uid) for f in files
         ])
@@ -200,7 +198,7 @@ class CohortService:
         """Instances retrieved by WADO-RS as a ZIP of the cohorts' layout (the objects only);
         CRCs are computed as they are sent (data descriptors)."""
         async with reporting_outages():
-            subject = await index.subjects(self.pool, list({i.study_uid for i, _ in found}))
+            subject = await self.index.cohorts.subjects(list({i.study_uid for i, _ in found}))
         names = cohort_export.entry_names([
             cohort_export.series_folder(subject[i.study_uid], i.study_uid, i.series_uid)
             for i, _ in found

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 from ricord_archive.blobstore import BlobStore, FileBlobStore
 from ricord_archive.errors import IndexFailure
-from ricord_archive.index.database import Pool
-from ricord_archive.index.maintenance import advisory_lock, instance_blobs
+from ricord_archive.index.facade import Index
 from ricord_archive.runtime import metrics
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,11 @@ def _scan(blobs: BlobStore, now: float, grace: float) -> tuple[dict[str, int], l
     return on_disk, young, partial
 
 
-async def check(pool: Pool, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
+async def check(index: Index, blobs: BlobStore, grace: float = GRACE_SECONDS) -> FsckReport:
     """Compare every index row with the blob store (one pass over each)."""
     on_disk, young, partial = await asyncio.to_thread(_scan, blobs, time.time(), grace)
     report = FsckReport(partial_writes=partial)
-    async for sop_uid, blob_key, size_bytes in instance_blobs(pool):
+    async for sop_uid, blob_key, size_bytes in index.instance_blobs():
         report.indexed += 1
         size = on_disk.pop(blob_key, None)
         if size is None:
@@ -93,10 +92,10 @@ async def repair(blobs: BlobStore, report: FsckReport) -> int:
     return await asyncio.to_thread(remove)
 
 
-async def report_at_start(pool: Pool, blobs: BlobStore) -> None:
+async def report_at_start(index: Index, blobs: BlobStore) -> None:
     """The start-up check, in report mode: counts in the log, nothing changed."""
     try:
-        report = await check(pool, blobs)
+        report = await check(index, blobs)
     except IndexFailure as exc:
         log.warning("fsck at start-up could not run: %s", type(exc).__name__)
         return
@@ -111,7 +110,7 @@ async def report_at_start(pool: Pool, blobs: BlobStore) -> None:
 _COLLECTOR_LOCK = 0x52494F52  # pg_advisory_lock key: "RIOR"
 
 
-async def collect_orphans(pool: Pool, blobs: BlobStore, interval: float,
+async def collect_orphans(index: Index, blobs: BlobStore, interval: float,
                           grace: float) -> None:
     """Every `interval` seconds, remove orphan blobs and partial writes older than `grace`
     (left by crashes between a blob and its index transaction), in whichever node first takes
@@ -119,11 +118,11 @@ async def collect_orphans(pool: Pool, blobs: BlobStore, interval: float,
     while True:
         await asyncio.sleep(interval)
         try:
-            async with advisory_lock(pool, _COLLECTOR_LOCK) as locked:
+            async with index.advisory_lock(_COLLECTOR_LOCK) as locked:
                 if not locked:
                     metrics.ORPHAN_RUNS.labels("skipped").inc()
                     continue
-                report = await check(pool, blobs, grace)
+                report = await check(index, blobs, grace)
                 removed = await repair(blobs, report)
         except IndexFailure as exc:
             metrics.ORPHAN_RUNS.labels("failed").inc()

@@ -10,8 +10,7 @@ importer never closed expires after `SESSION_TTL_SECONDS` without a new registra
 from __future__ import annotations
 
 from ricord_archive.deid import Keyring
-from ricord_archive.index import import_rows as index
-from ricord_archive.index.database import Pool
+from ricord_archive.index.facade import Index
 from ricord_archive.index.import_rows import SessionStudy, StudyCounts
 from ricord_archive.index.store import Site
 
@@ -21,8 +20,8 @@ __all__ = ["SESSION_TTL_SECONDS", "ImportSessions", "SessionStudy", "StudyCounts
 
 
 class ImportSessions:
-    def __init__(self, pool: Pool, keys: Keyring) -> None:
-        self.pool = pool
+    def __init__(self, index: Index, keys: Keyring) -> None:
+        self.index = index
         self.keys = keys
 
     def study_key(self, original_study_uid: str) -> bytes:
@@ -30,31 +29,29 @@ class ImportSessions:
 
     async def open(self, site: Site, calling_aet: str) -> int:
         """A new session: objects from `calling_aet` for its expected studies go to `site`."""
-        return await index.open_session(self.pool, site.id, calling_aet, SESSION_TTL_SECONDS)
+        return await self.index.imports.open_session(site.id, calling_aet, SESSION_TTL_SECONDS)
 
     async def expect(self, session_id: int, original_study_uids: list[str]) -> None:
         """Register studies about to be moved (their counts restart) and renew the session."""
         keys = [self.study_key(uid) for uid in original_study_uids]
-        await index.expect_studies(self.pool, session_id, keys, SESSION_TTL_SECONDS)
+        await self.index.imports.expect_studies(session_id, keys, SESSION_TTL_SECONDS)
 
     async def close(self, session_id: int) -> None:
-        await index.close_session(self.pool, session_id)
+        await self.index.imports.close_session(session_id)
 
     async def calling_aets(self) -> list[str]:
         """Calling AE titles that active sessions expect objects from."""
-        return await index.importing_aets(self.pool)
+        return await self.index.imports.importing_aets()
 
     async def study(self, calling_aet: str, original_study_uid: str) -> SessionStudy | None:
         """The session expecting this study from this calling AE title, if any."""
-        return await index.session_study(
-            self.pool, calling_aet, self.study_key(original_study_uid)
-        )
+        return await self.index.imports.session_study(
+            calling_aet, self.study_key(original_study_uid))
 
     async def count(self, study: SessionStudy, outcome: str) -> None:
         """Count one object's outcome: stored, duplicates, refused or failed."""
-        await index.count_outcome(self.pool, study, outcome)
+        await self.index.imports.count_outcome(study, outcome)
 
     async def counts(self, session_id: int, original_study_uid: str) -> StudyCounts:
-        return await index.study_counts(
-            self.pool, session_id, self.study_key(original_study_uid)
-        )
+        return await self.index.imports.study_counts(
+            session_id, self.study_key(original_study_uid))

@@ -3,7 +3,7 @@ schema, import an MD.ai export (readers keyed, notes dropped unless kept explici
 on UIDs the archive does not hold counted by position and not stored), and the reads: the
 annotations, MD.ai's export shape, the readers' consensus, and the label filters of cohorts.
 
-For DICOM output (SEG / SR): `annotations_and_labels(pool, study_uids)` (what `labels
+For DICOM output (SEG / SR): `annotations_and_labels(index, study_uids)` (what `labels
 to-dicom` publishes), or `LabelService.annotations(study_uid=..., series_uid=..., reader=...)`
 and `LabelService.labels()`.
 """
@@ -22,8 +22,8 @@ import orjson
 from ricord_archive import audit_trail
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import BadRequest, IndexUnavailable, StorageUnavailable
-from ricord_archive.index import labels as index
-from ricord_archive.index.database import Pool, reporting_outages
+from ricord_archive.index.database import reporting_outages
+from ricord_archive.index.facade import Index
 from ricord_archive.index.labels import AnnotationFilter, Counts
 from ricord_archive.labels import mdai
 from ricord_archive.labels.consensus import consensus
@@ -88,9 +88,9 @@ def _event(actor: audit_trail.Actor, protocol: str, action: audit_trail.EventId,
 
 
 class LabelService:
-    def __init__(self, pool: Pool, keys: Keyring,
+    def __init__(self, index: Index, keys: Keyring,
                  trail: audit_trail.AuditTrail = audit_trail.NO_AUDIT) -> None:
-        self.pool = pool
+        self.index = index
         self.keys = keys
         self.trail = trail
 
@@ -98,7 +98,7 @@ class LabelService:
         """Load a shipped schema (`ricord`); loading it again changes nothing."""
         try:
             schema = shipped_schema(name)
-            counts = await index.store_schema(self.pool, schema.groups, schema.labels)
+            counts = await self.index.labels.store_schema(schema.groups, schema.labels)
         except SchemaError as exc:
             raise BadRequest(str(exc)) from None
         except IndexUnavailable as exc:
@@ -132,13 +132,13 @@ class LabelService:
         except orjson.JSONDecodeError:
             raise BadRequest("the MD.ai export is not JSON") from None
         try:
-            known = {label.id: label for label in await index.labels(self.pool)}
+            known = {label.id: label for label in await self.index.labels.labels()}
             parsed = mdai.parse_export(document, self.keys, known, _coder(known), keep_notes)
             located = parsed.annotations
-            held = await index.held(self.pool, [x.annotation for x in located])
+            held = await self.index.labels.held([x.annotation for x in located])
             stored = [x.annotation for x, h in zip(located, held, strict=True) if h]
-            label_counts, counts = await index.store(
-                self.pool, parsed.groups, parsed.labels, stored, keep_notes)
+            label_counts, counts = await self.index.labels.store(
+                parsed.groups, parsed.labels, stored, keep_notes)
         except mdai.ExportError as exc:
             raise BadRequest(str(exc)) from None
         except IndexUnavailable as exc:
@@ -151,12 +151,12 @@ class LabelService:
 
     async def groups(self) -> list[LabelGroup]:
         async with reporting_outages():
-            return await index.groups(self.pool)
+            return await self.index.labels.groups()
 
     async def labels(self) -> list[Label]:
         """Every stored label, with its code."""
         async with reporting_outages():
-            return await index.labels(self.pool)
+            return await self.index.labels.labels()
 
     async def annotations(self, study_uid: str | None = None, series_uid: str | None = None,
                           reader: str | None = None, label: str | None = None,
@@ -164,26 +164,25 @@ class LabelService:
         """The stored annotations, filtered by study, series, reader code, label (id or
         name), label group (id or name)."""
         async with reporting_outages():
-            return await index.stored_annotations(self.pool, AnnotationFilter(
+            return await self.index.labels.stored_annotations(AnnotationFilter(
                 study_uid, series_uid, label, group, reader))
 
     async def export(self, actor: audit_trail.Actor, protocol: str,
                      wanted: AnnotationFilter) -> dict[str, Any]:
         """MD.ai's export shape: the whole schema and the annotations matching `wanted`."""
         async with reporting_outages():
-            found = await index.stored_annotations(self.pool, wanted)
-            document = mdai.to_export(await index.groups(self.pool),
-                                      await index.labels(self.pool), found)
+            found = await self.index.labels.stored_annotations(wanted)
+            document = mdai.to_export(await self.index.labels.groups(),
+                                      await self.index.labels.labels(), found)
         self.trail.record(_event(actor, protocol, audit_trail.EventId.EXPORT,
                                  {"annotations": len(found)}))
         return document
 
     async def consensus(self, label_group: str | None = None) -> list[dict[str, Any]]:
         async with reporting_outages():
-            if label_group is not None and not await index.group_exists(self.pool,
-                                                                        label_group):
+            if label_group is not None and not await self.index.labels.group_exists(label_group):
                 raise BadRequest("label_group names no label group")
-            return consensus(await index.global_choices(self.pool, label_group))
+            return consensus(await self.index.labels.global_choices(label_group))
 
 
 def _order(refusal: mdai.Refusal) -> tuple[int, ...]:
@@ -207,20 +206,21 @@ def _coder(known: Mapping[str, Label]) -> Callable[[str, str], Code]:
 
 
 async def annotations_and_labels(
-    pool: Pool, study_uids: Collection[str] | None = None,
+    index: Index, study_uids: Collection[str] | None = None,
 ) -> tuple[list[Annotation], dict[str, Label]]:
     """The stored annotations (of these examinations when given) and every label by id."""
     async with reporting_outages():
         if study_uids is None:
-            found = await index.stored_annotations(pool, AnnotationFilter())
+            found = await index.labels.stored_annotations(AnnotationFilter())
         else:
             found = [a for uid in sorted(study_uids)
-                     for a in await index.stored_annotations(pool, AnnotationFilter(study_uid=uid))]
-        return found, {label.id: label for label in await index.labels(pool)}
+                     for a in await index.labels.stored_annotations(
+                         AnnotationFilter(study_uid=uid))]
+        return found, {label.id: label for label in await index.labels.labels()}
 
 
 async def split_label_filters(
-    pool: Pool, filters: Mapping[str, str],
+    index: Index, filters: Mapping[str, str],
 ) -> tuple[set[str] | None, dict[str, str]]:
     """For cohorts: the studies the label filters (`label=<name>`: a reader gave it;
     `consensus=<name>`: in the readers' majority) leave (None when there are none), and the
@@ -232,11 +232,11 @@ async def split_label_filters(
             name = filters.get(key)
             if name is None:
                 continue
-            if not await index.label_exists(pool, name):
+            if not await index.labels.label_exists(name):
                 raise BadRequest(f"{key}: no label of that name")
-            labelled = await index.studies_labelled(pool, name)
+            labelled = await index.labels.studies_labelled(name)
             if key == "consensus":
-                items = consensus(await index.global_choices(pool, None, labelled))
+                items = consensus(await index.labels.global_choices(None, labelled))
                 labelled = [i["StudyInstanceUID"] for i in items if name in i["majority"]]
             studies = set(labelled) if studies is None else studies & set(labelled)
     return studies, rest

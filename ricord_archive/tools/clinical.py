@@ -38,7 +38,7 @@ async def import_clinical(
     except UnicodeDecodeError:
         raise ToolError("the column map is not UTF-8 text") from None
     async with archive_services(config) as services:
-        clinical = ClinicalService(services.pool, services.keys, services.ingest,
+        clinical = ClinicalService(services.index, services.keys, services.ingest,
                                    services.audit)
         try:
             summary = await clinical.import_sheet(

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 async def init_schema(config: Config, name: str, out: TextIO) -> Counts:
     async with archive_services(config) as services:
         try:
-            counts = await LabelService(services.pool, services.keys).init_schema(name)
+            counts = await LabelService(services.index, services.keys).init_schema(name)
         except ArchiveError as exc:
             raise ToolError(exc.message) from None
     print(f"schema {name}: labels imported {counts.imported}, updated {counts.updated}, "
@@ -43,7 +43,7 @@ async def import_labels(config: Config, path: Path, keep_notes: bool,
     except OSError as exc:
         raise ToolError(f"cannot read {path}: {exc.strerror}") from exc
     async with archive_services(config) as services:
-        service = LabelService(services.pool, services.keys, services.audit)
+        service = LabelService(services.index, services.keys, services.audit)
         try:
             summary = await service.import_export(operator(), "CLI", data, keep_notes)
         except ArchiveError as exc:

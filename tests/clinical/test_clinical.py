@@ -21,7 +21,7 @@ import requests
 from ricord_archive.clinical import columns as col
 from ricord_archive.clinical import sheet
 from ricord_archive.clinical.export import ClinicalFilter
-from ricord_archive.index import clinical as index
+from ricord_archive.index.facade import Index
 from ricord_archive.services.clinical import split_filters
 from tests import dcmtk, leaks
 from tests.conftest import Archive
@@ -384,10 +384,11 @@ def _cohort_view(
     async def view() -> tuple[set[str], list[int], dict[str, str]]:
         pool = await asyncpg.create_pool(leaks.db_url(archive), min_size=1, max_size=2)
         try:
-            wanted, rest = await split_filters(pool, None, filters)
+            index = Index(pool)
+            wanted, rest = await split_filters(index, None, filters)
             assert wanted is not None
-            uids = await index.matching_study_uids(pool, wanted)
-            rows = await index.clinical_rows(pool, ClinicalFilter(), uids)
+            uids = await index.clinical.matching_study_uids(wanted)
+            rows = await index.clinical.clinical_rows(ClinicalFilter(), uids)
             return uids, [r["Age"] for r in rows], rest
         finally:
             await pool.close()

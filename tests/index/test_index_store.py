@@ -20,9 +20,10 @@ from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom.io import PixelDataLocation
 from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.errors import IndexFailure, IndexUnavailable, RefusedObject
-from ricord_archive.index import cohorts, import_rows
 from ricord_archive.index.audit_rows import AuditFilter, AuditWriter, read_events
+from ricord_archive.index.cohorts import CohortRows
 from ricord_archive.index.database import create_pool
+from ricord_archive.index.import_rows import ImportRows
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.search import search
 from ricord_archive.index.store import (
@@ -219,14 +220,14 @@ def test_import_cohort_and_audit_rows_fail_with_the_index_own_errors(index):
 
     async def scenario(ix: Index) -> None:
         with pytest.raises(IndexFailure) as refused:  # no such site
-            await import_rows.open_session(ix.pool, ix.site.id + 1000, "PACS", 60.0)
+            await ImportRows(ix.pool).open_session(ix.site.id + 1000, "PACS", 60.0)
         assert not isinstance(refused.value, IndexUnavailable)
         writer = AuditWriter(ix.pool)
         writer.record(event)
         await writer.flush()
         assert [e["who"] for e in await read_events(ix.pool, AuditFilter())] == ["tester"]
         await ix.pool.close()
-        for call in (import_rows.importing_aets(ix.pool), cohorts.list_cohorts(ix.pool, None),
+        for call in (ImportRows(ix.pool).importing_aets(), CohortRows(ix.pool).list_cohorts(None),
                      read_events(ix.pool, AuditFilter())):
             with pytest.raises(IndexUnavailable):
                 await call

@@ -130,7 +130,7 @@ def publish(archive: Archive, items: Sequence[Annotation],
     """What `ricord-archive labels to-dicom` does, against the running archive's data."""
     config = load_config(None, env={}, overrides={"data_dir": archive.data_dir})
 
-    async def load(pool) -> tuple[Sequence[Annotation], Mapping[str, Label]]:
+    async def load(index) -> tuple[Sequence[Annotation], Mapping[str, Label]]:
         return items, labels
 
     out = io.StringIO()
