@@ -105,7 +105,6 @@ async def open_index(config: Config, *, create: bool = True) -> AsyncIterator[Po
 class ArchiveServices:
     """The services `serve` and the offline tools share, over one index and blob store."""
 
-    pool: Pool
     index: Index
     keys: Keyring
     sites: dict[str, Site]
@@ -135,13 +134,13 @@ async def compose_services(
     if primary:
         await record_sites(blobs, sites.values())
     executor = ingest_executor(config)
-    writer = AuditWriter(pool) if config.audit else None
+    writer = AuditWriter(index.audit) if config.audit else None
     trail = writer or NO_AUDIT
     if writer is not None:
         writer.start()
     try:
         yield ArchiveServices(
-            pool, index, keys, sites, blobs,
+            index, keys, sites, blobs,
             IngestService(index, blobs, keys, sites, IngestSettings.of(config), executor, trail),
             QueryService(index, config.limits.qido_max_limit),
             RetrieveService(index, blobs), ImportSessions(index, keys),

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from ricord_archive import audit_trail
 from ricord_archive.config import ConfigError, load_config
 from ricord_archive.errors import RefusedObject, StorageUnavailable
-from ricord_archive.index.audit_rows import AuditWriter
+from ricord_archive.index.audit_rows import AuditRows, AuditWriter
 from ricord_archive.search.model import Level
 from ricord_archive.services.ingest import StoreResult
 from tests import dcmtk
@@ -129,7 +129,7 @@ def test_querying_records_the_outcome_and_passes_errors_through():
 
 
 def test_a_full_buffer_drops_and_counts_instead_of_blocking():
-    writer = AuditWriter(pool=None, capacity=3)  # type: ignore[arg-type]  # never flushed
+    writer = AuditWriter(rows=None, capacity=3)  # type: ignore[arg-type]  # never flushed
     for _ in range(5):
         writer.record(audit_trail.association(ACTOR, True, {}))
     assert writer.dropped == 2
@@ -160,7 +160,7 @@ def test_writer_batches_into_an_append_only_table(make_archive):
     async def main() -> None:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         try:
-            writer = AuditWriter(pool, batch=10, interval=60)  # a full batch wakes it up
+            writer = AuditWriter(AuditRows(pool), batch=10, interval=60)  # a full batch wakes it up
             writer.start()
             for number in range(10):
                 writer.record(audit_trail.association(ACTOR, True, {"association": str(number)}))

@@ -42,27 +42,14 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
     )
 
 
-@translating
-async def insert_events(pool: asyncpg.Pool, events: list[AuditEvent]) -> None:
-    """Append events in one COPY. A database shutting down is unavailable for the audit, as
-    one that is away: the events wait in the buffer for it."""
-    try:
-        async with pool.acquire() as conn:
-            await conn.copy_records_to_table(
-                "audit_event", records=[_row(e) for e in events], columns=COLUMNS
-            )
-    except asyncpg.OperatorInterventionError as exc:
-        raise IndexUnavailable(f"the index is shutting down ({type(exc).__name__})") from exc
-
-
 class AuditWriter:
     """The archive's audit trail: a bounded buffer written to the index in batches."""
 
     def __init__(
-        self, pool: asyncpg.Pool, capacity: int = 20_000, batch: int = 500,
+        self, rows: AuditRows, capacity: int = 20_000, batch: int = 500,
         interval: float = 0.1,
     ) -> None:
-        self.pool = pool
+        self.rows = rows
         self.capacity = capacity
         self.batch = batch
         self.interval = interval
@@ -129,7 +116,7 @@ class AuditWriter:
             if not events:
                 return
             try:
-                await insert_events(self.pool, events)
+                await self.rows.insert_events(events)
             except IndexUnavailable as exc:  # kept for the next attempt
                 if not self._failing:
                     log.warning("audit: events not written yet, kept for later (%s)",
@@ -168,23 +155,41 @@ class AuditFilter:
     limit: int = 100
 
 
-@translating
-async def read_events(pool: asyncpg.Pool, wanted: AuditFilter) -> list[dict[str, Any]]:
-    """The latest `limit` events that pass the filter, oldest first."""
-    conditions, values = [], []
-    for column, operator, value in (
-        ("at", ">=", wanted.since), ("at", "<", wanted.until),
-        ("event_id", "=", wanted.event_id), ("action", "=", wanted.action),
-        ("who", "=", wanted.who), ("outcome", "=", wanted.outcome),
-    ):
-        if value is not None:
-            values.append(value)
-            conditions.append(f"{column} {operator} ${len(values)}")
-    where = " AND ".join(conditions) or "TRUE"
-    values.append(wanted.limit)
-    rows = await pool.fetch(
-        f"SELECT * FROM (SELECT id, {', '.join(COLUMNS)} FROM audit_event WHERE {where} "
-        f"ORDER BY at DESC, id DESC LIMIT ${len(values)}) latest ORDER BY at, id",
-        *values,
-    )
-    return [{**dict(r), "detail": orjson.loads(r["detail"])} for r in rows]
+class AuditRows:
+    """The audit trail's table, over the index's pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @translating
+    async def insert_events(self, events: list[AuditEvent]) -> None:
+        """Append events in one COPY. A database shutting down is unavailable for the audit, as
+        one that is away: the events wait in the buffer for it."""
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.copy_records_to_table(
+                    "audit_event", records=[_row(e) for e in events], columns=COLUMNS
+                )
+        except asyncpg.OperatorInterventionError as exc:
+            raise IndexUnavailable(f"the index is shutting down ({type(exc).__name__})") from exc
+
+    @translating
+    async def read_events(self, wanted: AuditFilter) -> list[dict[str, Any]]:
+        """The latest `limit` events that pass the filter, oldest first."""
+        conditions, values = [], []
+        for column, operator, value in (
+            ("at", ">=", wanted.since), ("at", "<", wanted.until),
+            ("event_id", "=", wanted.event_id), ("action", "=", wanted.action),
+            ("who", "=", wanted.who), ("outcome", "=", wanted.outcome),
+        ):
+            if value is not None:
+                values.append(value)
+                conditions.append(f"{column} {operator} ${len(values)}")
+        where = " AND ".join(conditions) or "TRUE"
+        values.append(wanted.limit)
+        rows = await self._pool.fetch(
+            f"SELECT * FROM (SELECT id, {', '.join(COLUMNS)} FROM audit_event WHERE {where} "
+            f"ORDER BY at DESC, id DESC LIMIT ${len(values)}) latest ORDER BY at, id",
+            *values,
+        )
+        return [{**dict(r), "detail": orjson.loads(r["detail"])} for r in rows]

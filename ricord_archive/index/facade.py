@@ -2,8 +2,8 @@
 from the pool, which owns the transactions, speaks domain types (sites, patients, instances)
 and fails with `errors.IndexFailure` / `IndexUnavailable`, never the driver's errors.
 
-Its parts beyond the instances are small facades of their own: `imports` (import sessions),
-`cohorts`, `clinical` and `labels`."""
+Its parts beyond the instances are small facades of their own: `audit` (the audit trail's
+rows), `imports` (import sessions), `cohorts`, `clinical` and `labels`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 
 from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.index import maintenance, reads, store
+from ricord_archive.index.audit_rows import AuditRows
 from ricord_archive.index.clinical import ClinicalRows
 from ricord_archive.index.cohorts import CohortRows
 from ricord_archive.index.database import Pool
@@ -31,6 +32,7 @@ class Index:
     def __init__(self, pool: Pool, replica: Reads | None = None) -> None:
         self._pool = pool
         self._reads = replica or Reads(pool)
+        self.audit = AuditRows(pool)
         self.imports = ImportRows(pool)
         self.cohorts = CohortRows(pool)
         self.clinical = ClinicalRows(pool)

@@ -17,7 +17,8 @@ from ricord_archive.audit_trail import (
     audit_log_used,
 )
 from ricord_archive.config import Config
-from ricord_archive.index.audit_rows import AuditFilter, insert_events, read_events
+from ricord_archive.index.audit_rows import AuditFilter
+from ricord_archive.index.facade import Index
 from ricord_archive.tools import ToolError
 from ricord_archive.tools.services import operator
 
@@ -80,10 +81,11 @@ def _table_line(row: dict[str, Any]) -> str:
 async def print_audit(config: Config, wanted: AuditFilter, as_json: bool, out: TextIO) -> None:
     """Print the events that pass the filter, oldest first, then record this reading."""
     async with open_index(config, create=False) as pool:
-        rows = [_readable(r) for r in await read_events(pool, wanted)]
+        audit = Index(pool).audit
+        rows = [_readable(r) for r in await audit.read_events(wanted)]
         if config.audit:
             used = {k: v for k, v in vars(wanted).items() if v is not None and k != "limit"}
-            await insert_events(pool, [audit_log_used(operator(), used, len(rows))])
+            await audit.insert_events([audit_log_used(operator(), used, len(rows))])
     if as_json:
         for row in rows:
             out.write(orjson.dumps(row).decode() + "\n")

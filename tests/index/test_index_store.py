@@ -20,7 +20,7 @@ from ricord_archive.deid import PatientKeys
 from ricord_archive.dicom.io import PixelDataLocation
 from ricord_archive.dicom.json import InstanceRecord
 from ricord_archive.errors import IndexFailure, IndexUnavailable, RefusedObject
-from ricord_archive.index.audit_rows import AuditFilter, AuditWriter, read_events
+from ricord_archive.index.audit_rows import AuditFilter, AuditRows, AuditWriter
 from ricord_archive.index.cohorts import CohortRows
 from ricord_archive.index.database import create_pool
 from ricord_archive.index.import_rows import ImportRows
@@ -222,13 +222,14 @@ def test_import_cohort_and_audit_rows_fail_with_the_index_own_errors(index):
         with pytest.raises(IndexFailure) as refused:  # no such site
             await ImportRows(ix.pool).open_session(ix.site.id + 1000, "PACS", 60.0)
         assert not isinstance(refused.value, IndexUnavailable)
-        writer = AuditWriter(ix.pool)
+        audit = AuditRows(ix.pool)
+        writer = AuditWriter(audit)
         writer.record(event)
         await writer.flush()
-        assert [e["who"] for e in await read_events(ix.pool, AuditFilter())] == ["tester"]
+        assert [e["who"] for e in await audit.read_events(AuditFilter())] == ["tester"]
         await ix.pool.close()
         for call in (ImportRows(ix.pool).importing_aets(), CohortRows(ix.pool).list_cohorts(None),
-                     read_events(ix.pool, AuditFilter())):
+                     audit.read_events(AuditFilter())):
             with pytest.raises(IndexUnavailable):
                 await call
         writer.record(event)

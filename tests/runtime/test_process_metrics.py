@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ricord_archive import audit_trail
-from ricord_archive.index.audit_rows import AuditWriter
+from ricord_archive.index.audit_rows import AuditRows, AuditWriter
 from ricord_archive.index.database import create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres
 from ricord_archive.index.replica import Reads
@@ -59,7 +59,7 @@ def test_the_sampler_reports_the_pool_and_the_audit_buffer(url):
 
     async def run() -> None:
         pool = await create_pool(url)
-        writer = AuditWriter(pool, capacity=2)  # not started: nothing leaves the buffer
+        writer = AuditWriter(AuditRows(pool), capacity=2)  # not started: nothing leaves the buffer
         dropped_before = _value("ricord_audit_events_dropped_total")
         try:
             connection = await pool.acquire()

@@ -19,7 +19,7 @@ from ricord_archive.audit_trail import Action, Actor, AuditEvent, Outcome
 from ricord_archive.config import Config, Limits
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import InvalidObject, NotFound, ObjectTooLarge, StorageUnavailable
-from ricord_archive.index.database import create_pool
+from ricord_archive.index.database import Pool, create_pool
 from ricord_archive.index.migrate import migrate
 from ricord_archive.search.model import Level, Query, Scope
 from tests.conftest import fresh_database
@@ -39,12 +39,13 @@ class Recording:
         self.events.append(event)
 
 
-Scenario = Callable[[ArchiveServices, Recording], Awaitable[None]]
+Scenario = Callable[[ArchiveServices, Recording, Pool], Awaitable[None]]
 
 
 @pytest.fixture
 def services(cluster: str, tmp_path: Path, request) -> Iterator[Callable[..., None]]:
-    """Run `scenario(services, trail)` over a fresh index and blob store; `limits` as given."""
+    """Run `scenario(services, trail, pool)` over a fresh index and blob store; `limits` as
+    given."""
     def run(scenario: Scenario, limits: Limits | None = None) -> None:
         async def go() -> None:
             url = await fresh_database(cluster, request.node.name[-60:])
@@ -57,7 +58,7 @@ def services(cluster: str, tmp_path: Path, request) -> Iterator[Callable[..., No
                 trail = Recording()
                 async with compose_services(config, pool, Keyring(KEY)) as core:
                     ingest = replace_trail(core, trail)
-                    await scenario(ingest, trail)
+                    await scenario(ingest, trail, pool)
             finally:
                 await pool.close()
         asyncio.run(go())
@@ -79,7 +80,7 @@ def study_files(tmp_path: Path, slices: int = 3) -> tuple[list[bytes], PhiCorpus
 def test_ingest_query_retrieve_in_process(services, tmp_path):
     objects, corpus = study_files(tmp_path)
 
-    async def scenario(core: ArchiveServices, trail: Recording) -> None:
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
         results = [await core.ingest.store(data, "default", by=OPERATOR, protocol="test")
                    for data in objects]
         again = await core.ingest.store(objects[0], "default", by=OPERATOR, protocol="test")
@@ -116,7 +117,7 @@ def test_ingest_query_retrieve_in_process(services, tmp_path):
 def test_ingest_audits_refusals_in_process(services, tmp_path):
     objects, _ = study_files(tmp_path, slices=1)
 
-    async def scenario(core: ArchiveServices, trail: Recording) -> None:
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
         with pytest.raises(InvalidObject):
             await core.ingest.store(b"not DICOM at all", "default", by=OPERATOR, protocol="t")
         with pytest.raises(ObjectTooLarge):
@@ -132,7 +133,7 @@ def test_ingest_audits_refusals_in_process(services, tmp_path):
 def test_store_own_is_audited_in_process(services, tmp_path):
     objects, _ = study_files(tmp_path, slices=1)
 
-    async def scenario(core: ArchiveServices, trail: Recording) -> None:
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
         stored = await core.ingest.store(objects[0], "default", by=OPERATOR, protocol="t")
         [(_, blob)] = await core.retrieve.instances(stored.study_uid)
         own = pydicom.dcmread(io.BytesIO(await core.retrieve.stored_bytes(blob)))
@@ -153,8 +154,8 @@ def test_store_own_is_audited_in_process(services, tmp_path):
 def test_lost_index_is_storage_unavailable_in_process(services, tmp_path):
     objects, _ = study_files(tmp_path, slices=1)
 
-    async def scenario(core: ArchiveServices, trail: Recording) -> None:
-        await core.pool.close()
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
+        await pool.close()
         with pytest.raises(StorageUnavailable):
             await core.ingest.store(objects[0], "default", by=OPERATOR, protocol="t")
         with pytest.raises(StorageUnavailable):
