@@ -55,6 +55,20 @@ class Index:
         """The site and patient a stored study is filed under; None when not held."""
         return await reads.study_owner(self._pool, study_uid)
 
+    async def known_patients(self, site: Site, wanted: list[PatientKeys]
+                             ) -> list[Patient | None]:
+        """The patient each of `wanted` names at the site, allocating and claiming nothing
+        (`reads.known_patients`)."""
+        return await reads.known_patients(self._pool, site, wanted)
+
+    async def site_named(self, name: str) -> Site | None:
+        """A site's row by its configured name; None before the archive first created it."""
+        return await reads.site_by_name(self._pool, name)
+
+    async def refusal_counts(self) -> list[tuple[str, str, int]]:
+        """(site name, reason, count) for every refusal reason seen."""
+        return await store.refusal_counts(self._pool)
+
     async def count_refusal(self, site: Site, reason: str) -> None:
         """One more refusal for `reason` at the site."""
         await store.count_refusal(self._pool, site, reason)

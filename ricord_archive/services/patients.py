@@ -18,9 +18,7 @@ from ricord_archive.blobstore.records import PatientRecord
 from ricord_archive.config import SiteConfig
 from ricord_archive.deid import Keyring, PatientKeys
 from ricord_archive.errors import StorageUnavailable
-from ricord_archive.index.database import Pool
 from ricord_archive.index.facade import Index
-from ricord_archive.index.reads import known_patients
 from ricord_archive.index.store import Patient, PatientEntry, Site
 
 _CACHE_SIZE = 100_000
@@ -35,13 +33,13 @@ def patient_keys(
 
 
 async def find_patients(
-    pool: Pool, keys: Keyring, site: Site, site_config: SiteConfig,
+    index: Index, keys: Keyring, site: Site, site_config: SiteConfig,
     wanted: list[tuple[str, str]],
 ) -> list[Patient | None]:
     """The patient each (PatientID, IssuerOfPatientID) names at the site, None when the index
     does not know it; allocates and claims nothing."""
-    return await known_patients(
-        pool, site, [patient_keys(keys, site, site_config, p, i) for p, i in wanted]
+    return await index.known_patients(
+        site, [patient_keys(keys, site, site_config, p, i) for p, i in wanted]
     )
 
 

@@ -4,8 +4,7 @@ imports (`import`, `import-pacs`), which store through the archive's own ingest 
 
 from __future__ import annotations
 
-from ricord_archive.index.database import Pool
-from ricord_archive.index.reads import site_by_name
+from ricord_archive.index.facade import Index
 from ricord_archive.index.store import Site
 
 
@@ -13,9 +12,9 @@ class ToolError(Exception):
     """A tool cannot run as asked; the message says why and names no DICOM value."""
 
 
-async def indexed_site(pool: Pool, name: str) -> Site:
+async def indexed_site(index: Index, name: str) -> Site:
     """The index row of a configured site; the archive creates it when it first starts."""
-    site = await site_by_name(pool, name)
+    site = await index.site_named(name)
     if site is None:
         raise ToolError(
             f"site {name!r} has no SITEID in the index yet: start the archive once with this "

@@ -21,7 +21,7 @@ from ricord_archive.archive import open_index
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.deid import DeidContext, Keyring
 from ricord_archive.errors import ArchiveError, RefusedObject
-from ricord_archive.index.database import Pool
+from ricord_archive.index.facade import Index
 from ricord_archive.index.store import DATE_OFFSET_MAX_DAYS, Site
 from ricord_archive.runtime.secret import load_secret
 from ricord_archive.services.ingest import admission, prepare_object
@@ -44,9 +44,9 @@ class Pseudonyms:
     from the index by ingest's rule (`patients`)."""
 
     def __init__(
-        self, pool: Pool, site: Site, site_config: SiteConfig, keys: Keyring
+        self, index: Index, site: Site, site_config: SiteConfig, keys: Keyring
     ) -> None:
-        self.pool = pool
+        self.index = index
         self.site = site
         self.site_config = site_config
         self.keys = keys
@@ -58,7 +58,7 @@ class Pseudonyms:
         issuer = self.site_config.issuer_of(issuer)
         if (patient_id, issuer) not in self._seen:
             siteid = self.site.siteid
-            [patient] = await find_patients(self.pool, self.keys, self.site, self.site_config,
+            [patient] = await find_patients(self.index, self.keys, self.site, self.site_config,
                                             [(patient_id, issuer)])
             if patient is not None:
                 self.known += 1
@@ -118,9 +118,10 @@ async def deidentify_files(
     site_config = config.site_named(site_name)
     pairs = plan(source, target)
     async with open_index(config, create=False) as pool:
-        site = await indexed_site(pool, site_name)
+        index = Index(pool)
+        site = await indexed_site(index, site_name)
         run = DryRun(config, site_config,
-                     Pseudonyms(pool, site, site_config, Keyring(load_secret(config))))
+                     Pseudonyms(index, site, site_config, Keyring(load_secret(config))))
         bar = tqdm(pairs, desc="de-identifying", unit="file", file=sys.stderr,
                    disable=None if source.is_dir() else True)  # None: on a terminal only
         with bar:

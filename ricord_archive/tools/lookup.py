@@ -15,6 +15,7 @@ from typing import TextIO
 from ricord_archive.archive import open_index
 from ricord_archive.config import Config
 from ricord_archive.deid import Keyring
+from ricord_archive.index.facade import Index
 from ricord_archive.index.store import Patient
 from ricord_archive.runtime.secret import load_secret
 from ricord_archive.services.patients import find_patients
@@ -83,11 +84,12 @@ async def pseudonyms_of(
     patient."""
     site_config = config.site_named(site_name)  # an unknown site fails before any database
     async with open_index(config, create=False) as pool:
-        site = await indexed_site(pool, site_name)
+        index = Index(pool)
+        site = await indexed_site(index, site_name)
         keys = Keyring(load_secret(config))
         # stripped as ingest strips them; an empty ID is never a patient
         stripped = [(p.strip(), i.strip()) for p, i in patients]
-        known = await find_patients(pool, keys, site, site_config,
+        known = await find_patients(index, keys, site, site_config,
                                     [(p, i) for p, i in stripped if p])
     found = iter(known)
     return [_pseudonym(next(found)) if p else None for p, _ in stripped]

@@ -128,7 +128,7 @@ def test_a_legacy_patient_is_claimed_by_the_first_issuer_only(cluster, request, 
         directory = PatientDirectory(Index(pool), keys, FileBlobStore(tmp_path / "blobs"))
 
         async def find(issuer: str) -> str | None:
-            [found] = await find_patients(pool, keys, site, site_config, [("MRN-1", issuer)])
+            [found] = await find_patients(Index(pool), keys, site, site_config, [("MRN-1", issuer)])
             return found.pseudonym if found else None
 
         # before any issuer arrived, lookups of any issuer name the claimable patient
