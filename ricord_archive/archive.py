@@ -26,7 +26,7 @@ from ricord_archive.index.facade import Index
 from ricord_archive.index.migrate import migrate
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
-from ricord_archive.index.store import Site, ensure_site
+from ricord_archive.index.store import Site
 from ricord_archive.runtime import metrics
 from ricord_archive.runtime.processes import (
     Workers,
@@ -127,10 +127,9 @@ async def compose_services(
     process records the sites), ingest (with the configured workers), query and retrieve (over
     `reads`, a read replica, when given), import sessions and the audit trail. On leaving, the
     ingest workers stop, then the audit trail writes what is left."""
-    async with pool.acquire() as conn:
-        sites = {s.name: await ensure_site(conn, s) for s in config.sites}
-    blobs = open_blob_store(config)
     index = Index(pool, reads)
+    sites = {s.name: await index.ensure_site(s) for s in config.sites}
+    blobs = open_blob_store(config)
     if primary:
         await record_sites(blobs, sites.values())
     executor = ingest_executor(config)

@@ -345,11 +345,12 @@ async def _rebuild_index(config: Config) -> int:
     """Exit 0 when every blob was indexed, 1 when some could not be read."""
     from ricord_archive.archive import open_index
     from ricord_archive.blobstore import open_blob_store
+    from ricord_archive.index.facade import Index
     from ricord_archive.services.rebuild import RebuildError, rebuild_index
 
     async with open_index(config) as pool:
         try:
-            report = await rebuild_index(pool, open_blob_store(config), config)
+            report = await rebuild_index(Index(pool), open_blob_store(config), config)
         except RebuildError as exc:
             log.error("%s", exc)
             return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 
+from ricord_archive.config import SiteConfig
 from ricord_archive.deid.keys import PatientKeys
 from ricord_archive.index import maintenance, reads, store
 from ricord_archive.index.audit_rows import AuditRows
@@ -37,6 +38,10 @@ class Index:
         self.cohorts = CohortRows(pool)
         self.clinical = ClinicalRows(pool)
         self.labels = LabelRows(pool)
+
+    async def ensure_site(self, site: SiteConfig) -> Site:
+        """The index row of a configured site, created with a SITEID on first use."""
+        return await store.ensure_site(self._pool, site)
 
     async def patient(self, site: Site, keys: PatientKeys) -> PatientEntry:
         """The patient `keys` names at the site, claimed or allocated on first sight."""
@@ -98,3 +103,13 @@ class Index:
     def advisory_lock(self, key: int) -> AbstractAsyncContextManager[bool]:
         """Whether this process took the advisory lock `key`, held until the block ends."""
         return maintenance.advisory_lock(self._pool, key)
+
+    async def is_empty(self) -> bool:
+        """Whether the index holds no instance (rebuilding it)."""
+        return await maintenance.is_empty(self._pool)
+
+    async def restore_patient(self, site: Site, pseudonym: str, offset: int, key: bytes | None,
+                              issuer_key: bytes | None = None) -> Patient:
+        """A patient as its allocation record has it (`maintenance.restore_patient`)."""
+        return await maintenance.restore_patient(self._pool, site, pseudonym, offset, key,
+                                                 issuer_key)

@@ -19,8 +19,8 @@ from ricord_archive.blobstore import Blob, BlobStore
 from ricord_archive.blobstore.records import PatientRecord, SiteRecord
 from ricord_archive.config import Config, SiteConfig
 from ricord_archive.dicom.io import pixel_data_location
-from ricord_archive.index.database import Connection, Pool
-from ricord_archive.index.store import Patient, Site, ensure_site, store_instance
+from ricord_archive.index.facade import Index
+from ricord_archive.index.store import Patient, Site
 from ricord_archive.services.ingest import describe
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,12 @@ async def record_sites(blobs: BlobStore, sites: Iterable[Site]) -> None:
         await asyncio.to_thread(blobs.records.write, record.record_name, record.encode())
 
 
-async def rebuild_index(pool: Pool, blobs: BlobStore, config: Config) -> RebuildReport:
+async def rebuild_index(index: Index, blobs: BlobStore, config: Config) -> RebuildReport:
     """Index every blob of the store into an empty index."""
-    async with pool.acquire() as conn:
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM instance)"):
-            raise RebuildError("the index is not empty: rebuild-index only fills an empty index")
-        sites = await _sites(conn, blobs, config)
-        patients = await _patients(conn, blobs, sites)
+    if not await index.is_empty():
+        raise RebuildError("the index is not empty: rebuild-index only fills an empty index")
+    sites = await _sites(index, blobs, config)
+    patients = await _patients(index, blobs, sites)
     report = RebuildReport(patients=len(patients))
     for key, size, _ in await asyncio.to_thread(lambda: list(blobs.walk())):
         try:
@@ -69,16 +68,16 @@ async def rebuild_index(pool: Pool, blobs: BlobStore, config: Config) -> Rebuild
             report.unreadable += 1
             continue
         site, patient = patients.get(pseudonym) or await _unrecorded(
-            pool, sites, pseudonym, patients, report
+            index, sites, pseudonym, patients, report
         )
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)  # the blob is there already
-        await store_instance(pool, site, patient, new, "keep-first", done)
+        await index.store_instance(site, patient, new, "keep-first", done)
         report.instances += 1
     return report
 
 
-async def _sites(conn: Connection, blobs: BlobStore, config: Config) -> dict[str, Site]:
+async def _sites(index: Index, blobs: BlobStore, config: Config) -> dict[str, Site]:
     """Sites by SITEID: the recorded ones (their SITEIDs pinned), then the configured ones."""
     recorded = [SiteRecord.decode(data) for _, data in
                 await asyncio.to_thread(lambda: list(blobs.records.read("sites")))]
@@ -86,16 +85,16 @@ async def _sites(conn: Connection, blobs: BlobStore, config: Config) -> dict[str
     sites = {}
     for record in recorded:
         configured = by_name.get(record.name, SiteConfig(record.name))
-        site = await ensure_site(conn, replace(configured, siteid=record.siteid))
+        site = await index.ensure_site(replace(configured, siteid=record.siteid))
         sites[site.siteid] = site
     for configured in config.sites:
         if configured.name not in {s.name for s in sites.values()}:
-            site = await ensure_site(conn, configured)
+            site = await index.ensure_site(configured)
             sites[site.siteid] = site
     return sites
 
 
-async def _patients(conn: Connection, blobs: BlobStore, sites: dict[str, Site]
+async def _patients(index: Index, blobs: BlobStore, sites: dict[str, Site]
                     ) -> dict[str, tuple[Site, Patient]]:
     found_records = await asyncio.to_thread(lambda: list(blobs.records.read("patients")))
     records = PatientRecord.merged(PatientRecord.decode(data) for _, data in found_records)
@@ -105,13 +104,13 @@ async def _patients(conn: Connection, blobs: BlobStore, sites: dict[str, Site]
         if site is None:
             log.warning("a patient record names SITEID %s, which no site has", record.siteid)
             continue
-        found[record.pseudonym] = (site, await _insert_patient(
-            conn, site, record.pseudonym, record.date_offset_days, record.patient_key,
+        found[record.pseudonym] = (site, await index.restore_patient(
+            site, record.pseudonym, record.date_offset_days, record.patient_key,
             record.issuer_key))
     return found
 
 
-async def _unrecorded(pool: Pool, sites: dict[str, Site], pseudonym: str,
+async def _unrecorded(index: Index, sites: dict[str, Site], pseudonym: str,
                       patients: dict[str, tuple[Site, Patient]], report: RebuildReport
                       ) -> tuple[Site, Patient]:
     """A pseudonym without an allocation record (written before records existed, or lost):
@@ -119,20 +118,9 @@ async def _unrecorded(pool: Pool, sites: dict[str, Site], pseudonym: str,
     site = sites.get(pseudonym.rsplit("-", 1)[0])
     if site is None:
         raise RebuildError("an object's Patient ID is not a pseudonym of a known site")
-    async with pool.acquire() as conn:
-        patient = await _insert_patient(conn, site, pseudonym, -1, secrets.token_bytes(32))
+    patient = await index.restore_patient(site, pseudonym, -1, secrets.token_bytes(32))
     patients[pseudonym] = (site, patient)
     report.patients += 1
     report.patients_without_record += 1
     return site, patient
 
-
-async def _insert_patient(conn: Connection, site: Site, pseudonym: str, offset: int,
-                          key: bytes | None, issuer_key: bytes | None = None) -> Patient:
-    row = await conn.fetchrow(
-        "INSERT INTO patient (site_id, patient_key, issuer_key, pseudonym, date_offset_days) "
-        "VALUES ($1, $2, $3, $4, $5) RETURNING pk", site.id, key, issuer_key, pseudonym, offset)
-    number = int(pseudonym.rsplit("-", 1)[1]) if pseudonym.rsplit("-", 1)[-1].isdigit() else 0
-    await conn.execute("UPDATE site SET next_patient_number = greatest(next_patient_number, $2) "
-                       "WHERE id = $1", site.id, number + 1)
-    return Patient(row["pk"], pseudonym, offset)
