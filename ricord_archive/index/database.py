@@ -41,17 +41,18 @@ async def translated() -> AsyncIterator[None]:
     anything else (a blob write) must stay what it is."""
     try:
         yield
-    except DATABASE_UNAVAILABLE as exc:
-        raise _unavailable(exc) from exc
-    except asyncpg.PostgresError as exc:
-        raise _failure(exc) from exc
+    except _DRIVER_ERRORS as exc:
+        raise _index_error(exc) from exc
 
 
-def _unavailable(exc: BaseException) -> IndexUnavailable:
-    return IndexUnavailable(f"the index is unavailable ({type(exc).__name__})")
+_DRIVER_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
-def _failure(exc: BaseException) -> IndexFailure:
+def _index_error(exc: BaseException) -> IndexFailure:
+    """The index's own error for a driver failure: IndexUnavailable for a lost or unreachable
+    database, IndexFailure for a refused statement (its class named, never its text)."""
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        return IndexUnavailable(f"the index is unavailable ({type(exc).__name__})")
     return IndexFailure(f"the index refused a statement ({type(exc).__name__})")
 
 
@@ -63,10 +64,8 @@ def translating(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await function(*args, **kwargs)
-        except DATABASE_UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-        except asyncpg.PostgresError as exc:
-            raise _failure(exc) from exc
+        except _DRIVER_ERRORS as exc:
+            raise _index_error(exc) from exc
 
     return call
 
