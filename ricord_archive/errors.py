@@ -108,6 +108,13 @@ class BadRequest(ArchiveError):
     http_status = 400
 
 
+class QueryTooBroad(BadRequest):
+    """An instance-level search that would read every partition of the instance table: no
+    term resolves its studies, or they are more than the archive reads for one search."""
+
+    dimse_status = OUT_OF_RESOURCES
+
+
 class NotFound(ArchiveError):
     """No such study, series, instance, frame or bulk data element (in the caller's sites)."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ricord_archive.search.model import (
+    KEYS,
     AnyOf,
     Condition,
     DateTimeRange,
@@ -19,6 +20,7 @@ from ricord_archive.search.model import (
     Level,
     Query,
     Range,
+    Scope,
     SingleValue,
     Term,
     UidList,
@@ -60,6 +62,7 @@ _STUDY_COLUMNS = {"ClinicalTrialSiteID": Column("st", "st.site_id")}
 # ClinicalTrialSiteID holds the site's SITEID, matched on the site table.
 _SITE_ID = Column("site", "siteid")
 _SITE_KEY = "ClinicalTrialSiteID"
+_MODALITIES_KEY = "ModalitiesInStudy"
 _WORD_START = "(^|[\\^ =-])"  # a fuzzy name's text starts a component or a word
 
 _BASE = {
@@ -85,12 +88,19 @@ def column(key: str, level: Level) -> Column | None:
 
 
 class Where:
-    """The WHERE clause of a query: its predicates, bind values ($1 upwards) and tables."""
+    """The WHERE clause of a query: its predicates, bind values ($1 upwards) and tables.
 
-    def __init__(self, query: Query) -> None:
+    `after`: only the matches whose key (the level's pk) is past it (keyset paging).
+    `study_pks`: only the matches in these studies (an instance search's resolved studies, a
+    bind parameter so that PostgreSQL prunes the instance partitions at plan time)."""
+
+    def __init__(self, query: Query, after: int | None = None,
+                 study_pks: list[int] | None = None) -> None:
         self.level = query.level
         self.values: list[Any] = []
         self.tables: set[str] = set()
+        self._after_value = after
+        self._after_sql: str | None = None
         scope = query.scope
         terms = [
             *(Term(k, UidList(u)) for k, u in (("StudyInstanceUID", scope.study_uids),
@@ -100,11 +110,21 @@ class Where:
         parts = [p for p in (self._term(t) for t in terms) if p is not None]
         if query.site_id is not None:
             parts.append(f"{self._column(_SITE_KEY).sql} = {self.bind(query.site_id)}")
+        if study_pks is not None:
+            parts.append(f"i.study_pk = ANY({self.bind(study_pks)}::bigint[])")
+        if after is not None:
+            parts.append(f"{_key(self.level)} > {self._after()}")
         self.sql = " AND ".join(parts) if parts else "TRUE"
 
     def bind(self, value: Any) -> str:
         self.values.append(value)
         return f"${len(self.values)}"
+
+    def _after(self) -> str:
+        """The keyset bound's parameter, bound once however often it is read."""
+        if self._after_sql is None:
+            self._after_sql = self.bind(self._after_value)
+        return self._after_sql
 
     def _column(self, key: str) -> Column:
         found = column(key, self.level)
@@ -120,13 +140,37 @@ class Where:
             return "FALSE"  # de-identification removed it: only universal matching
         target = self._column(term.key)
         if term.key == _SITE_KEY:
-            site = self._predicate(_SITE_ID, condition)
-            return f"{target.sql} IN (SELECT id FROM site WHERE {site})"
+            return self._site(target, condition)
+        if term.key == _MODALITIES_KEY and isinstance(condition, AnyOf):
+            return self._modalities(condition)
         if isinstance(condition, DateTimeRange):
             time = self._column(condition.time_key)
             combined = Column(target.table, f"({target.sql} + coalesce({time.sql}, '00:00'))")
             return self._range(combined, condition.low, condition.high)
         return self._predicate(target, condition)
+
+    def _site(self, target: Column, condition: Condition) -> str:
+        """One site's entities as `= (SELECT ...)`, so that the (site_id, pk) index yields them
+        in key order; a wildcard may name several sites."""
+        site = self._predicate(_SITE_ID, condition)
+        if isinstance(condition, SingleValue):
+            return f"{target.sql} = (SELECT id FROM site WHERE {site})"
+        return f"{target.sql} IN (SELECT id FROM site WHERE {site})"
+
+    def _modalities(self, condition: AnyOf) -> str:
+        """The studies holding any of the modalities, from study_modality (migrations/015).
+        One modality: its range of the primary key (modality, study_pk) is unique in study_pk,
+        so PostgreSQL joins it as the driving side in study order and a page reads what it
+        returns. A list: a semi-join whose plan follows the list's selectivity (the rare
+        modalities' rows sorted, or the studies walked in order for common ones)."""
+        values = list(dict.fromkeys(condition.values))
+        bound = f" AND sm.study_pk > {self._after()}" if (
+            self._after_value is not None and self.level is Level.STUDY) else ""
+        if len(values) == 1:
+            return (f"st.pk IN (SELECT sm.study_pk FROM study_modality sm "
+                    f"WHERE sm.modality = {self.bind(values[0])}{bound})")
+        return (f"EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
+                f"AND sm.modality = ANY({self.bind(values)}){bound})")
 
     def _predicate(self, target: Column, condition: Condition) -> str:
         if isinstance(condition, SingleValue):
@@ -208,9 +252,10 @@ def _key(level: Level) -> str:
     return f"{_BASE[level][0]}.pk"
 
 
-def page_sql(query: Query) -> tuple[str, list]:
-    """The SQL of one page (one row more than the limit, to see whether more exist)."""
-    where = Where(query)
+def page_sql(query: Query, study_pks: list[int] | None = None) -> tuple[str, list]:
+    """The SQL of one page (one row more than the limit, to see whether more exist): the
+    matches past `query.after` (keyset), skipping `query.offset` of them."""
+    where = Where(query, query.after, study_pks)
     level, n = query.level, len(where.values)
     columns, tables = _COLUMNS_OF[level]
     sql = (
@@ -228,15 +273,54 @@ def page_sql(query: Query) -> tuple[str, list]:
     return sql, [*where.values, query.limit + 1, query.offset]
 
 
-def rest_count_sql(query: Query) -> tuple[str, list]:
-    """The SQL counting the matches past the page, up to COUNT_CAP."""
-    where = Where(query)
+def rest_count_sql(query: Query, last_key: int,
+                   study_pks: list[int] | None = None) -> tuple[str, list]:
+    """The SQL counting the matches past the page's last key, up to COUNT_CAP: a keyset range
+    read in key order, so the count reads at most COUNT_CAP entries of the index that drives
+    the page, whatever the page's offset."""
+    where = Where(query, last_key, study_pks)
     level, n = query.level, len(where.values)
     sql = (
         f"SELECT count(*) FROM (SELECT 1 {from_clause(level, where.tables)} WHERE {where.sql} "
-        f"ORDER BY {_key(level)} LIMIT ${n + 1} OFFSET ${n + 2}) AS rest"
+        f"ORDER BY {_key(level)} LIMIT ${n + 1}) AS rest"
     )
-    return sql, [*where.values, COUNT_CAP, query.offset + query.limit]
+    return sql, [*where.values, COUNT_CAP]
+
+
+STUDY_CAP = 100
+
+
+def studies_sql(query: Query) -> tuple[str, list] | None:
+    """The SQL resolving an instance search's studies, at most STUDY_CAP + 1 of them, from its
+    study and patient terms, its study and series scope and its SeriesInstanceUID and
+    SOPInstanceUID lists (through series and the instance_uid lookup, never the partitioned
+    instance table); None when nothing narrows it to some studies."""
+    above = tuple(term for term in query.terms if KEYS[term.key].level <= Level.STUDY)
+    study_query = Query(Level.STUDY, above, Scope(query.scope.study_uids),
+                        site_id=query.site_id)
+    where = Where(study_query)
+    parts = [where.sql] if where.sql != "TRUE" else []
+    narrowed = bool(query.scope.study_uids) or any(
+        not isinstance(term.condition, Universal) for term in above)
+    series = [*query.scope.series_uids, *_uids(query, "SeriesInstanceUID")]
+    if series:
+        parts.append("st.pk IN (SELECT se.study_pk FROM series se "
+                     f"WHERE se.series_uid = ANY({where.bind(series)}))")
+    instances = _uids(query, "SOPInstanceUID")
+    if instances:
+        parts.append("st.pk IN (SELECT u.study_pk FROM instance_uid u "
+                      f"WHERE u.sop_uid = ANY({where.bind(instances)}))")
+    if not (narrowed or series or instances):
+        return None
+    sql = (f"SELECT st.pk {from_clause(Level.STUDY, where.tables)} "
+           f"WHERE {' AND '.join(parts)} ORDER BY st.pk LIMIT {STUDY_CAP + 1}")
+    return sql, where.values
+
+
+def _uids(query: Query, key: str) -> list[str]:
+    """The UIDs of the query's UID-list condition on `key`, none when it has none."""
+    return [uid for term in query.terms if term.key == key
+            and isinstance(term.condition, UidList) for uid in term.condition.uids]
 
 
 def matches_sql(query: Query) -> tuple[str, list]:

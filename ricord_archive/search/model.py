@@ -31,7 +31,7 @@ _MAX_VALUE = 1024
 # VRs on which `*` and `?` are wildcards (PS3.4 C.2.2.2.4); elsewhere they match literally.
 _WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 # QIDO-RS parameters that steer a search rather than match (PS3.18 8.3.4).
-CONTROL_PARAMETERS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+CONTROL_PARAMETERS = frozenset({"limit", "offset", "cursor", "includefield", "fuzzymatching"})
 
 
 class Level(IntEnum):
@@ -126,6 +126,7 @@ class Query:
     returned: frozenset[str] | None = frozenset()  # extra tags (hex paths); None means all
     limit: int = 0
     offset: int = 0
+    after: int | None = None  # keyset paging: only matches whose key is past this one
     fuzzy: bool = False
     site_id: int | None = None  # only this site's entities (an index site id)
     ignored: tuple[str, ...] = ()  # human-readable notes on keys not matched on
