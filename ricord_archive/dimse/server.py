@@ -326,7 +326,8 @@ class DimseServer:
             raise
         except ArchiveError as exc:
             log.info("C-FIND refused: %s", exc.message)
-            await respond(exc.dimse_status)
+            await association.respond(request, context, exc.dimse_status,
+                                      ErrorComment=exc.message[:64])
             return
         except Exception as exc:
             log.error("C-FIND failed: %s", type(exc).__name__)

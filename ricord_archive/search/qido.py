@@ -1,9 +1,11 @@
 """The QIDO-RS parser: a search's query parameters and resource path as a `Query`. Pure.
 
 Keys are DICOM keywords or tags (dotted for sequence keys); `limit`, `offset`,
-`includefield` and `fuzzymatching` steer the search (PS3.18 8.3.4). A parameter that is no
-DICOM attribute is ignored and reported (PS3.18: an origin server ignores what it does not
-support); malformed values, of keys and of control parameters, raise BadRequest.
+`includefield` and `fuzzymatching` steer the search (PS3.18 8.3.4), and `cursor`, the opaque
+token of a `Link: rel="next"` header, continues a search where its last page ended (keyset).
+A parameter that is no DICOM attribute is ignored and reported (PS3.18: an origin server
+ignores what it does not support); malformed values, of keys and of control parameters,
+raise BadRequest.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ricord_archive.errors import BadRequest
+from ricord_archive.search import cursor
 from ricord_archive.search.model import (
     CONTROL_PARAMETERS,
     Level,
@@ -78,13 +81,18 @@ def parse_qido(
     parent = _scope(scope or {})
     terms = keys.terms()
     limit = _non_negative("limit", control.get("limit"), max_limit)
+    offset = _non_negative("offset", control.get("offset"), 0)
+    token = control.get("cursor")
+    if token is not None and control.get("offset") is not None:
+        raise BadRequest("offset and cursor exclude each other: follow the Link header's URL")
     return Query(
         level=level,
         terms=terms,
         scope=parent,
         returned=_include(v for k, v in pairs if k == "includefield"),
         limit=min(limit, max_limit) if limit else max_limit,
-        offset=_non_negative("offset", control.get("offset"), 0),
+        offset=offset,
+        after=cursor.decode(token, level) if token is not None else None,
         fuzzy=fuzzy,
         ignored=tuple(keys.ignored),
     )

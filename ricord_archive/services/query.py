@@ -12,6 +12,7 @@ from ricord_archive.dicom.json import INSTANCE_TAGS
 from ricord_archive.index.database import reporting_outages
 from ricord_archive.index.facade import Index
 from ricord_archive.index.search import COUNT_CAP, Found
+from ricord_archive.search import cursor
 from ricord_archive.search.model import Level, Query
 
 PATIENT_TAGS = frozenset({
@@ -25,6 +26,7 @@ class SearchResult:
     documents: list[dict[str, Any]]  # DICOM JSON per match, aggregates included
     more: int  # further matches past the page
     more_at_least: bool  # `more` is a lower bound: counting stopped there
+    next_cursor: str | None = None  # the opaque token of the next page when `more`
     ignored: tuple[str, ...]  # notes on query keys the archive did not match on
 
 
@@ -113,4 +115,5 @@ class QueryService:
         return SearchResult(
             [dict(sorted(d.items())) for d in documents], page.more, page.more >= COUNT_CAP,
             query.ignored,
+            cursor.encode(level, page.last_key) if page.last_key is not None else None,
         )

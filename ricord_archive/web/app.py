@@ -50,7 +50,7 @@ async def errors(
 
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_HEADERS = "Accept, Content-Type, Authorization, If-None-Match, Range"
-_CORS_EXPOSED = "Warning, Content-Type, Content-Length, ETag, Content-Location, X-Request-ID"
+_CORS_EXPOSED = "Warning, Link, Content-Type, Content-Length, ETag, Content-Location, X-Request-ID"
 
 
 def _allowed_origin(request: web.Request) -> str | None:

@@ -60,6 +60,14 @@ def _warning(agent: str, ignored: tuple[str, ...], more: int, at_least: bool) ->
     return ", ".join(notes) or None
 
 
+def _next_link(request: web.Request, base: str, token: str) -> str:
+    """The Link header (RFC 8288) of the next page: the same request, its offset replaced by
+    the cursor after this page."""
+    params = [(k, v) for k, v in request.query.items() if k not in ("offset", "cursor")]
+    origin = base.removesuffix(context.ROOT)
+    return f'<{origin}{request.rel_url.with_query([*params, ("cursor", token)])}>; rel="next"'
+
+
 def _multipart_xml(documents: list[dict]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = [
@@ -100,6 +108,8 @@ def search(level: Level) -> Callable[[web.Request], Awaitable[web.Response]]:
         warning = _warning(_agent(base), result.ignored, result.more, result.more_at_least)
         if warning:
             headers["Warning"] = warning
+        if result.next_cursor is not None:
+            headers["Link"] = _next_link(request, base, result.next_cursor)
         if want_json:
             return web.Response(
                 body=orjson.dumps(result.documents), content_type=DICOM_JSON, headers=headers
