@@ -74,7 +74,7 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
         pool = await create_pool(url, max_size=config.db_pool_size)
         try:
             async with pool.acquire() as conn:
-                await migrate(conn)
+                await migrate(conn, instance_partitions=config.instance_partitions)
             yield pool
         finally:
             await pool.close()

@@ -159,6 +159,7 @@ class Config:
     database_url: str | None = None
     read_database_url: str | None = None  # a read replica for queries and metadata
     db_pool_size: int = 10  # connections each server process keeps to the index at most
+    instance_partitions: int = 128  # of the instance table; applies when the index is created
     secret_key: str | None = None
     sites: tuple[SiteConfig, ...] = (SiteConfig(DEFAULT_SITE_NAME, default=True),)
     accept_any_calling_aet: bool = True
@@ -519,6 +520,12 @@ def _db_pool_size(value: Any) -> int:
     return value
 
 
+def _instance_partitions(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1024:
+        raise ConfigError("instance_partitions must be an integer from 1 to 1024")
+    return value
+
+
 def _processes(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
         raise ConfigError("processes must be an integer from 1 to 64 (0: one per CPU)")
@@ -605,7 +612,7 @@ _TABLES = ("server", "sites", "limits", "ingest", "deidentification", "move_dest
 _SERVER_KEYS = ("data_dir", "http_host", "http_port", "tls_cert", "tls_key", "trusted_proxies",
                 "dimse_host", "dimse_port", "ae_title", "database_url", "read_database_url",
                 "secret_key", "cors_origins", "processes", "ingest_workers", "audit",
-                "log_format", "db_pool_size")
+                "log_format", "db_pool_size", "instance_partitions")
 
 
 def load_config(
@@ -641,6 +648,7 @@ def load_config(
         "database_url": server.get("database_url"),
         "read_database_url": server.get("read_database_url"),
         "db_pool_size": _db_pool_size(server.get("db_pool_size", 10)),
+        "instance_partitions": _instance_partitions(server.get("instance_partitions", 128)),
         "secret_key": server.get("secret_key"),
         "sites": sites,
         "accept_any_calling_aet": accept_any,

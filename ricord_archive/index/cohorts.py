@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,26 @@ _COHORT_COLUMNS = (
 )
 
 
+# A frozen object's instance row; $2: the cohort's studies, bound so that only their
+# partitions are planned (migrations/014).
+_FROZEN_INSTANCE = (
+    "JOIN instance i ON i.study_pk = c.study_pk AND i.pk = c.instance_pk "
+    "AND i.study_pk = ANY($2::bigint[])"
+)
+
+
+def _distinct(pks: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(pks))
+
+
+async def _cohort_studies(conn: asyncpg.Connection, cohort_id: int) -> list[int]:
+    """The pks of the studies a cohort's frozen objects belong to."""
+    return await conn.fetchval(
+        "SELECT coalesce(array_agg(DISTINCT study_pk), '{}') FROM cohort_instance "
+        "WHERE cohort_id = $1", cohort_id,
+    )
+
+
 def _cohort(row: asyncpg.Record) -> Cohort:
     return Cohort(**{**dict(row), "filters": orjson.loads(row["filters"])})
 
@@ -95,30 +115,38 @@ class CohortRows:
         """The instances of every series the (series-level) query matches now, in archive order:
         by subject, study, series and instance number; CRC-32s known from earlier cohorts."""
         matched, values = matches_sql(query)
-        rows = await self._pool.fetch(
-            f"WITH matched AS ({matched}) SELECT {_FILE_COLUMNS}, i.blob_key, i.size_bytes, "
-            "i.sha256, (SELECT c.crc32 FROM cohort_instance c WHERE c.blob_key = i.blob_key "
-            "LIMIT 1) AS crc32 "
-            "FROM matched m JOIN series se ON se.pk = m.pk JOIN study st ON st.pk = se.study_pk "
-            "JOIN patient p ON p.pk = st.patient_pk JOIN instance i ON i.series_pk = se.pk "
-            f"ORDER BY {_ARCHIVE_ORDER}",
-            *values,
-        )
+        async with self._pool.acquire() as conn:
+            series = await conn.fetch(
+                f"WITH matched AS ({matched}) SELECT se.pk, se.study_pk "
+                "FROM matched m JOIN series se ON se.pk = m.pk", *values,
+            )
+            # the studies bound as a parameter: only their partitions are planned (migrations/014)
+            rows = await conn.fetch(
+                f"SELECT {_FILE_COLUMNS}, i.blob_key, i.size_bytes, i.sha256, "
+                "(SELECT c.crc32 FROM cohort_instance c WHERE c.blob_key = i.blob_key "
+                "LIMIT 1) AS crc32 "
+                "FROM instance i JOIN series se ON se.pk = i.series_pk "
+                "JOIN study st ON st.pk = i.study_pk JOIN patient p ON p.pk = st.patient_pk "
+                "WHERE i.study_pk = ANY($1::bigint[]) AND i.series_pk = ANY($2::bigint[]) "
+                f"ORDER BY {_ARCHIVE_ORDER}",
+                _distinct(r["study_pk"] for r in series), [r["pk"] for r in series],
+            )
         return [CohortFile(**dict(r)) for r in rows]
 
     @translating
-    async def series_records(
-        self, series_pks: Sequence[int], first_instance_pks: Sequence[int]
-    ) -> list[SeriesRecord]:
-        """The stored documents of each series with those of the given instance of it, in order."""
+    async def series_records(self, firsts: Sequence[CohortFile]) -> list[SeriesRecord]:
+        """The stored documents of each given instance's series and study with its own, in
+        order."""
         rows = await self._pool.fetch(
             "SELECT u.series_pk, st.dicom_json AS study_json, se.dicom_json AS series_json, "
             "i.dicom_json AS instance_json, i.sop_class_uid "
-            "FROM unnest($1::bigint[], $2::bigint[]) "
-            "WITH ORDINALITY AS u(series_pk, instance_pk, n) "
+            "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) "
+            "WITH ORDINALITY AS u(series_pk, study_pk, instance_pk, n) "
             "JOIN series se ON se.pk = u.series_pk JOIN study st ON st.pk = se.study_pk "
-            "JOIN instance i ON i.pk = u.instance_pk ORDER BY u.n",
-            list(series_pks), list(first_instance_pks),
+            "JOIN instance i ON i.study_pk = u.study_pk AND i.pk = u.instance_pk "
+            "WHERE i.study_pk = ANY($4::bigint[]) ORDER BY u.n",
+            [f.series_pk for f in firsts], [f.study_pk for f in firsts],
+            [f.instance_pk for f in firsts], _distinct(f.study_pk for f in firsts),
         )
         return [
             SeriesRecord(r["series_pk"], orjson.loads(r["study_json"]),
@@ -151,10 +179,11 @@ class CohortRows:
             )
             await conn.copy_records_to_table(
                 "cohort_instance",
-                columns=("cohort_id", "position", "instance_pk", "blob_key", "size_bytes", "sha256",
-                         "crc32"),
+                columns=("cohort_id", "position", "study_pk", "instance_pk", "blob_key",
+                         "size_bytes", "sha256", "crc32"),
                 records=[
-                    (cohort_id, n, f.instance_pk, f.blob_key, f.size_bytes, f.sha256, crc)
+                    (cohort_id, n, f.study_pk, f.instance_pk, f.blob_key, f.size_bytes,
+                     f.sha256, crc)
                     for n, (f, crc) in enumerate(zip(files, crcs, strict=True))
                 ],
             )
@@ -188,13 +217,15 @@ class CohortRows:
     @translating
     async def cohort_files(self, cohort_id: int) -> list[CohortFile]:
         """The frozen objects of a cohort, in archive order."""
-        rows = await self._pool.fetch(
-            f"SELECT {_FILE_COLUMNS}, c.blob_key, c.size_bytes, c.sha256, c.crc32 "
-            "FROM cohort_instance c JOIN instance i ON i.pk = c.instance_pk "
-            "JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = se.study_pk "
-            "JOIN patient p ON p.pk = st.patient_pk WHERE c.cohort_id = $1 ORDER BY c.position",
-            cohort_id,
-        )
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_FILE_COLUMNS}, c.blob_key, c.size_bytes, c.sha256, c.crc32 "
+                f"FROM cohort_instance c {_FROZEN_INSTANCE} "
+                "JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = se.study_pk "
+                "JOIN patient p ON p.pk = st.patient_pk WHERE c.cohort_id = $1 "
+                "ORDER BY c.position",
+                cohort_id, await _cohort_studies(conn, cohort_id),
+            )
         return [CohortFile(**dict(r)) for r in rows]
 
     @translating
@@ -224,7 +255,9 @@ class CohortRows:
     async def replaced_files(self, cohort_id: int) -> int:
         """How many of a cohort's objects were replaced since it was frozen (an `overwrite`
         duplicate policy stores the new object under a new blob and deletes the old one)."""
-        return await self._pool.fetchval(
-            "SELECT count(*) FROM cohort_instance c JOIN instance i ON i.pk = c.instance_pk "
-            "WHERE c.cohort_id = $1 AND i.blob_key <> c.blob_key", cohort_id,
-        )
+        async with self._pool.acquire() as conn:
+            return await conn.fetchval(
+                f"SELECT count(*) FROM cohort_instance c {_FROZEN_INSTANCE} "
+                "WHERE c.cohort_id = $1 AND i.blob_key <> c.blob_key",
+                cohort_id, await _cohort_studies(conn, cohort_id),
+            )

@@ -161,17 +161,26 @@ class LabelRows:
     async def held(self, annotations: Sequence[Annotation]) -> list[bool]:
         """For each annotation, whether the archive holds what it names: the study, the series
         in that study, the instance in that series."""
-        rows = await self._pool.fetch(
-            "SELECT EXISTS (SELECT 1 FROM study st "
-            "  LEFT JOIN series se ON se.study_pk = st.pk AND se.series_uid = u.series "
-            "  LEFT JOIN instance i ON i.series_pk = se.pk AND i.sop_uid = u.sop "
-            "  WHERE st.study_uid = u.study AND (u.series IS NULL OR se.pk IS NOT NULL) "
-            "  AND (u.sop IS NULL OR i.pk IS NOT NULL)) "
-            "FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(study, series, "
-            "sop, n) ORDER BY u.n",
-            [a.study_uid for a in annotations], [a.series_uid for a in annotations],
-            [a.sop_uid for a in annotations],
-        )
+        studies = [a.study_uid for a in annotations]
+        async with self._pool.acquire() as conn:
+            # the studies' pks bound as a parameter: only their instance partitions are
+            # planned (migrations/014)
+            study_pks = await conn.fetchval(
+                "SELECT coalesce(array_agg(pk), '{}') FROM study WHERE study_uid = ANY($1::text[])",
+                studies,
+            )
+            rows = await conn.fetch(
+                "SELECT EXISTS (SELECT 1 FROM study st "
+                "  LEFT JOIN series se ON se.study_pk = st.pk AND se.series_uid = u.series "
+                "  LEFT JOIN instance i ON i.study_pk = st.pk AND i.series_pk = se.pk "
+                "    AND i.sop_uid = u.sop AND i.study_pk = ANY($4::bigint[]) "
+                "  WHERE st.study_uid = u.study AND (u.series IS NULL OR se.pk IS NOT NULL) "
+                "  AND (u.sop IS NULL OR i.pk IS NOT NULL)) "
+                "FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY "
+                "AS u(study, series, sop, n) ORDER BY u.n",
+                studies, [a.series_uid for a in annotations], [a.sop_uid for a in annotations],
+                study_pks,
+            )
         return [r[0] for r in rows]
 
     @translating

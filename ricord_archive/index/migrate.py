@@ -56,9 +56,16 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> int:
-    """Apply what is missing; return how many migrations were applied."""
+async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None, *,
+                  instance_partitions: int | None = None) -> int:
+    """Apply what is missing; return how many migrations were applied. `instance_partitions`:
+    how many partitions the instance table gets when a migration creates it (migrations/014;
+    its own default when None); an index created with another count keeps its own, with a
+    warning."""
     migrations = load_migrations() if migrations is None else migrations
+    if instance_partitions is not None:
+        await conn.execute("SELECT set_config('ricord.instance_partitions', $1, false)",
+                           str(instance_partitions))
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
     try:
         await conn.execute(
@@ -89,9 +96,27 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                 )
             log.info("applied migration %s", migration.name)
             count += 1
+        if instance_partitions is not None:
+            await _check_partitions(conn, instance_partitions)
         return count
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+
+async def instance_partitions(conn: asyncpg.Connection) -> int | None:
+    """How many partitions the index's instance table has; None before migrations/014."""
+    return await conn.fetchval(
+        "SELECT (SELECT count(*) FROM pg_inherits WHERE inhparent = p.partrelid) "
+        "FROM pg_partitioned_table p WHERE p.partrelid = to_regclass('instance')"
+    )
+
+
+async def _check_partitions(conn: asyncpg.Connection, configured: int) -> None:
+    actual = await instance_partitions(conn)
+    if actual is not None and actual != configured:
+        log.warning("instance_partitions = %d is configured, but the index was created with "
+                    "%d instance partitions, which it keeps: the setting applies only when the "
+                    "index is created", configured, actual)
 
 
 async def schema_difference(pool: asyncpg.Pool, migrations: list[Migration]) -> str | None:

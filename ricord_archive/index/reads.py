@@ -18,10 +18,13 @@ _TABLE_OF = {"study_uid": "st", "series_uid": "se"}
 _STORED_COLUMNS = ", ".join(
     f"{_TABLE_OF.get(f.name, 'i')}.{f.name}" for f in fields(StoredInstance)
 )
+# The instance table is partitioned by study (migrations/014): the study's pk is resolved
+# first and bound as a parameter, so PostgreSQL plans and locks that one partition only (a
+# join on the study UID alone prunes at run time, after planning every partition).
 _SCOPE = {
-    "study": "st.study_uid = $1",
-    "series": "st.study_uid = $1 AND se.series_uid = $2",
-    "instance": "st.study_uid = $1 AND se.series_uid = $2 AND i.sop_uid = $3",
+    "study": "i.study_pk = $1",
+    "series": "i.study_pk = $1 AND se.series_uid = $2",
+    "instance": "i.study_pk = $1 AND se.series_uid = $2 AND i.sop_uid = $3",
 }
 _FROM = (
     "FROM instance i JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = i.study_pk"
@@ -29,13 +32,31 @@ _FROM = (
 _ORDER = "ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk"
 
 
-def _where(uids: tuple[str, ...], site_id: int | None) -> tuple[str, list]:
-    """The WHERE clause of a study, series or instance (by how many UIDs are given), narrowed
-    to one site's studies when `site_id` is given."""
-    scope = _SCOPE[("study", "series", "instance")[len(uids) - 1]]
-    if site_id is None:
-        return scope, list(uids)
-    return f"{scope} AND st.site_id = ${len(uids) + 1}", [*uids, site_id]
+async def study_pk(conn: asyncpg.Pool | asyncpg.Connection, study_uid: str,
+                   site_id: int | None = None) -> int | None:
+    """The pk of a stored study (of one site only when `site_id` is given), None if none."""
+    return await conn.fetchval(
+        "SELECT pk FROM study WHERE study_uid = $1 AND ($2::integer IS NULL OR site_id = $2)",
+        study_uid, site_id,
+    )
+
+
+async def _in_scope(pool: asyncpg.Pool, columns: str, uids: tuple[str, ...],
+                    site_id: int | None) -> list[asyncpg.Record]:
+    """`columns` of the instances of a study, a series or one instance (by how many UIDs are
+    given), of one site only when `site_id` is given, in retrieval order."""
+    async with pool.acquire() as conn:
+        pk = await study_pk(conn, uids[0], site_id)
+        if pk is None:
+            return []
+        return await conn.fetch(retrieval_statement(len(uids), columns), pk, *uids[1:])
+
+
+def retrieval_statement(depth: int, columns: str = _STORED_COLUMNS) -> str:
+    """The statement reading `columns` of a study's instances (`depth` 1), a series' (2) or
+    one instance (3); its parameters: the study's pk, then the series' and instance's UIDs."""
+    scope = _SCOPE[("study", "series", "instance")[depth - 1]]
+    return f"SELECT {columns} {_FROM} WHERE {scope} {_ORDER}"
 
 
 @translating
@@ -44,11 +65,7 @@ async def stored_instances(
 ) -> list[StoredInstance]:
     """The instances of a study, a series or one instance (by how many UIDs are given), of
     one site only when `site_id` is given."""
-    where, values = _where(uids, site_id)
-    rows = await pool.fetch(
-        f"SELECT {_STORED_COLUMNS} {_FROM} WHERE {where} {_ORDER}",
-        *values,
-    )
+    rows = await _in_scope(pool, _STORED_COLUMNS, uids, site_id)
     return [StoredInstance(**dict(r)) for r in rows]
 
 
@@ -58,8 +75,7 @@ async def instance_metadata(
 ) -> list[bytes]:
     """The stored DICOM JSON of each instance in scope (of one site when `site_id` is given),
     in retrieval order."""
-    where, values = _where(uids, site_id)
-    rows = await pool.fetch(f"SELECT i.dicom_json {_FROM} WHERE {where} {_ORDER}", *values)
+    rows = await _in_scope(pool, "i.dicom_json", uids, site_id)
     return [r["dicom_json"] for r in rows]
 
 

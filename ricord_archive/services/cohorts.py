@@ -102,8 +102,7 @@ class CohortService:
         for f in files:
             firsts.setdefault(f.series_pk, f)
         async with reporting_outages():
-            records = await self.index.cohorts.series_records(
-                list(firsts), [f.instance_pk for f in firsts.values()])
+            records = await self.index.cohorts.series_records(list(firsts.values()))
         clinical = await self._clinical_csv(list(dict.fromkeys(f.study_uid for f in files)))
         images: dict[int, list[CohortFile]] = {}
         for f in files:
