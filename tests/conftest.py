@@ -38,6 +38,14 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
+def every_instance(client: DICOMwebClient, **options) -> list[dict]:
+    """Every instance the archive holds (that the client may see), study by study: an instance
+    search must name its studies (QIDO-RS /instances over the whole archive is 400)."""
+    return [instance for study in client.search_for_studies()
+            for instance in client.search_for_instances(study["0020000D"]["Value"][0],
+                                                        **options)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

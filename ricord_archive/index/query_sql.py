@@ -33,7 +33,6 @@ from ricord_archive.search.model import (
 class Column:
     table: str  # the alias of the table holding it: p, st, se, i
     sql: str
-    array: bool = False
 
 
 _PSEUDONYM = Column("p", "p.pseudonym")
@@ -47,7 +46,7 @@ _COLUMNS = {
     "StudyTime": Column("st", "st.study_time"),
     "AccessionNumber": Column("st", "st.accession_number"),
     "StudyID": Column("st", "st.study_id"),
-    "ModalitiesInStudy": Column("st", "st.modalities", array=True),
+    "ModalitiesInStudy": Column("st", "st.modalities"),  # matched on study_modality
     "SeriesInstanceUID": Column("se", "se.series_uid"),
     "Modality": Column("se", "se.modality"),
     "SeriesNumber": Column("se", "se.series_number"),
@@ -182,8 +181,7 @@ class Where:
         if isinstance(condition, UidList):
             return f"{target.sql} = ANY({self.bind(list(condition.uids))})"
         if isinstance(condition, AnyOf):
-            operator = "&& {}" if target.array else "= ANY({})"
-            return f"{target.sql} {operator.format(self.bind(list(condition.values)))}"
+            return f"{target.sql} = ANY({self.bind(list(condition.values))})"
         if isinstance(condition, Fuzzy):
             return self._fuzzy(target, condition)
         raise TypeError(f"no SQL for {type(condition).__name__} on {target.sql}")

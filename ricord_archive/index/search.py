@@ -23,9 +23,8 @@ from ricord_archive.search.model import Level, Query
 
 __all__ = ["COUNT_CAP", "STUDY_CAP", "Found", "Page", "search"]
 
-_NARROW = ("name a study (/studies/{uid}/instances, StudyInstanceUID), a series "
-           "(SeriesInstanceUID), instances (SOPInstanceUID) or a patient (PatientID) or other "
-           "study attribute")
+_NARROW = ("by StudyInstanceUID (or /studies/{uid}/instances), SeriesInstanceUID, "
+           "SOPInstanceUID, PatientID or another patient or study attribute")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +61,12 @@ async def _studies(conn: asyncpg.Connection, query: Query) -> list[int]:
     named or too many."""
     resolving = studies_sql(query)
     if resolving is None:
-        raise QueryTooBroad(f"an instance search must be narrowed to some studies: {_NARROW}")
+        raise QueryTooBroad(f"instance search too broad: name its studies {_NARROW}")
     sql, arguments = resolving
     found = [row["pk"] for row in await conn.fetch(sql, *arguments)]
     if len(found) > STUDY_CAP:
-        raise QueryTooBroad(f"an instance search may read at most {STUDY_CAP} studies and this "
-                            f"one matches more: {_NARROW} more narrowly")
+        raise QueryTooBroad(f"instance search too broad: it matches more than {STUDY_CAP} "
+                            f"studies; name fewer {_NARROW}")
     return found
 
 

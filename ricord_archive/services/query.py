@@ -26,8 +26,8 @@ class SearchResult:
     documents: list[dict[str, Any]]  # DICOM JSON per match, aggregates included
     more: int  # further matches past the page
     more_at_least: bool  # `more` is a lower bound: counting stopped there
-    next_cursor: str | None = None  # the opaque token of the next page when `more`
     ignored: tuple[str, ...]  # notes on query keys the archive did not match on
+    next_cursor: str | None = None  # the opaque token of the next page when `more`
 
 
 def _value(vr: str, *values: Any) -> dict[str, Any]:

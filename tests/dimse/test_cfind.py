@@ -93,23 +93,28 @@ def studies(archive) -> Studies:
 class Find:
     responses: list[Dataset]
     final: str  # findscu's text for the final status, e.g. "Success"
+    output: str = ""  # findscu's log (with `-d`, every command set it received)
 
     def values(self, keyword: str) -> list[str]:
         return [str(r.get(keyword, "")) for r in self.responses]
 
 
-def findscu(archive: Archive, tmp: Path, root: str, level: str, keys: list[str]) -> Find:
+def findscu(archive: Archive, tmp: Path, root: str, level: str, keys: list[str],
+            verbosity: str = "-v") -> Find:
     """findscu with `-P` (Patient Root) or `-S` (Study Root); keys as findscu's `-k` takes them."""
     out = Path(tempfile.mkdtemp(prefix="find", dir=tmp))
-    args = ["-v", root, "-X", "-od", str(out), "-aet", CALLING, "-aec", "RICORD",
+    args = [verbosity, root, "-X", "-od", str(out), "-aet", CALLING, "-aec", "RICORD",
             "-k", f"QueryRetrieveLevel={level}"]
     for key in keys:
         args += ["-k", key]
     result = dcmtk.run("findscu", *args, "127.0.0.1", str(archive.dimse_port))
     assert result.returncode == 0, result.stderr
-    final = re.search(r"Received Final Find Response \(([^)]*)\)", result.stderr + result.stdout)
+    output = result.stderr + result.stdout
+    final = (re.search(r"Received Final Find Response \(([^)]*)\)", output)
+             or re.search(r"DIMSE Status *: (0x[0-9a-f]{4}: [^\n]*)", output))
     assert final, result.stderr
-    return Find([pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], final.group(1))
+    return Find([pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], final.group(1),
+                output)
 
 
 def keyword_of(key: str) -> str:
@@ -226,8 +231,8 @@ def test_series_level_matching(archive, studies, tmp_path, root):
 
 @pytest.mark.parametrize("root", ["-P", "-S"])
 def test_image_level_matching(archive, studies, tmp_path, root):
-    keys = ["SOPInstanceUID", "InstanceNumber=2", f"SOPClassUID={MRImageStorage}",
-            "StudyInstanceUID", "SeriesInstanceUID"]
+    keys = [f"PatientID={studies.pid('A1')}", "SOPInstanceUID", "InstanceNumber=2",
+            f"SOPClassUID={MRImageStorage}", "StudyInstanceUID", "SeriesInstanceUID"]
     find = findscu(archive, tmp_path, root, "IMAGE", keys)
     assert find.final == "Success"
     assert_echoes_exactly(find, keys)
@@ -236,6 +241,23 @@ def test_image_level_matching(archive, studies, tmp_path, root):
     one = findscu(archive, tmp_path, root, "IMAGE", [
         f"SOPInstanceUID={find.responses[0].SOPInstanceUID}", "InstanceNumber", "Modality"])
     assert (one.values("InstanceNumber"), one.values("Modality")) == (["2"], ["MR"])
+
+
+@pytest.mark.parametrize("root", ["-P", "-S"])
+def test_an_image_level_query_naming_no_studies_fails_saying_how_to_narrow_it(
+        archive, studies, tmp_path, root):
+    """It would read every partition of the instance table: Refused (Out of Resources) with an
+    Error Comment, and no match."""
+    keys = ["SOPInstanceUID", "InstanceNumber=2", "Modality=MR", "StudyInstanceUID"]
+    find = findscu(archive, tmp_path, root, "IMAGE", keys, verbosity="-d")
+    assert find.responses == []
+    assert find.final == "0xa700: Refused: Out of resources", find.output
+    assert "(0000,0902) LO [instance search too broad: name its studies by StudyInsta" \
+        in find.output
+    narrowed = findscu(archive, tmp_path, root, "IMAGE", [f"StudyInstanceUID={studies.uid('A1')}",
+                                                          *keys[1:3]])
+    assert narrowed.final == "Success"
+    assert narrowed.values("InstanceNumber") == ["2"]
 
 
 def test_sequence_keys(archive, studies, tmp_path):

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from ricord_archive.config import TlsConfig
 from ricord_archive.dimse.security import tls_context
 from tests import dcmtk
-from tests.conftest import Archive, free_port
+from tests.conftest import Archive, every_instance, free_port
 from tests.phi_corpus import PhiCorpus
 
 DEADLINE = 30.0
@@ -151,7 +151,7 @@ def test_c_echo_and_c_store_over_tls(archive, pki, tmp_path):
         assoc.release()
     sop_uid = pydicom.dcmread(path).SOPInstanceUID
     assert sop_uid not in archive.log()
-    assert len(archive.client().search_for_instances()) == 1
+    assert len(every_instance(archive.client())) == 1
 
 
 @pytest.mark.skipif(dcmtk.tool("echoscu") is None, reason="DCMTK's echoscu is not installed")

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 )
 
 from tests import dcmtk, load
-from tests.conftest import Archive, free_port
+from tests.conftest import Archive, every_instance, free_port
 from tests.phi_corpus import PhiCorpus
 
 pytestmark = pytest.mark.slow  # C-GET and C-MOVE against a server process, DCMTK
@@ -95,7 +95,7 @@ def stored(archive, tmp_path_factory) -> Stored:
     [j2k_item] = archive.client().store_instances([j2k]).ReferencedSOPSequence
     studies: dict[str, dict[str, list[str]]] = {}
     patients: dict[str, str] = {}
-    for found in archive.client().search_for_instances():
+    for found in every_instance(archive.client()):
         study, series, sop = (found[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
         studies.setdefault(study, {}).setdefault(series, []).append(sop)
         patients[study] = found["00100020"]["Value"][0]

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests import DATA
-from tests.conftest import Archive, free_port
+from tests.conftest import Archive, every_instance, free_port
 from tests.phi_corpus import PhiCorpus
 
 pytestmark = pytest.mark.slow  # Orthanc as the STOW-RS client
@@ -107,7 +107,7 @@ def test_orthanc_pushes_a_study_by_stow_rs(orthanc, tmp_path):
     assert pushed.status_code == 200, (pushed.text, archive.log()[-2000:])
 
     client = archive.client()
-    instances = client.search_for_instances()
+    instances = every_instance(client)
     assert len(instances) == SLICES
     [found] = client.search_for_studies()
     study_uid = found["0020000D"]["Value"][0]

@@ -66,7 +66,11 @@ def test_every_stored_key_has_a_column_and_no_removed_key_has_one():
      "(st.study_date + coalesce(st.study_time, '00:00')) >= $1", [dt.datetime(2020, 1, 1, 8)]),
     (Term("StudyInstanceUID", UidList(("1.2", "1.3"))), "st.study_uid = ANY($1)",
      [["1.2", "1.3"]]),
-    (Term("ModalitiesInStudy", AnyOf(("CT",))), "st.modalities && $1", [["CT"]]),
+    (Term("ModalitiesInStudy", AnyOf(("CT",))),
+     "st.pk IN (SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $1)", ["CT"]),
+    (Term("ModalitiesInStudy", AnyOf(("CT", "MR", "CT"))),
+     "EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
+     "AND sm.modality = ANY($1))", [["CT", "MR"]]),
     (Term("InstanceNumber", AnyOf((1, 2))), "i.instance_number = ANY($1)", [[1, 2]]),
     (Term("PatientName", Fuzzy("d?e*")), "upper(p.pseudonym) ~ $1", ["(^|[\\^ =-])D.E.*"]),
     (Term("StudyDescription", SingleValue("chest")), "FALSE", []),
@@ -84,6 +88,10 @@ def test_the_site_id_key_is_matched_on_the_site_table_at_the_level_s_column():
         "p.site_id IN (SELECT id FROM site WHERE siteid LIKE $1)", ["A%"])
     assert where(Level.SERIES, term) == (
         "st.site_id IN (SELECT id FROM site WHERE siteid LIKE $1)", ["A%"])
+    # one site: an equality the (site_id, pk) index serves in key order
+    one = Term("ClinicalTrialSiteID", SingleValue("200001"))
+    assert where(Level.STUDY, one) == (
+        "st.site_id = (SELECT id FROM site WHERE siteid = $1)", ["200001"])
 
 
 def test_scope_comes_first_and_the_site_restriction_last():
@@ -117,10 +125,11 @@ def test_a_statement_joins_only_what_its_terms_read():
         == set()
     query = Query(Level.INSTANCE, (Term("PatientName", SingleValue("A", ignore_case=True)),),
                   limit=5, offset=10)
-    sql, values = rest_count_sql(query)
+    sql, values = rest_count_sql(query, 77, [5, 6])
     assert "FROM instance i JOIN study st ON st.pk = i.study_pk JOIN patient p" in sql
     assert "series" not in sql
-    assert values == ["A", COUNT_CAP, 15]
+    assert "i.study_pk = ANY($2::bigint[]) AND i.pk > $3" in sql and "OFFSET" not in sql
+    assert values == ["A", [5, 6], 77, COUNT_CAP]
 
 
 def test_a_page_selects_its_level_s_documents_and_binds_paging_last():

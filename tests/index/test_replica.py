@@ -22,7 +22,7 @@ from ricord_archive import cli
 from ricord_archive.config import ConfigError, load_config
 from ricord_archive.runtime.processes import Workers
 from tests import dcmtk
-from tests.conftest import Archive
+from tests.conftest import Archive, every_instance
 from tests.pg_cluster import Cluster
 from tests.scrape import scrape
 
@@ -87,10 +87,7 @@ def stow(archive: Archive, path: Path) -> tuple[str, str, str]:
 
 def found_instances(archive: Archive) -> set[str]:
     """The SOP Instance UIDs QIDO-RS finds (all instances)."""
-    answer = requests.get(f"{archive.dicomweb_url}/instances", timeout=60)
-    assert answer.status_code in (200, 204), answer.text
-    return {d["00080018"]["Value"][0] for d in answer.json()} if answer.status_code == 200 \
-        else set()
+    return {d["00080018"]["Value"][0] for d in every_instance(archive.client())}
 
 
 def poll(condition, what: str, deadline: float = DEADLINE) -> None:

@@ -23,7 +23,7 @@ from ricord_archive.labels.consensus import consensus
 from ricord_archive.labels.model import LabelType, Scope
 from ricord_archive.labels.schema import private_code, shipped_schema
 from tests import dcmtk, leaks
-from tests.conftest import Archive
+from tests.conftest import Archive, every_instance
 from tests.ct_phantom import ct_series
 from tests.labels import test_label_dicom as label_dicom
 from tests.web.test_auth import CONFIG as AUTH_CONFIG
@@ -153,7 +153,7 @@ def test_consensus_is_the_majority_of_the_readers():
 
 def _instances(archive: Archive) -> dict[str, list[tuple[str, str]]]:
     """The archive's (de-identified) studies: study UID -> [(series UID, SOP UID)] in order."""
-    found = archive.client().search_for_instances()
+    found = every_instance(archive.client())
     studies: dict[str, list[tuple[str, str]]] = {}
     for item in found:
         studies.setdefault(item["0020000D"]["Value"][0], []).append(

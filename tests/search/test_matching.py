@@ -185,7 +185,8 @@ def test_scope_of_the_resource_path_is_anded_with_the_same_key():
 
 def test_modalities_in_study_overlap_upper_cased():
     condition = only_condition(ModalitiesInStudy="ct,mr\\SR")
-    assert condition == ("st.modalities && $1", [["CT", "MR", "SR"]])
+    assert condition == ("EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
+                         "AND sm.modality = ANY($1))", [["CT", "MR", "SR"]])
 
 
 # --- dates -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from ricord_archive.dicom.xml import to_xml
+from ricord_archive.search.model import KEYS, Level, attribute_path
 from tests import dcmtk
 from tests.conftest import Archive, _stop_leftover_postgres
 from tests.phi_corpus import PhiCorpus
@@ -59,6 +60,9 @@ STUDY_KEYS = (PATIENT_ID, PATIENT_NAME, STUDY_UID, STUDY_DATE, STUDY_TIME, ACCES
 SERIES_KEYS = (SERIES_UID, MODALITY, SERIES_NUMBER)
 
 LEVELS = ("studies", "series", "instances")
+# An instance search must name its studies (else 400): this term names every study of the corpus
+# (each holds CT or MR), added to an instance search that names none.
+EVERY_STUDY = ("ModalitiesInStudy", "CT,MR")
 UNIQUE = {"studies": STUDY_UID, "series": SERIES_UID, "instances": SOP_UID}
 
 
@@ -225,13 +229,29 @@ def known(archive) -> Known:
         archive.dicomweb_url,
         client.search_for_studies(),
         client.search_for_series(),
-        client.search_for_instances(),
+        client.search_for_instances(search_filters=dict([EVERY_STUDY])),
     )
 
 
+def _names_studies(name: str, value: str) -> bool:
+    path = attribute_path(name)
+    key = KEYS.get(path[0]) if path else None
+    return key is not None and value.strip() not in ("", "*") and (
+        key.level <= Level.STUDY or key.path in ("SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def narrowed(path: str, params=None):
+    """The parameters of a search, with EVERY_STUDY added to an instance search over the whole
+    archive that names no studies."""
+    pairs = list(params.items() if isinstance(params, dict) else params or [])
+    if path != "instances" or any(_names_studies(k, str(v)) for k, v in pairs):
+        return params
+    return [*pairs, EVERY_STUDY]
+
+
 def get(archive: Archive, path: str, params=None, **headers: str) -> requests.Response:
-    return requests.get(f"{archive.dicomweb_url}/{path}", params=params, headers=headers,
-                        timeout=30)
+    return requests.get(f"{archive.dicomweb_url}/{path}", params=narrowed(path, params),
+                        headers=headers, timeout=30)
 
 
 def raw_get(archive: Archive, path_and_query: str) -> tuple[int, bytes]:
@@ -252,7 +272,8 @@ def search(archive: Archive, level: str, params: dict | None = None, **options) 
         "series": client.search_for_series,
         "instances": client.search_for_instances,
     }[level]
-    return method(search_filters=params, **options)
+    filters = narrowed(level, params)
+    return method(search_filters=dict(filters) if filters else filters, **options)
 
 
 # --- the corpus as stored --------------------------------------------------------------------
@@ -263,6 +284,7 @@ def test_universal_queries_return_the_whole_corpus(known):
     assert len(known.series) == sum(len(p.series) for p in PLAN)
     assert len(known.instances) == sum(n for p in PLAN for _, _, n in p.series)
     assert sorted(first(s, STUDY_TIME) for s in known.studies) == sorted(p.time for p in PLAN)
+    assert all({"CT", "MR"} & set(known.modalities(s)) for s in known.studies)  # EVERY_STUDY
     assert {first(s, SITE_ID) for s in known.studies} == {SITE_A, SITE_B}
     assert len({known.pid("A"), known.pid("B"), known.pid("C")}) == 3
     assert known.date("A2") - known.date("A1") == dt.timedelta(days=6)  # one offset a patient
