@@ -1,7 +1,7 @@
 """Writes to the index: sites, pseudonymous patients, and one transaction per stored instance.
 
-Locks are always taken in the same order (site; then study, series, instance, the study's
-modalities, the instance tally: migrations/009) so concurrent writers of one study queue instead
+Locks are always taken in the same order (site; then study, series, the SOP Instance UID's
+instance_uid row, instance, the study's modalities, the instance tally: migrations/014) so concurrent writers of one study queue instead
 of deadlocking. The related-object counts live in the instance tally, one row per series and
 session slot, so concurrent writers of one study or series do not wait for each other's commit.
 """
@@ -205,7 +205,7 @@ class _StoreCall:
         return self.new.pixel_data.length if self.new.pixel_data else None
 
 
-# The store_instance function's parameters (migrations/009), in its order, as paths into a
+# The store_instance function's parameters (migrations/009, unchanged by 014), in its order, as paths into a
 # _StoreCall: the one place the instance row is spelled out for the index.
 _STORE_PARAMETERS = (
     "patient.pk", "site.id",
@@ -233,7 +233,7 @@ async def store_instance(
 ) -> StoredRow:
     """Index one instance once `blob_written` (the durable write of the instance's blob) has
     completed, so no committed row ever names a blob that is not on disk: one statement, the
-    `store_instance` function of migrations/009, in a transaction of its own that has
+    `store_instance` function of migrations/014, in a transaction of its own that has
     committed (durably) when this returns. One round trip instead of three (BEGIN, the
     function, COMMIT): measured cheaper in CPU than running the function while the blob is
     written (bench/index_store.py). A deadlock or serialization failure runs the transaction
