@@ -29,12 +29,13 @@ def decode(token: str, level: Level) -> int:
     """The key a token continues after; BadRequest when it is not one this archive issued for
     a search at `level`."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         version, token_level, key = _LAYOUT.unpack(raw)
     except (binascii.Error, struct.error, ValueError) as exc:
         raise BadRequest("cursor: malformed; pass back the cursor of a Link header unchanged")\
             from exc
-    if version != _VERSION or token_level != int(level) or key > 2**63 - 1:
+    if (version != _VERSION or token_level != int(level) or key > 2**63 - 1
+            or encode(level, key) != token):
         raise BadRequest("cursor: not a cursor of a search at this level; "
                          "pass back the cursor of a Link header unchanged")
     return key
