@@ -23,7 +23,7 @@ from ricord_archive.index.audit_rows import AuditWriter
 from ricord_archive.index.database import Pool, create_pool, ensure_database
 from ricord_archive.index.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from ricord_archive.index.facade import Index
-from ricord_archive.index.migrate import migrate
+from ricord_archive.index.migrate import check_partitions, migrate
 from ricord_archive.index.replica import Reads
 from ricord_archive.index.replica import reads as replica_reads
 from ricord_archive.index.store import Site
@@ -61,9 +61,12 @@ def prepare_data_dir(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterator[Pool]:
+async def database(config: Config, *, stop_embedded: bool = True,
+                   primary: bool = True) -> AsyncIterator[Pool]:
     """A migrated connection pool: to the configured server, or to the embedded cluster,
-    started (or adopted) for the duration and stopped afterwards when `stop_embedded`."""
+    started (or adopted) for the duration and stopped afterwards when `stop_embedded`. The
+    `primary` process (not a server's worker process) warns of a configured partition count
+    the index does not have."""
     embedded = None
     url = config.database_url
     if url is None:
@@ -75,6 +78,8 @@ async def database(config: Config, *, stop_embedded: bool = True) -> AsyncIterat
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, instance_partitions=config.instance_partitions)
+                if primary:
+                    await check_partitions(conn, config.instance_partitions)
             yield pool
         finally:
             await pool.close()
@@ -196,7 +201,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     readiness = _Readiness()
     async with (
-        database(config) as pool,
+        database(config, primary=worker_of is None) as pool,
         replica_reads(pool, config.read_database_url) as reads,
         compose_services(config, pool, keys, reads, primary=worker_of is None) as core,
     ):

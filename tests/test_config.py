@@ -333,3 +333,11 @@ def test_database_pool_size_is_ten_unless_configured(tmp_path):
     assert load(tmp_path, "[server]\ndb_pool_size = 32\n").db_pool_size == 32
     for value in ("0", "1001", '"20"', "true"):
         rejected(tmp_path, f"[server]\ndb_pool_size = {value}\n", "db_pool_size")
+
+
+def test_instance_partitions_are_128_unless_configured(tmp_path):
+    assert load_config(env={}).instance_partitions == 128
+    assert load(tmp_path, "[server]\ninstance_partitions = 16\n").instance_partitions == 16
+    for value in ("0", "1025", '"16"', "true", "1.5"):
+        rejected(tmp_path, f"[server]\ninstance_partitions = {value}\n",
+                 "instance_partitions must be an integer from 1 to 1024")

@@ -60,8 +60,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                   instance_partitions: int | None = None) -> int:
     """Apply what is missing; return how many migrations were applied. `instance_partitions`:
     how many partitions the instance table gets when a migration creates it (migrations/014;
-    its own default when None); an index created with another count keeps its own, with a
-    warning."""
+    its own default when None); an index created with another count keeps its own."""
     migrations = load_migrations() if migrations is None else migrations
     if instance_partitions is not None:
         await conn.execute("SELECT set_config('ricord.instance_partitions', $1, false)",
@@ -96,8 +95,6 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                 )
             log.info("applied migration %s", migration.name)
             count += 1
-        if instance_partitions is not None:
-            await _check_partitions(conn, instance_partitions)
         return count
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
@@ -111,7 +108,8 @@ async def instance_partitions(conn: asyncpg.Connection) -> int | None:
     )
 
 
-async def _check_partitions(conn: asyncpg.Connection, configured: int) -> None:
+async def check_partitions(conn: asyncpg.Connection, configured: int) -> None:
+    """Warn when the index has another number of instance partitions than `configured`."""
     actual = await instance_partitions(conn)
     if actual is not None and actual != configured:
         log.warning("instance_partitions = %d is configured, but the index was created with "

@@ -1,9 +1,10 @@
 """Writes to the index: sites, pseudonymous patients, and one transaction per stored instance.
 
 Locks are always taken in the same order (site; then study, series, the SOP Instance UID's
-instance_uid row, instance, the study's modalities, the instance tally: migrations/014) so concurrent writers of one study queue instead
-of deadlocking. The related-object counts live in the instance tally, one row per series and
-session slot, so concurrent writers of one study or series do not wait for each other's commit.
+instance_uid row, instance, the study's modalities, the instance tally: migrations/014) so
+concurrent writers of one study queue instead of deadlocking. The related-object counts live
+in the instance tally, one row per series and session slot, so concurrent writers of one study
+or series do not wait for each other's commit.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ class _StoreCall:
         return self.new.pixel_data.length if self.new.pixel_data else None
 
 
-# The store_instance function's parameters (migrations/009, unchanged by 014), in its order, as paths into a
-# _StoreCall: the one place the instance row is spelled out for the index.
+# The store_instance function's parameters (migrations/009, unchanged by 014), in its order,
+# as paths into a _StoreCall: the one place the instance row is spelled out for the index.
 _STORE_PARAMETERS = (
     "patient.pk", "site.id",
     "new.record.study_uid", "new.record.study_date", "new.record.study_time",

@@ -15,7 +15,12 @@ import pytest
 from ricord_archive.errors import RefusedObject
 from ricord_archive.index import reads
 from ricord_archive.index.cohorts import CohortRows
-from ricord_archive.index.migrate import instance_partitions, load_migrations, migrate
+from ricord_archive.index.migrate import (
+    check_partitions,
+    instance_partitions,
+    load_migrations,
+    migrate,
+)
 from ricord_archive.index.store import _ARGUMENTS, _STORE, _StoreCall, store_instance
 from ricord_archive.search.model import Level
 from tests.conftest import fresh_database
@@ -104,9 +109,10 @@ def test_a_new_index_has_the_configured_number_of_partitions(cluster, configured
             assert names == [f"instance_p{n:03d}" for n in range(count)]
             assert await instance_partitions(conn) == count
             with caplog.at_level(logging.WARNING, logger="ricord_archive.index.migrate"):
-                await migrate(conn, instance_partitions=count)
+                await check_partitions(conn, count)
                 assert not caplog.records
                 assert await migrate(conn, instance_partitions=64) == 0
+                await check_partitions(conn, 64)
             [warning] = caplog.records
             assert f"created with {count} instance partitions" in warning.getMessage()
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from ricord_archive.config import Config, Limits
 from ricord_archive.deid import Keyring
 from ricord_archive.errors import InvalidObject, NotFound, ObjectTooLarge, StorageUnavailable
 from ricord_archive.index.database import Pool, create_pool
-from ricord_archive.index.migrate import migrate
+from ricord_archive.index.migrate import instance_partitions, migrate
 from ricord_archive.search.model import Level, Query, Scope
 from tests.conftest import fresh_database
 from tests.phi_corpus import PhiCorpus
@@ -171,5 +172,27 @@ def test_the_pool_has_the_configured_size(cluster, tmp_path, request):
         config = Config(data_dir=tmp_path / "data", database_url=url, db_pool_size=3)
         async with database(config) as pool:
             assert pool.get_max_size() == 3
+
+    asyncio.run(go())
+
+
+def test_the_index_gets_the_configured_partitions_and_keeps_them(cluster, tmp_path, request,
+                                                                  caplog):
+    async def go() -> None:
+        url = await fresh_database(cluster, request.node.name[-60:])
+        config = Config(data_dir=tmp_path / "data", database_url=url, instance_partitions=3)
+        with caplog.at_level(logging.WARNING, logger="ricord_archive.index.migrate"):
+            async with database(config) as pool, pool.acquire() as conn:
+                assert await instance_partitions(conn) == 3
+            assert not caplog.records
+            later = replace(config, instance_partitions=8)
+            async with database(later, primary=False) as pool, pool.acquire() as conn:
+                assert await instance_partitions(conn) == 3
+            assert not caplog.records  # a server's worker process leaves it to the primary
+            async with database(later):
+                pass
+        [warning] = caplog.records
+        assert "instance_partitions = 8 is configured" in warning.getMessage()
+        assert "created with 3 instance partitions" in warning.getMessage()
 
     asyncio.run(go())
