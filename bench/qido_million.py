@@ -1,23 +1,18 @@
 """QIDO-RS latency on a large index: bulk-load synthetic rows, then time queries over HTTP.
 
-    python bench/qido_million.py --instances 1000000 --concurrency 8 --requests 200
-    python bench/qido_million.py --instances 5000000 --partitioned 16 --json part.json
+    python bench/qido_million.py --instances 10000000 --json qido.json
+    python bench/qido_million.py --instances 10000000 --per-series 1 --partitions 128
 
-Starts its own archive (embedded PostgreSQL, temporary data directory), loads the index
-directly with COPY (realistic rows: 100 instances per series, 2 series per study, 2 studies per
-patient, several sites), then for each query prints p50/p95 latency at the given concurrency and
-whether PostgreSQL's plan for it uses an index (EXPLAIN). Prints figures; asserts nothing.
-
-`--partitioned N` (towards 10^9 instances, issue #9) also copies the instance rows into a
-bench-only schema, `bench_part`, beside the archive's own (not a migration: the archive never
-sees it), where `instance` is declaratively partitioned by hash of study_pk into N partitions
-with the same indexes (the unique ones extended with study_pk, as PostgreSQL requires of a
-partitioned table). The server cannot be pointed at that schema, so both schemas are then timed
-in the same way without HTTP: the archive's own search code (`ricord_archive.index.search
-.search`, i.e. the exact SQL of `index.query_sql.page_sql` and the count past the page) on an
-asyncpg pool of `--concurrency` connections whose search_path is the schema. Also prints heap,
-TOAST and index bytes per row of every table (pg_relation_size, pg_indexes_size, summed over
-partitions).
+Starts its own archive (embedded PostgreSQL, temporary data directory, the archive's own
+schema: `instance` hash-partitioned by study, `--partitions` of them or the archive's default),
+loads the index directly with COPY (100 instances per series unless `--per-series`, 2 series
+per study, 2 studies per patient, 8 sites sharing 99 % of the patients and a rare one holding
+1 %, 1 study in 200 of modality PT), then for each query prints p50/p95 latency over HTTP at
+the given concurrency, the indexes PostgreSQL's plans use and how many instance partitions
+they read (EXPLAIN ANALYZE of the archive's own statements, as `index.search.search` runs
+them: an instance search's studies resolved first, the page, the count past it). Also prints
+heap, TOAST and index bytes per row of every table (summed over partitions). Prints figures;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,21 +32,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ricord_archive.index.query_sql import page_sql
-from ricord_archive.index.search import search
-from ricord_archive.search.model import Level
+from ricord_archive.errors import BadRequest, QueryTooBroad
+from ricord_archive.index.query_sql import STUDY_CAP, page_sql, rest_count_sql, studies_sql
+from ricord_archive.search.model import Level, Query
 from ricord_archive.search.qido import parse_qido
 
 SERIES_PER_STUDY = 2
-INSTANCES_PER_SERIES = 100
 STUDIES_PER_PATIENT = 2
-SITES = 8
+SITES = 8  # sites 0-7 share the patients but for 1 in 100, at RARE_SITE
+RARE_SITE = SITES
+RARE_MODALITY = 0.005  # the share of studies of modality PT
 
 
 def _free_port() -> int:
@@ -72,10 +69,11 @@ def _text(vr: str, value: object) -> dict:
     return {"vr": vr, "Value": [value]}
 
 
-async def load(url: str, instances: int) -> dict:
-    """Fill the index with synthetic rows; return a few values to query for."""
+async def load(url: str, instances: int, per_series: int) -> dict:
+    """Fill the index with synthetic rows (`per_series` instances in each series); return a
+    few values to query for."""
     rng = random.Random(1234)
-    series_count = instances // INSTANCES_PER_SERIES
+    series_count = instances // per_series
     study_count = max(1, series_count // SERIES_PER_STUDY)
     patient_count = max(1, study_count // STUDIES_PER_PATIENT)
     conn = await asyncpg.connect(url)
@@ -83,17 +81,17 @@ async def load(url: str, instances: int) -> dict:
         sites = [await conn.fetchval(
             "INSERT INTO site (name, siteid) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE "
             "SET name = excluded.name RETURNING id", f"bench-{n}", str(200000 + n),
-        ) for n in range(SITES)]
+        ) for n in range(SITES + 1)]
         base_patient = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM patient")
         patients = []
         for n in range(patient_count):
-            site = n % SITES
+            site = RARE_SITE if n % 100 == 99 else n % SITES
             patients.append((base_patient + n + 1, sites[site], os.urandom(32),
                              f"{200000 + site}-{n:06d}", -(1 + rng.randrange(3650))))
         await conn.copy_records_to_table(
             "patient", records=patients,
             columns=["pk", "site_id", "patient_key", "pseudonym", "date_offset_days"])
-        studies, series_rows, instance_rows, tally_rows = [], [], [], []
+        studies, series_rows, instance_rows, uid_rows, tally_rows = [], [], [], [], []
         base_study = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM study")
         base_series = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM series")
         base_instance = await conn.fetchval("SELECT coalesce(max(pk), 0) FROM instance")
@@ -101,7 +99,8 @@ async def load(url: str, instances: int) -> dict:
         for s in range(study_count):
             patient = patients[s % patient_count]
             date = start + dt.timedelta(days=rng.randrange(3000))
-            modality = rng.choice(["CT", "CT", "CR", "DX", "MR"])
+            modality = "PT" if rng.random() < RARE_MODALITY else rng.choice(
+                ["CT", "CT", "CR", "DX", "MR"])
             study_uid = _uid(1, base_study + s)
             study_json = orjson.dumps({
                 "00080020": _text("DA", date.strftime("%Y%m%d")),
@@ -124,10 +123,11 @@ async def load(url: str, instances: int) -> dict:
                 series_rows.append((base_series + se + 1, base_study + s + 1, series_uid,
                                     modality, k + 1, series_json))
                 tally_rows.append((base_series + se + 1, 0, base_study + s + 1, patient[0],
-                                   INSTANCES_PER_SERIES))
-                for i in range(INSTANCES_PER_SERIES):
-                    number = se * INSTANCES_PER_SERIES + i
+                                   per_series))
+                for i in range(per_series):
+                    number = se * per_series + i
                     sop_uid = _uid(3, base_instance + number)
+                    uid_rows.append((sop_uid, base_study + s + 1, base_instance + number + 1))
                     instance_rows.append((
                         base_instance + number + 1, base_series + se + 1, base_study + s + 1,
                         sop_uid, "1.2.840.10008.5.1.4.1.1.2", i + 1, "1.2.840.10008.1.2.1",
@@ -156,9 +156,12 @@ async def load(url: str, instances: int) -> dict:
                     columns=["pk", "series_pk", "study_pk", "sop_uid", "sop_class_uid",
                              "instance_number", "transfer_syntax_uid", "blob_key",
                              "size_bytes", "sha256", "dicom_json"])
-                print(f"  loaded {(s + 1) * SERIES_PER_STUDY * INSTANCES_PER_SERIES:,} ...",
+                await conn.copy_records_to_table(
+                    "instance_uid", records=uid_rows,
+                    columns=["sop_uid", "study_pk", "instance_pk"])
+                print(f"  loaded {(s + 1) * SERIES_PER_STUDY * per_series:,} ...",
                       file=sys.stderr, end="\r")
-                studies, series_rows, instance_rows, tally_rows = [], [], [], []
+                studies, series_rows, instance_rows, uid_rows, tally_rows = [], [], [], [], []
         for table in ("patient", "study", "series", "instance"):
             await conn.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), "
@@ -166,67 +169,115 @@ async def load(url: str, instances: int) -> dict:
             )
         await conn.execute("ANALYZE")
         middle = await conn.fetchrow(
-            "SELECT st.study_uid, st.study_date, p.pseudonym, se.series_uid, site.siteid "
+            "SELECT st.study_uid, st.study_date, p.pseudonym, se.series_uid, site.siteid, "
+            "(SELECT u.sop_uid FROM instance_uid u WHERE u.study_pk = st.pk LIMIT 1) AS sop_uid "
             "FROM study st JOIN patient p ON p.pk = st.patient_pk "
             "JOIN site ON site.id = p.site_id JOIN series se ON se.study_pk = st.pk "
-            "ORDER BY st.pk OFFSET $1 LIMIT 1", study_count // 2,
+            "WHERE p.site_id <> $2 ORDER BY st.pk OFFSET $1 LIMIT 1", study_count // 2,
+            sites[RARE_SITE],
         )
-        return dict(middle) | {"studies": study_count}
+        return dict(middle) | {"studies": study_count, "rare_siteid": str(200000 + RARE_SITE)}
     finally:
         await conn.close()
 
 
-def queries(sample: dict) -> dict[str, tuple[Level, str, dict]]:
+def queries(sample: dict) -> dict[str, tuple[Level, str, dict, int]]:
+    """Each query: its level, its QIDO-RS path, its scope (the UIDs of its path) and the HTTP
+    status the archive answers it with."""
     d = sample["study_date"]
     low, high = (d - dt.timedelta(days=7)).strftime("%Y%m%d"), d.strftime("%Y%m%d")
+    study, series = sample["study_uid"], sample["series_uid"]
     return {
-        "study by PatientID": (Level.STUDY, f"studies?PatientID={sample['pseudonym']}", {}),
+        "study by PatientID": (Level.STUDY, f"studies?PatientID={sample['pseudonym']}", {}, 200),
         "study by PatientName prefix*": (
-            Level.STUDY, f"studies?PatientName={sample['pseudonym'][:11]}*&limit=25", {}),
+            Level.STUDY, f"studies?PatientName={sample['pseudonym'][:11]}*&limit=25", {}, 200),
         "study by StudyDate range (1 week)": (
-            Level.STUDY, f"studies?StudyDate={low}-{high}&limit=25", {}),
-        "study by ModalitiesInStudy": (Level.STUDY, "studies?ModalitiesInStudy=MR&limit=25", {}),
-        "study by SITEID": (
-            Level.STUDY, f"studies?ClinicalTrialSiteID={sample['siteid']}&limit=25", {}),
+            Level.STUDY, f"studies?StudyDate={low}-{high}&limit=25", {}, 200),
+        "study by ModalitiesInStudy (MR, 1 in 5)": (
+            Level.STUDY, "studies?ModalitiesInStudy=MR&limit=25", {}, 200),
+        "study by ModalitiesInStudy (PT, 1 in 200)": (
+            Level.STUDY, "studies?ModalitiesInStudy=PT&limit=25", {}, 200),
+        "study by ModalitiesInStudy (CR or PT)": (
+            Level.STUDY, "studies?ModalitiesInStudy=CR,PT&limit=25", {}, 200),
+        "study by SITEID (1 in 8)": (
+            Level.STUDY, f"studies?ClinicalTrialSiteID={sample['siteid']}&limit=25", {}, 200),
+        "study by SITEID (1 in 100)": (
+            Level.STUDY, f"studies?ClinicalTrialSiteID={sample['rare_siteid']}&limit=25", {},
+            200),
         "studies deep page (offset = half)": (
-            Level.STUDY, f"studies?limit=25&offset={sample['studies'] // 2}", {}),
-        "a series' instances (100)": (
-            Level.INSTANCE,
-            f"studies/{sample['study_uid']}/series/{sample['series_uid']}/instances",
-            {"StudyInstanceUID": sample["study_uid"],
-             "SeriesInstanceUID": sample["series_uid"]}),
-        "instances?limit=100": (Level.INSTANCE, "instances?limit=100", {}),
+            Level.STUDY, f"studies?limit=25&offset={sample['studies'] // 2}", {}, 200),
+        "studies deep page (cursor at half)": (
+            Level.STUDY, "studies?limit=25&cursor={cursor}", {}, 200),
+        "series?limit=100": (Level.SERIES, "series?limit=100", {}, 200),
+        "series by Modality (MR)": (Level.SERIES, "series?Modality=MR&limit=25", {}, 200),
+        "a series' instances (per series)": (
+            Level.INSTANCE, f"studies/{study}/series/{series}/instances",
+            {"StudyInstanceUID": study, "SeriesInstanceUID": series}, 200),
+        "a study's instances": (
+            Level.INSTANCE, f"studies/{study}/instances", {"StudyInstanceUID": study}, 200),
+        "instances by SOPInstanceUID": (
+            Level.INSTANCE, f"instances?SOPInstanceUID={sample['sop_uid']}", {}, 200),
+        "instances by PatientID": (
+            Level.INSTANCE, f"instances?PatientID={sample['pseudonym']}&limit=100", {}, 200),
+        "instances?limit=100 (refused)": (Level.INSTANCE, "instances?limit=100", {}, 400),
     }
 
 
-def parsed(level: Level, path: str, scope: dict):
+def parsed(level: Level, path: str, scope: dict) -> Query:
     params = [tuple(p.split("=", 1)) for p in path.partition("?")[2].split("&") if p]
     return parse_qido(level, params, 1000, scope)
+
+
+async def deep_cursor(base: str, offset: int) -> str:
+    """The cursor of the page at `offset` (from the Link header of the page before it)."""
+    async with aiohttp.ClientSession() as session, session.get(
+        f"{base}/studies?limit=25&offset={offset - 25}"
+    ) as response:
+        await response.read()
+        link = response.headers["Link"]
+    return parse_qs(urlsplit(link[link.index("<") + 1:link.index(">")]).query)["cursor"][0]
 
 
 PARTITION_NAME = re.compile(r"instance_p\d+")
 
 
-async def explain(url: str, level: Level, path: str, scope: dict, schema: str = "public"
-                  ) -> str:
-    """Which index PostgreSQL's plan for the query uses ('-' when it scans a table); on the
-    partitioned schema (EXPLAIN ANALYZE, run once) also how many instance partitions the
-    execution touched (run-time pruning leaves the others 'never executed')."""
-    sql, values = page_sql(parsed(level, path, scope))
-    conn = await asyncpg.connect(url, server_settings={"search_path": f"{schema}, public"})
-    analyze = "ANALYZE, " if schema != "public" else ""
+async def statements(conn: asyncpg.Connection, query: Query) -> list[tuple[str, list]]:
+    """The archive's statements for one page of `query` as `index.search.search` runs them:
+    an instance search's studies resolved first, then the page and the count past it."""
+    study_pks = None
+    found: list[tuple[str, list]] = []
+    if query.level is Level.INSTANCE:
+        resolving = studies_sql(query)
+        if resolving is None:
+            raise QueryTooBroad("no studies named")
+        found.append(resolving)
+        sql, values = resolving
+        study_pks = [r["pk"] for r in await conn.fetch(sql, *values)]
+        if len(study_pks) > STUDY_CAP:
+            raise QueryTooBroad("too many studies")
+    page, values = page_sql(query, study_pks)
+    found.append((page, values))
+    rows = await conn.fetch(page, *values)
+    if len(rows) > query.limit:
+        found.append(rest_count_sql(query, rows[query.limit - 1]["page_key"], study_pks))
+    return found
+
+
+async def explain(url: str, level: Level, path: str, scope: dict) -> str:
+    """The indexes PostgreSQL's plans for the query's statements use ('seq scan' when one reads
+    a table whole) and how many instance partitions they read (EXPLAIN ANALYZE, custom plans
+    as the archive runs them)."""
     try:
-        plan = json.loads(await conn.fetchval(f"EXPLAIN ({analyze}FORMAT JSON) {sql}", *values))
-    finally:
-        await conn.close()
-    found, seq, touched, listed = set(), set(), set(), set()
+        query = parsed(level, path, scope)
+    except BadRequest:
+        return "refused (400)"
+    conn = await asyncpg.connect(url)
+    found, seq, touched = set(), set(), set()
 
     def walk(node: dict) -> None:
         relation = node.get("Relation Name", "")
-        if PARTITION_NAME.fullmatch(relation):
-            listed.add(relation)
-            if node.get("Actual Loops", 1):
-                touched.add(relation)
+        if PARTITION_NAME.fullmatch(relation) and node.get("Actual Loops", 1):
+            touched.add(relation)
         if "Index Name" in node:
             found.add(PARTITION_NAME.sub("instance_pN", node["Index Name"]))
         if node.get("Node Type") == "Seq Scan":
@@ -234,51 +285,24 @@ async def explain(url: str, level: Level, path: str, scope: dict, schema: str = 
         for child in node.get("Plans", []):
             walk(child)
 
-    walk(plan[0]["Plan"])
+    try:
+        await conn.execute("SET plan_cache_mode = force_custom_plan")
+        try:
+            run = await statements(conn, query)
+        except QueryTooBroad:
+            return "refused (400)"
+        for sql, values in run:
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}",
+                                                  *values))
+            walk(plan[0]["Plan"])
+    finally:
+        await conn.close()
     text = ", ".join(sorted(found)) or "-"
     if seq:
         text += f" (seq scan: {', '.join(sorted(seq))})"
-    if listed or schema != "public":
-        text += f"; partitions touched {len(touched)}"
+    if level is Level.INSTANCE:
+        text += f"; instance partitions read {len(touched)}"
     return text
-
-
-# ---------------------------------------------------------------- a partitioned instance table
-INSTANCE_INDEXES = (   # the archive's indexes on instance, unique ones extended with study_pk
-    "ALTER TABLE bench_part.instance ADD CONSTRAINT instance_pkey PRIMARY KEY (pk, study_pk)",
-    "CREATE UNIQUE INDEX instance_sop_uid_key ON bench_part.instance (sop_uid, study_pk)",
-    "CREATE UNIQUE INDEX instance_blob_key_key ON bench_part.instance (blob_key, study_pk)",
-    "CREATE INDEX instance_by_series ON bench_part.instance (series_pk, instance_number)",
-    "CREATE INDEX instance_by_study ON bench_part.instance (study_pk)",
-    "CREATE INDEX instance_by_sop_class ON bench_part.instance (sop_class_uid)",
-)
-
-
-async def partition(url: str, partitions: int) -> dict[str, float]:
-    """Copy public.instance into bench_part.instance, hash-partitioned by study_pk; seconds
-    of each step."""
-    conn = await asyncpg.connect(url)
-    steps: dict[str, float] = {}
-    try:
-        await conn.execute("SET maintenance_work_mem = '512MB'")
-        await conn.execute("DROP SCHEMA IF EXISTS bench_part CASCADE; CREATE SCHEMA bench_part")
-        await conn.execute("CREATE TABLE bench_part.instance (LIKE public.instance "
-                           "INCLUDING DEFAULTS) PARTITION BY HASH (study_pk)")
-        for n in range(partitions):
-            await conn.execute(f"CREATE TABLE bench_part.instance_p{n:03d} PARTITION OF "
-                               f"bench_part.instance FOR VALUES WITH (MODULUS {partitions}, "
-                               f"REMAINDER {n})")
-        started = time.perf_counter()
-        await conn.execute("INSERT INTO bench_part.instance SELECT * FROM public.instance")
-        steps["copy_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        for statement in INSTANCE_INDEXES:
-            await conn.execute(statement)
-        steps["indexes_s"] = time.perf_counter() - started
-        await conn.execute("ANALYZE bench_part.instance")
-    finally:
-        await conn.close()
-    return steps
 
 
 SIZES_SQL = """
@@ -295,89 +319,60 @@ SELECT ix.indexrelid::regclass::text AS name,
                  WHERE t.isleaf), pg_relation_size(ix.indexrelid)) AS bytes
 FROM pg_index ix WHERE ix.indrelid = $1::regclass ORDER BY 2 DESC
 """
+TABLES = ("patient", "study", "series", "study_modality", "instance", "instance_uid",
+          "instance_tally")
 
 
-async def sizes(url: str, partitioned: bool) -> list[dict]:
-    """Bytes (heap, TOAST and the rest, indexes) and bytes per row of each table, and of each
-    index of the instance tables."""
-    tables = ["public.patient", "public.study", "public.series", "public.instance"]
-    if partitioned:
-        tables.append("bench_part.instance")
+async def sizes(url: str) -> list[dict]:
+    """Bytes (heap, TOAST and the rest, indexes) and bytes per row of each table (summed over
+    partitions), and of each index."""
     conn = await asyncpg.connect(url)
     found = []
     try:
-        for table in tables:
+        for table in TABLES:
             rows = await conn.fetchval(f"SELECT count(*) FROM {table}")
             row = dict(await conn.fetchrow(SIZES_SQL, table))
-            entry = {"table": table, "rows": rows, "partitions": row["parts"],
-                     "heap": int(row["heap"]), "toast": int(row["toast"]),
-                     "indexes": int(row["indexes"])}
-            if table.endswith("instance"):
-                entry["each_index"] = {
-                    r["name"].split(".")[-1]: int(r["bytes"] or 0)
-                    for r in await conn.fetch(INDEX_SIZES_SQL, table)}
-            found.append(entry)
+            found.append({
+                "table": table, "rows": rows, "partitions": row["parts"],
+                "heap": int(row["heap"]), "toast": int(row["toast"]),
+                "indexes": int(row["indexes"]),
+                "each_index": {r["name"]: int(r["bytes"] or 0)
+                               for r in await conn.fetch(INDEX_SIZES_SQL, table)},
+            })
     finally:
         await conn.close()
     return found
 
 
-async def measure_sql(url: str, schema: str, level: Level, path: str, scope: dict,
-                      concurrency: int, requests: int) -> list[float]:
-    """The archive's search (page and count past it) on `concurrency` connections whose
-    search_path is `schema`; latency of each in ms, after one warm-up."""
-    query = parsed(level, path, scope)
-    latencies: list[float] = []
-    async with asyncpg.create_pool(
-        url, min_size=concurrency, max_size=concurrency,
-        server_settings={"search_path": f"{schema}, public"},
-    ) as pool:
-        await search(pool, query)
-
-        async def worker(count: int) -> None:
-            for _ in range(count):
-                started = time.perf_counter()
-                await search(pool, query)
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        per = max(1, requests // concurrency)
-        await asyncio.gather(*(worker(per) for _ in range(concurrency)))
-    return latencies
-
-
-async def measure(base: str, path: str, concurrency: int, requests: int) -> list[float]:
+async def measure(base: str, path: str, status: int, concurrency: int, requests: int
+                  ) -> list[float]:
+    """Latency in ms of each of `requests` GETs of `path` by `concurrency` clients, after one
+    warm-up; each must answer `status`."""
     latencies: list[float] = []
     async with aiohttp.ClientSession() as session:
+        async def one() -> float:
+            started = time.perf_counter()
+            async with session.get(f"{base}/{path}") as response:
+                await response.read()
+                assert response.status == status, (path, response.status)
+            return (time.perf_counter() - started) * 1000
+
         async def worker(count: int) -> None:
             for _ in range(count):
-                started = time.perf_counter()
-                async with session.get(f"{base}/{path}") as response:
-                    await response.read()
-                    assert response.status == 200, response.status
-                latencies.append((time.perf_counter() - started) * 1000)
+                latencies.append(await one())
 
-        async with session.get(f"{base}/{path}") as warm:
-            await warm.read()
+        await one()
         per = max(1, requests // concurrency)
         await asyncio.gather(*(worker(per) for _ in range(concurrency)))
     return latencies
 
 
-def print_rows(rows: list[dict], partitioned: bool, partitions: int) -> None:
-    if not partitioned:
-        print(f"| {'query':<36} | p50 ms | p95 ms | index used |")
-        print(f"|{'-' * 38}|--------|--------|------------|")
-        for row in rows:
-            print(f"| {row['query']:<36} | {row['p50_ms']:>6} | {row['p95_ms']:>6} | "
-                  f"{row['index']} |")
-        return
-    print("| query | HTTP p50 / p95 ms | SQL p50 / p95 ms | SQL, instance in "
-          f"{partitions} partitions, p50 / p95 ms | index used (partitioned) |")
+def print_rows(rows: list[dict]) -> None:
+    print("| query | HTTP status | p50 ms | p95 ms | plan: indexes; instance partitions read |")
     print("|---|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['query']} | {row['p50_ms']} / {row['p95_ms']} | {row['sql_p50_ms']} / "
-              f"{row['sql_p95_ms']} | {row['part_p50_ms']} / {row['part_p95_ms']} | "
-              f"{row['part_index']} |")
+        print(f"| {row['query']} | {row['status']} | {row['p50_ms']} | {row['p95_ms']} | "
+              f"{row['plan']} |")
 
 
 def print_sizes(tables: list[dict]) -> None:
@@ -403,20 +398,27 @@ def percentile(values: list[float], q: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=1_000_000)
+    parser.add_argument("--per-series", type=int, default=100,
+                        help="instances in each series (1: as many studies as 10^9 would hold "
+                             "at 100 per series, for 100 times fewer instances)")
+    parser.add_argument("--partitions", type=int,
+                        help="[server] instance_partitions (default: the archive's)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--partitioned", type=int, default=0, metavar="N",
-                        help="also time the queries on a bench-only copy of the instance "
-                             "table hash-partitioned by study into N partitions (SQL timing)")
     args = parser.parse_args()
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ricord-bench-") as tmp:
         http_port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RICORD_")}
+        config = []
+        if args.partitions:
+            Path(tmp, "bench.toml").write_text(
+                f"[server]\ninstance_partitions = {args.partitions}\n")
+            config = ["--config", f"{tmp}/bench.toml"]
         server = subprocess.Popen(
             [sys.executable, "-m", "ricord_archive", "serve", "--data-dir", f"{tmp}/data",
-             "--http-port", str(http_port), "--dimse-port", str(_free_port())],
+             "--http-port", str(http_port), "--dimse-port", str(_free_port()), *config],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
         try:
@@ -432,47 +434,41 @@ async def main() -> None:
                     pass
                 await asyncio.sleep(0.1)
             url = subprocess.run(
-                [sys.executable, "-m", "ricord_archive", "db-url", "--data-dir", f"{tmp}/data"],
-                capture_output=True, text=True, check=True, env=env,
+                [sys.executable, "-m", "ricord_archive", "db-url", "--data-dir", f"{tmp}/data",
+                 *config], capture_output=True, text=True, check=True, env=env,
             ).stdout.strip()
             started = time.perf_counter()
-            sample = await load(url, args.instances)
+            sample = await load(url, args.instances, args.per_series)
             load_s = time.perf_counter() - started
             print(f"loaded {args.instances:,} instances in {load_s:.0f} s", file=sys.stderr)
-            steps = {}
-            if args.partitioned:
-                steps = await partition(url, args.partitioned)
-                print(f"partitioned copy: {steps}", file=sys.stderr)
+            sample["cursor"] = await deep_cursor(base, sample["studies"] // 2)
             rows = []
-            for name, (level, path, scope) in queries(sample).items():
-                latencies = await measure(base, path, args.concurrency, args.requests)
-                plan = await explain(url, level, path, scope)
-                row = {"query": name, "p50_ms": round(percentile(latencies, 50), 2),
-                       "p95_ms": round(percentile(latencies, 95), 2), "index": plan}
-                if args.partitioned:
-                    for schema, key in (("public", "sql"), ("bench_part", "part")):
-                        ms = await measure_sql(url, schema, level, path, scope,
-                                               args.concurrency, args.requests)
-                        row[f"{key}_p50_ms"] = round(percentile(ms, 50), 2)
-                        row[f"{key}_p95_ms"] = round(percentile(ms, 95), 2)
-                    row["part_index"] = await explain(url, level, path, scope, "bench_part")
+            for name, (level, path, scope, status) in queries(sample).items():
+                path = path.replace("{cursor}", sample["cursor"])
+                latencies = await measure(base, path, status, args.concurrency, args.requests)
+                row = {"query": name, "path": path, "status": status,
+                       "p50_ms": round(percentile(latencies, 50), 2),
+                       "p95_ms": round(percentile(latencies, 95), 2),
+                       "plan": await explain(url, level, path, scope)}
                 print(f"  {row}", file=sys.stderr)
                 rows.append(row)
-            tables = await sizes(url, bool(args.partitioned))
+            tables = await sizes(url)
             loadavg_after = os.getloadavg()
-            print(f"\nQIDO-RS on {args.instances:,} instances, concurrency {args.concurrency}, "
+            print(f"\nQIDO-RS on {args.instances:,} instances ({sample['studies']:,} studies, "
+                  f"{args.per_series} instances per series), concurrency {args.concurrency}, "
                   f"{args.requests} requests each (nproc {os.cpu_count()}; load average before "
                   f"{', '.join(f'{x:.2f}' for x in loadavg_before)}, after "
                   f"{', '.join(f'{x:.2f}' for x in loadavg_after)}; loaded in {load_s:.0f} s)\n")
-            print_rows(rows, bool(args.partitioned), args.partitioned)
+            print_rows(rows)
             print_sizes(tables)
             if args.json:
                 args.json.write_text(json.dumps(
                     {"date": dt.date.today().isoformat(), "instances": args.instances,
+                     "per_series": args.per_series, "studies": sample["studies"],
+                     "partitions": tables[TABLES.index("instance")]["partitions"],
                      "concurrency": args.concurrency, "requests": args.requests,
-                     "partitions": args.partitioned, "load_s": round(load_s, 1), **steps,
-                     "loadavg_before": loadavg_before, "loadavg_after": loadavg_after,
-                     "rows": rows, "sizes": tables}, indent=2))
+                     "load_s": round(load_s, 1), "loadavg_before": loadavg_before,
+                     "loadavg_after": loadavg_after, "rows": rows, "sizes": tables}, indent=2))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
