@@ -169,14 +169,16 @@ async def load(url: str, instances: int, per_series: int) -> dict:
             )
         await conn.execute("ANALYZE")
         middle = await conn.fetchrow(
-            "SELECT st.study_uid, st.study_date, p.pseudonym, se.series_uid, site.siteid, "
-            "(SELECT u.sop_uid FROM instance_uid u WHERE u.study_pk = st.pk LIMIT 1) AS sop_uid "
-            "FROM study st JOIN patient p ON p.pk = st.patient_pk "
+            "SELECT st.pk, st.study_uid, st.study_date, p.pseudonym, se.series_uid, "
+            "site.siteid FROM study st JOIN patient p ON p.pk = st.patient_pk "
             "JOIN site ON site.id = p.site_id JOIN series se ON se.study_pk = st.pk "
             "WHERE p.site_id <> $2 ORDER BY st.pk OFFSET $1 LIMIT 1", study_count // 2,
             sites[RARE_SITE],
         )
-        return dict(middle) | {"studies": study_count, "rare_siteid": str(200000 + RARE_SITE)}
+        sop_uid = await conn.fetchval(
+            "SELECT sop_uid FROM instance WHERE study_pk = $1 LIMIT 1", middle["pk"])
+        return dict(middle) | {"sop_uid": sop_uid, "studies": study_count,
+                               "rare_siteid": str(200000 + RARE_SITE)}
     finally:
         await conn.close()
 
