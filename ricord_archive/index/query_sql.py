@@ -100,6 +100,7 @@ class Where:
         self.tables: set[str] = set()
         self._after_value = after
         self._after_sql: str | None = None
+        self._keys: str | None = None
         scope = query.scope
         terms = [
             *(Term(k, UidList(u)) for k, u in (("StudyInstanceUID", scope.study_uids),
@@ -107,6 +108,11 @@ class Where:
             *query.terms,
         ]
         parts = [p for p in (self._term(t) for t in terms) if p is not None]
+        # A study search on ModalitiesInStudy alone: its keys subquery (past `after`) is the
+        # whole answer, so a count reads study_modality only (its foreign key on study holds).
+        self.sole_keys = self._keys if (
+            self.level is Level.STUDY and len(parts) == 1 and query.site_id is None
+            and study_pks is None) else None
         if query.site_id is not None:
             parts.append(f"{self._column(_SITE_KEY).sql} = {self.bind(query.site_id)}")
         if study_pks is not None:
@@ -157,19 +163,21 @@ class Where:
         return f"{target.sql} IN (SELECT id FROM site WHERE {site})"
 
     def _modalities(self, condition: AnyOf) -> str:
-        """The studies holding any of the modalities, from study_modality (migrations/015).
-        One modality: its range of the primary key (modality, study_pk) is unique in study_pk,
-        so PostgreSQL joins it as the driving side in study order and a page reads what it
-        returns. A list: a semi-join whose plan follows the list's selectivity (the rare
-        modalities' rows sorted, or the studies walked in order for common ones)."""
-        values = list(dict.fromkeys(condition.values))
+        """The studies holding any of the modalities, from study_modality (migrations/015), as
+        `st.pk IN (keys)` whose keys come in study order, so that PostgreSQL joins them as the
+        driving side and a page reads what it returns. One modality: its range of the primary
+        key (modality, study_pk), unique in study_pk. A list: one such range per modality,
+        merged in study order and de-duplicated (a Unique over a Merge Append), never a hash
+        of every row of the modalities."""
         bound = f" AND sm.study_pk > {self._after()}" if (
             self._after_value is not None and self.level is Level.STUDY) else ""
-        if len(values) == 1:
-            return (f"st.pk IN (SELECT sm.study_pk FROM study_modality sm "
-                    f"WHERE sm.modality = {self.bind(values[0])}{bound})")
-        return (f"EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
-                f"AND sm.modality = ANY({self.bind(values)}){bound})")
+        ranges = [f"SELECT sm.study_pk FROM study_modality sm "
+                  f"WHERE sm.modality = {self.bind(value)}{bound}"
+                  for value in dict.fromkeys(condition.values)]
+        self._keys = ranges[0] if len(ranges) == 1 else (
+            f"SELECT DISTINCT m.study_pk FROM ({' UNION ALL '.join(ranges)}) AS m "
+            f"ORDER BY m.study_pk")
+        return f"st.pk IN ({self._keys})"
 
     def _predicate(self, target: Column, condition: Condition) -> str:
         if isinstance(condition, SingleValue):
@@ -275,13 +283,13 @@ def rest_count_sql(query: Query, last_key: int,
                    study_pks: list[int] | None = None) -> tuple[str, list]:
     """The SQL counting the matches past the page's last key, up to COUNT_CAP: a keyset range
     read in key order, so the count reads at most COUNT_CAP entries of the index that drives
-    the page, whatever the page's offset."""
+    the page, whatever the page's offset. A study search on ModalitiesInStudy alone counts
+    study_modality's keys without reading the study table."""
     where = Where(query, last_key, study_pks)
     level, n = query.level, len(where.values)
-    sql = (
-        f"SELECT count(*) FROM (SELECT 1 {from_clause(level, where.tables)} WHERE {where.sql} "
-        f"ORDER BY {_key(level)} LIMIT ${n + 1}) AS rest"
-    )
+    rest = where.sole_keys or (f"SELECT 1 {from_clause(level, where.tables)} "
+                               f"WHERE {where.sql} ORDER BY {_key(level)}")
+    sql = f"SELECT count(*) FROM ({rest} LIMIT ${n + 1}) AS rest"
     return sql, [*where.values, COUNT_CAP]
 
 

@@ -69,8 +69,10 @@ def test_every_stored_key_has_a_column_and_no_removed_key_has_one():
     (Term("ModalitiesInStudy", AnyOf(("CT",))),
      "st.pk IN (SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $1)", ["CT"]),
     (Term("ModalitiesInStudy", AnyOf(("CT", "MR", "CT"))),
-     "EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
-     "AND sm.modality = ANY($1))", [["CT", "MR"]]),
+     "st.pk IN (SELECT DISTINCT m.study_pk FROM ("
+     "SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $1 UNION ALL "
+     "SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $2) AS m "
+     "ORDER BY m.study_pk)", ["CT", "MR"]),
     (Term("InstanceNumber", AnyOf((1, 2))), "i.instance_number = ANY($1)", [[1, 2]]),
     (Term("PatientName", Fuzzy("d?e*")), "upper(p.pseudonym) ~ $1", ["(^|[\\^ =-])D.E.*"]),
     (Term("StudyDescription", SingleValue("chest")), "FALSE", []),
@@ -130,6 +132,26 @@ def test_a_statement_joins_only_what_its_terms_read():
     assert "series" not in sql
     assert "i.study_pk = ANY($2::bigint[]) AND i.pk > $3" in sql and "OFFSET" not in sql
     assert values == ["A", [5, 6], 77, COUNT_CAP]
+
+
+def test_a_count_on_modalities_alone_reads_study_modality_only():
+    modalities = Term("ModalitiesInStudy", AnyOf(("CR", "PT")))
+    sql, values = rest_count_sql(Query(Level.STUDY, (modalities,)), 77)
+    assert sql == (
+        "SELECT count(*) FROM (SELECT DISTINCT m.study_pk FROM ("
+        "SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $2 "
+        "AND sm.study_pk > $1 UNION ALL "
+        "SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $3 "
+        "AND sm.study_pk > $1) AS m ORDER BY m.study_pk LIMIT $4) AS rest")
+    assert values == [77, "CR", "PT", COUNT_CAP]
+    one, _ = rest_count_sql(Query(Level.STUDY, (Term("ModalitiesInStudy", AnyOf(("PT",))),)),
+                            77)
+    assert "study st" not in one and "sm.study_pk > $1 LIMIT $3" in one
+    # anything else narrowing the studies needs the study table
+    for query in [Query(Level.STUDY, (modalities,), site_id=4),
+                  Query(Level.STUDY, (modalities, Term("AccessionNumber", SingleValue("A")))),
+                  Query(Level.SERIES, (modalities,))]:
+        assert " study st " in rest_count_sql(query, 77)[0], query
 
 
 def test_a_page_selects_its_level_s_documents_and_binds_paging_last():
