@@ -94,25 +94,29 @@ class Where:
     bind parameter so that PostgreSQL prunes the instance partitions at plan time)."""
 
     def __init__(self, query: Query, after: int | None = None,
-                 study_pks: list[int] | None = None) -> None:
+                 study_pks: list[int] | None = None, wanted: int | None = None) -> None:
         self.level = query.level
         self.values: list[Any] = []
         self.tables: set[str] = set()
         self._after_value = after
         self._after_sql: str | None = None
-        self._keys: str | None = None
         scope = query.scope
         terms = [
             *(Term(k, UidList(u)) for k, u in (("StudyInstanceUID", scope.study_uids),
                                                ("SeriesInstanceUID", scope.series_uids)) if u),
             *query.terms,
         ]
-        parts = [p for p in (self._term(t) for t in terms) if p is not None]
-        # A study search on ModalitiesInStudy alone: its keys subquery (past `after`) is the
-        # whole answer, so a count reads study_modality only (its foreign key on study holds).
-        self.sole_keys = self._keys if (
-            self.level is Level.STUDY and len(parts) == 1 and query.site_id is None
-            and study_pks is None) else None
+        narrowing = [t for t in terms if not isinstance(t.condition, Universal)]
+        # A study search on ModalitiesInStudy alone: its keys (past `after`) are the whole
+        # answer, so a statement wanting only the first `wanted` of them reads at most that
+        # many of each modality, and a count reads study_modality only (its foreign key on
+        # study holds).
+        sole = (self.level is Level.STUDY and query.site_id is None and study_pks is None
+                and len(narrowing) == 1 and narrowing[0].key == _MODALITIES_KEY
+                and isinstance(narrowing[0].condition, AnyOf))
+        self._wanted = wanted if sole else None
+        self.sole_ranges: list[str] | None = None
+        parts = [p for p in (self._term(t) for t in narrowing) if p is not None]
         if query.site_id is not None:
             parts.append(f"{self._column(_SITE_KEY).sql} = {self.bind(query.site_id)}")
         if study_pks is not None:
@@ -163,21 +167,28 @@ class Where:
         return f"{target.sql} IN (SELECT id FROM site WHERE {site})"
 
     def _modalities(self, condition: AnyOf) -> str:
-        """The studies holding any of the modalities, from study_modality (migrations/015), as
-        `st.pk IN (keys)` whose keys come in study order, so that PostgreSQL joins them as the
-        driving side and a page reads what it returns. One modality: its range of the primary
-        key (modality, study_pk), unique in study_pk. A list: one such range per modality,
-        merged in study order and de-duplicated (a Unique over a Merge Append), never a hash
-        of every row of the modalities."""
+        """The studies holding any of the modalities, from study_modality (migrations/015).
+        One modality: its range of the primary key (modality, study_pk) is unique in study_pk,
+        so PostgreSQL joins it as the driving side in study order and a page reads what it
+        returns. A list alone in a statement wanting its first `wanted` keys: one such range
+        per modality, each stopping there (the first `wanted` keys of the union are among the
+        first `wanted` of each modality), de-duplicated by the semi-join, so neither a page
+        nor a count hashes every row of a common modality. A list with other terms: a
+        semi-join whose plan follows their selectivity (a site's studies walked in order, each
+        probed)."""
         bound = f" AND sm.study_pk > {self._after()}" if (
             self._after_value is not None and self.level is Level.STUDY) else ""
+        values = list(dict.fromkeys(condition.values))
+        if len(values) > 1 and self._wanted is None:
+            return (f"EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
+                    f"AND sm.modality = ANY({self.bind(values)}){bound})")
+        first = f" ORDER BY sm.study_pk LIMIT {self.bind(self._wanted)}" if (
+            len(values) > 1) else ""
         ranges = [f"SELECT sm.study_pk FROM study_modality sm "
-                  f"WHERE sm.modality = {self.bind(value)}{bound}"
-                  for value in dict.fromkeys(condition.values)]
-        self._keys = ranges[0] if len(ranges) == 1 else (
-            f"SELECT DISTINCT m.study_pk FROM ({' UNION ALL '.join(ranges)}) AS m "
-            f"ORDER BY m.study_pk")
-        return f"st.pk IN ({self._keys})"
+                  f"WHERE sm.modality = {self.bind(value)}{bound}{first}" for value in values]
+        if self._wanted is not None:
+            self.sole_ranges = ranges
+        return f"st.pk IN ({union(ranges)})"
 
     def _predicate(self, target: Column, condition: Condition) -> str:
         if isinstance(condition, SingleValue):
@@ -224,6 +235,11 @@ class Where:
         return f"upper({target.sql}) ~ {self.bind(_WORD_START + pattern)}"
 
 
+def union(selects: list[str]) -> str:
+    """UNION ALL of the statements (parenthesised, each may have its ORDER BY and LIMIT)."""
+    return selects[0] if len(selects) == 1 else " UNION ALL ".join(f"({s})" for s in selects)
+
+
 def from_clause(level: Level, tables: set[str]) -> str:
     """FROM the level's table with the joins that reach `tables`, each through its parent."""
     needed = set(tables)
@@ -261,7 +277,7 @@ def _key(level: Level) -> str:
 def page_sql(query: Query, study_pks: list[int] | None = None) -> tuple[str, list]:
     """The SQL of one page (one row more than the limit, to see whether more exist): the
     matches past `query.after` (keyset), skipping `query.offset` of them."""
-    where = Where(query, query.after, study_pks)
+    where = Where(query, query.after, study_pks, query.offset + query.limit + 1)
     level, n = query.level, len(where.values)
     columns, tables = _COLUMNS_OF[level]
     sql = (
@@ -285,11 +301,16 @@ def rest_count_sql(query: Query, last_key: int,
     read in key order, so the count reads at most COUNT_CAP entries of the index that drives
     the page, whatever the page's offset. A study search on ModalitiesInStudy alone counts
     study_modality's keys without reading the study table."""
-    where = Where(query, last_key, study_pks)
-    level, n = query.level, len(where.values)
-    rest = where.sole_keys or (f"SELECT 1 {from_clause(level, where.tables)} "
-                               f"WHERE {where.sql} ORDER BY {_key(level)}")
-    sql = f"SELECT count(*) FROM ({rest} LIMIT ${n + 1}) AS rest"
+    where = Where(query, last_key, study_pks, COUNT_CAP)
+    level, cap, ranges = query.level, f"${len(where.values) + 1}", where.sole_ranges
+    if ranges is None:
+        sql = (f"SELECT count(*) FROM (SELECT 1 {from_clause(level, where.tables)} "
+               f"WHERE {where.sql} ORDER BY {_key(level)} LIMIT {cap}) AS rest")
+    elif len(ranges) == 1:
+        sql = f"SELECT count(*) FROM ({ranges[0]} LIMIT {cap}) AS rest"
+    else:  # each range stops at the cap: more than the cap in all when one reaches it
+        sql = (f"SELECT least(count(DISTINCT m.study_pk), {cap}) "
+               f"FROM ({union(ranges)}) AS m")
     return sql, [*where.values, COUNT_CAP]
 
 
