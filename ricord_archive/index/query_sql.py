@@ -188,7 +188,7 @@ class Where:
                   f"WHERE sm.modality = {self.bind(value)}{bound}{first}" for value in values]
         if self._wanted is not None:
             self.sole_ranges = ranges
-        return f"st.pk IN ({union(ranges)})"
+        return f"st.pk IN ({_union(ranges)})"
 
     def _predicate(self, target: Column, condition: Condition) -> str:
         if isinstance(condition, SingleValue):
@@ -235,7 +235,7 @@ class Where:
         return f"upper({target.sql}) ~ {self.bind(_WORD_START + pattern)}"
 
 
-def union(selects: list[str]) -> str:
+def _union(selects: list[str]) -> str:
     """UNION ALL of the statements (parenthesised, each may have its ORDER BY and LIMIT)."""
     return selects[0] if len(selects) == 1 else " UNION ALL ".join(f"({s})" for s in selects)
 
@@ -310,7 +310,7 @@ def rest_count_sql(query: Query, last_key: int,
         sql = f"SELECT count(*) FROM ({ranges[0]} LIMIT {cap}) AS rest"
     else:  # each range stops at the cap: more than the cap in all when one reaches it
         sql = (f"SELECT least(count(DISTINCT m.study_pk), {cap}) "
-               f"FROM ({union(ranges)}) AS m")
+               f"FROM ({_union(ranges)}) AS m")
     return sql, [*where.values, COUNT_CAP]
 
 
