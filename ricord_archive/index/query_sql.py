@@ -94,7 +94,7 @@ class Where:
     bind parameter so that PostgreSQL prunes the instance partitions at plan time)."""
 
     def __init__(self, query: Query, after: int | None = None,
-                 study_pks: list[int] | None = None) -> None:
+                 study_pks: list[int] | None = None, wanted: int | None = None) -> None:
         self.level = query.level
         self.values: list[Any] = []
         self.tables: set[str] = set()
@@ -106,7 +106,17 @@ class Where:
                                                ("SeriesInstanceUID", scope.series_uids)) if u),
             *query.terms,
         ]
-        parts = [p for p in (self._term(t) for t in terms) if p is not None]
+        narrowing = [t for t in terms if not isinstance(t.condition, Universal)]
+        # A study search on ModalitiesInStudy alone: its keys (past `after`) are the whole
+        # answer, so a statement wanting only the first `wanted` of them reads at most that
+        # many of each modality, and a count reads study_modality only (its foreign key on
+        # study holds).
+        sole = (self.level is Level.STUDY and query.site_id is None and study_pks is None
+                and len(narrowing) == 1 and narrowing[0].key == _MODALITIES_KEY
+                and isinstance(narrowing[0].condition, AnyOf))
+        self._wanted = wanted if sole else None
+        self.sole_ranges: list[str] | None = None
+        parts = [p for p in (self._term(t) for t in narrowing) if p is not None]
         if query.site_id is not None:
             parts.append(f"{self._column(_SITE_KEY).sql} = {self.bind(query.site_id)}")
         if study_pks is not None:
@@ -160,16 +170,25 @@ class Where:
         """The studies holding any of the modalities, from study_modality (migrations/015).
         One modality: its range of the primary key (modality, study_pk) is unique in study_pk,
         so PostgreSQL joins it as the driving side in study order and a page reads what it
-        returns. A list: a semi-join whose plan follows the list's selectivity (the rare
-        modalities' rows sorted, or the studies walked in order for common ones)."""
-        values = list(dict.fromkeys(condition.values))
+        returns. A list alone in a statement wanting its first `wanted` keys: one such range
+        per modality, each stopping there (the first `wanted` keys of the union are among the
+        first `wanted` of each modality), de-duplicated by the semi-join, so neither a page
+        nor a count hashes every row of a common modality. A list with other terms: a
+        semi-join whose plan follows their selectivity (a site's studies walked in order, each
+        probed)."""
         bound = f" AND sm.study_pk > {self._after()}" if (
             self._after_value is not None and self.level is Level.STUDY) else ""
-        if len(values) == 1:
-            return (f"st.pk IN (SELECT sm.study_pk FROM study_modality sm "
-                    f"WHERE sm.modality = {self.bind(values[0])}{bound})")
-        return (f"EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
-                f"AND sm.modality = ANY({self.bind(values)}){bound})")
+        values = list(dict.fromkeys(condition.values))
+        if len(values) > 1 and self._wanted is None:
+            return (f"EXISTS (SELECT 1 FROM study_modality sm WHERE sm.study_pk = st.pk "
+                    f"AND sm.modality = ANY({self.bind(values)}){bound})")
+        first = f" ORDER BY sm.study_pk LIMIT {self.bind(self._wanted)}" if (
+            len(values) > 1) else ""
+        ranges = [f"SELECT sm.study_pk FROM study_modality sm "
+                  f"WHERE sm.modality = {self.bind(value)}{bound}{first}" for value in values]
+        if self._wanted is not None:
+            self.sole_ranges = ranges
+        return f"st.pk IN ({_union(ranges)})"
 
     def _predicate(self, target: Column, condition: Condition) -> str:
         if isinstance(condition, SingleValue):
@@ -216,6 +235,11 @@ class Where:
         return f"upper({target.sql}) ~ {self.bind(_WORD_START + pattern)}"
 
 
+def _union(selects: list[str]) -> str:
+    """UNION ALL of the statements (parenthesised, each may have its ORDER BY and LIMIT)."""
+    return selects[0] if len(selects) == 1 else " UNION ALL ".join(f"({s})" for s in selects)
+
+
 def from_clause(level: Level, tables: set[str]) -> str:
     """FROM the level's table with the joins that reach `tables`, each through its parent."""
     needed = set(tables)
@@ -253,7 +277,7 @@ def _key(level: Level) -> str:
 def page_sql(query: Query, study_pks: list[int] | None = None) -> tuple[str, list]:
     """The SQL of one page (one row more than the limit, to see whether more exist): the
     matches past `query.after` (keyset), skipping `query.offset` of them."""
-    where = Where(query, query.after, study_pks)
+    where = Where(query, query.after, study_pks, query.offset + query.limit + 1)
     level, n = query.level, len(where.values)
     columns, tables = _COLUMNS_OF[level]
     sql = (
@@ -275,13 +299,18 @@ def rest_count_sql(query: Query, last_key: int,
                    study_pks: list[int] | None = None) -> tuple[str, list]:
     """The SQL counting the matches past the page's last key, up to COUNT_CAP: a keyset range
     read in key order, so the count reads at most COUNT_CAP entries of the index that drives
-    the page, whatever the page's offset."""
-    where = Where(query, last_key, study_pks)
-    level, n = query.level, len(where.values)
-    sql = (
-        f"SELECT count(*) FROM (SELECT 1 {from_clause(level, where.tables)} WHERE {where.sql} "
-        f"ORDER BY {_key(level)} LIMIT ${n + 1}) AS rest"
-    )
+    the page, whatever the page's offset. A study search on ModalitiesInStudy alone counts
+    study_modality's keys without reading the study table."""
+    where = Where(query, last_key, study_pks, COUNT_CAP)
+    level, cap, ranges = query.level, f"${len(where.values) + 1}", where.sole_ranges
+    if ranges is None:
+        sql = (f"SELECT count(*) FROM (SELECT 1 {from_clause(level, where.tables)} "
+               f"WHERE {where.sql} ORDER BY {_key(level)} LIMIT {cap}) AS rest")
+    elif len(ranges) == 1:
+        sql = f"SELECT count(*) FROM ({ranges[0]} LIMIT {cap}) AS rest"
+    else:  # each range stops at the cap: more than the cap in all when one reaches it
+        sql = (f"SELECT least(count(DISTINCT m.study_pk), {cap}) "
+               f"FROM ({_union(ranges)}) AS m")
     return sql, [*where.values, COUNT_CAP]
 
 

@@ -132,6 +132,30 @@ def test_a_statement_joins_only_what_its_terms_read():
     assert values == ["A", [5, 6], 77, COUNT_CAP]
 
 
+def test_a_count_on_modalities_alone_reads_study_modality_only():
+    modalities = Term("ModalitiesInStudy", AnyOf(("CR", "PT")))
+    sql, values = rest_count_sql(Query(Level.STUDY, (modalities,)), 77)
+    assert sql == (
+        "SELECT least(count(DISTINCT m.study_pk), $5) FROM ("
+        "(SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $3 "
+        "AND sm.study_pk > $1 ORDER BY sm.study_pk LIMIT $2) UNION ALL "
+        "(SELECT sm.study_pk FROM study_modality sm WHERE sm.modality = $4 "
+        "AND sm.study_pk > $1 ORDER BY sm.study_pk LIMIT $2)) AS m")
+    assert values == [77, COUNT_CAP, "CR", "PT", COUNT_CAP]
+    # a page's ranges stop at the keys it may read (offset, limit and one more)
+    page, page_values = page_sql(Query(Level.STUDY, (modalities,), limit=5, offset=10))
+    assert "ORDER BY sm.study_pk LIMIT $1)" in page and page_values[0] == 16
+    one, _ = rest_count_sql(Query(Level.STUDY, (Term("ModalitiesInStudy", AnyOf(("PT",))),)),
+                            77)
+    assert one == ("SELECT count(*) FROM (SELECT sm.study_pk FROM study_modality sm "
+                   "WHERE sm.modality = $2 AND sm.study_pk > $1 LIMIT $3) AS rest")
+    # anything else narrowing the studies needs the study table
+    for query in [Query(Level.STUDY, (modalities,), site_id=4),
+                  Query(Level.STUDY, (modalities, Term("AccessionNumber", SingleValue("A")))),
+                  Query(Level.SERIES, (modalities,))]:
+        assert " study st " in rest_count_sql(query, 77)[0], query
+
+
 def test_a_page_selects_its_level_s_documents_and_binds_paging_last():
     query = Query(Level.SERIES, (Term("PatientID", SingleValue("P")),), limit=25, offset=50)
     sql, values = page_sql(query)

@@ -14,6 +14,7 @@ import pytest
 
 from ricord_archive.config import SiteConfig
 from ricord_archive.errors import QueryTooBroad
+from ricord_archive.index import query_sql
 from ricord_archive.index.migrate import load_migrations, migrate
 from ricord_archive.index.query_sql import COUNT_CAP, STUDY_CAP, page_sql, rest_count_sql
 from ricord_archive.index.search import search
@@ -196,6 +197,36 @@ def test_the_count_past_a_page_starts_at_its_last_key_and_stops_at_the_cap(index
         assert page.more == 3  # 6 studies, one skipped, two on the page
         sql, arguments = rest_count_sql(Query(Level.STUDY, limit=2), page.last_key or 0)
         assert "OFFSET" not in sql and arguments[-1] == COUNT_CAP
+
+    index(scenario)
+
+
+def test_every_page_s_count_is_what_remains_of_a_brute_force_reading(index, monkeypatch):
+    """Modality lists (a study holding both of MR and PT among them) and single modalities,
+    alone (counted on study_modality) and with a site (counted on study): each page's count is
+    the matches past it, and stops at the cap."""
+    async def scenario(ix: Index) -> None:
+        b = await two_sites(ix)
+        await load(ix, range(STUDIES), b)
+        for cap in (COUNT_CAP, 2):
+            monkeypatch.setattr(query_sql, "COUNT_CAP", cap)
+            for modalities in [("PT",), ("MR", "PT"), ("PT", "MR", "PT"), ("CR", "CT", "MR")]:
+                for siteid in [None, b.site.siteid]:
+                    terms = [Term("ModalitiesInStudy", AnyOf(modalities))]
+                    if siteid:
+                        terms.append(Term("ClinicalTrialSiteID", SingleValue(siteid)))
+                    expected = await brute_force_studies(ix.pool, modalities, siteid)
+                    seen, after = 0, None
+                    while True:
+                        page = await search(ix.pool, Query(Level.STUDY, tuple(terms), limit=2,
+                                                           after=after))
+                        assert [r.study_json for r in page.rows] == expected[seen:seen + 2]
+                        seen += len(page.rows)
+                        assert page.more == min(len(expected) - seen, cap), (modalities, siteid)
+                        if page.last_key is None:
+                            break
+                        after = page.last_key
+                    assert seen == len(expected) > 0
 
     index(scenario)
 
