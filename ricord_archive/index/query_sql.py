@@ -116,7 +116,7 @@ class Where:
                 and isinstance(narrowing[0].condition, AnyOf))
         self._wanted = wanted if sole else None
         self.sole_ranges: list[str] | None = None
-        parts = [p for p in (self._term(t) for t in narrowing) if p is not None]
+        parts = [self._term(t) for t in narrowing]
         if query.site_id is not None:
             parts.append(f"{self._column(_SITE_KEY).sql} = {self.bind(query.site_id)}")
         if study_pks is not None:
@@ -141,10 +141,9 @@ class Where:
         self.tables.add(found.table)
         return found
 
-    def _term(self, term: Term) -> str | None:
+    def _term(self, term: Term) -> str:
+        """The predicate of a term that narrows (universal matching needs none)."""
         condition = term.condition
-        if isinstance(condition, Universal):
-            return None
         if column(term.key, self.level) is None:
             return "FALSE"  # de-identification removed it: only universal matching
         target = self._column(term.key)
