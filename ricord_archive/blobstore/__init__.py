@@ -46,6 +46,10 @@ class BlobStore(Protocol):
         """Store `data` under `key` (a new key from `new_key`, written once); returns when
         the bytes are durable against power loss."""
 
+    def quick(self, key: str, size: int) -> bool:
+        """Whether writing `size` bytes under `key` takes so little (a small local write and
+        its flush) that the caller may do it on its event loop instead of in a thread."""
+
     def open(self, key: str, size: int | None = None) -> BinaryIO:
         """The blob as a seekable binary file, read whole or by ranges (`size`, when known,
         saves a request)."""

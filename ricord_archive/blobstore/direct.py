@@ -51,3 +51,17 @@ def write_direct(fd: int, data: bytes, offset: int) -> None:
             done += os.pwrite(fd, view[done:size], offset + done)
     finally:
         view.release()
+
+
+_ZEROS = 1024**2  # bytes of zeros written per call
+
+
+def zero_direct(fd: int, start: int, end: int) -> None:
+    """Write zeros over every whole page in [start, end) (the rest is left as it is)."""
+    position, stop = aligned(start), end // PAGE * PAGE
+    zeros = getattr(_buffers, "zeros", None)
+    if zeros is None:
+        zeros = _buffers.zeros = mmap.mmap(-1, _ZEROS)  # anonymous memory: zeros, aligned
+    with memoryview(zeros) as view:
+        while position < stop:
+            position += os.pwrite(fd, view[:min(_ZEROS, stop - position)], position)

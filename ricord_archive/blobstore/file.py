@@ -74,6 +74,9 @@ class FileBlobStore:
         else:
             write_file(self.root / key, self.tmp, data)
 
+    def quick(self, key: str, size: int) -> bool:
+        return self._writer is not None and self._writer.quick(check_key(key), size)
+
     def open(self, key: str, size: int | None = None) -> BinaryIO:
         if segments.parse_key(check_key(key)):
             return self.segments.open(key)

@@ -261,8 +261,8 @@ def walk_or_none(parsed: Parsed, context: DeidContext) -> Walked | None:
 class IngestService:
     """Runs the pipeline. The byte walker's work runs inline on the event loop (cheaper than
     handing it to a process pool, where pickling the object both ways alone costs the loop
-    about as much: bench/ingest_cpu.py); the SHA-256 is computed in the blob-write thread.
-    Objects the walker does not handle go to `executor` (a process pool, so pydicom uses every
+    about as much: bench/ingest_cpu.py); the SHA-256 is computed with the blob's write, in a
+    thread unless the write is quick (`_write`). Objects the walker does not handle go to `executor` (a process pool, so pydicom uses every
     core and never holds the event loop's GIL), else threads."""
 
     def __init__(
@@ -278,6 +278,7 @@ class IngestService:
         self.executor = executor
         self.trail = trail
         self.patients = PatientDirectory(index, keys, blobs)
+        self._storing = 0  # stores of this process in progress, past their admission
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -301,6 +302,7 @@ class IngestService:
             admitted = await self._run(
                 pydicom_admission, data, limit, site_config, self.executor is None
             )
+        self._storing += 1
         try:
             return await self._store_admitted(data, admitted, site, site_config, study_uid)
         except ArchiveError as exc:  # name the object by the UID it would have had here
@@ -309,13 +311,28 @@ class IngestService:
             if isinstance(exc, RefusedObject):
                 await self._count_refusal(site, exc)
             raise
+        finally:
+            self._storing -= 1
 
     def _hash_and_write(self, key: str, blob: bytes) -> bytes:
-        """In the blob-write thread: the SHA-256 (hashlib lets go of the GIL on large
-        buffers) and the durable write; the digest."""
+        """The SHA-256 (in a thread, hashlib lets go of the GIL on large buffers) and the
+        durable write; the digest."""
         digest = hashlib.sha256(blob).digest()
         self.blobs.write(key, blob)
         return digest
+
+    def _write(self, key: str, blob: bytes) -> asyncio.Future[bytes | None]:
+        """`_hash_and_write`, started. A quick write (a small blob into reserved local space)
+        is done at once on the loop while no other store of this process is in progress: the
+        hand-off to a thread and back costs more than the write (bench/RESULTS.md)."""
+        if self._storing > 1 or not self.blobs.quick(key, len(blob)):
+            return asyncio.ensure_future(asyncio.to_thread(self._hash_and_write, key, blob))
+        written: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        try:
+            written.set_result(self._hash_and_write(key, blob))
+        except Exception as exc:
+            written.set_exception(exc)
+        return written
 
     async def _discard(self, written: asyncio.Future[Any], key: str) -> None:
         """Remove the blob of an instance that was not indexed, once its write has ended (if
@@ -367,9 +384,7 @@ class IngestService:
         key = self.blobs.new_key()
         written: asyncio.Future[bytes | None]
         if walked is not None:
-            written = asyncio.ensure_future(
-                asyncio.to_thread(self._hash_and_write, key, walked.data)
-            )
+            written = self._write(key, walked.data)
         else:
             source = admitted.dataset if isinstance(admitted.dataset, Dataset) else data
             new, blob = await self._run(

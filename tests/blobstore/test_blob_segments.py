@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -307,3 +309,77 @@ def test_without_a_ready_segment_a_key_names_a_file_of_its_own(tmp_path, monkeyp
     assert store.open(key).read() == b"stored the old way"
     assert store.local_file(key).offset == 0
     store.close()
+
+
+_FIEMAP = 0xC020660B  # FS_IOC_FIEMAP
+_FIEMAP_HEADER = struct.Struct("=QQIIII")  # start, length, flags, mapped, count, reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQI12x")  # logical, physical, length, 2 reserved, flags
+_EXTENT_UNWRITTEN = 0x800
+_EXTENT_LAST = 0x1
+
+
+def unwritten(path: Path, start: int, end: int) -> int:
+    """Bytes of [start, end) of `path` in extents reserved but never written (FIEMAP)."""
+    found, position = 0, start
+    with path.open("rb") as file:
+        while position < end:
+            request = bytearray(_FIEMAP_HEADER.pack(position, end - position, 1, 0, 64, 0)
+                                + bytes(64 * _FIEMAP_EXTENT.size))
+            fcntl.ioctl(file.fileno(), _FIEMAP, request)
+            mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+            if not mapped:
+                return found
+            for n in range(mapped):
+                logical, _, length, _, _, flags = _FIEMAP_EXTENT.unpack_from(
+                    request, _FIEMAP_HEADER.size + n * _FIEMAP_EXTENT.size)
+                if flags & _EXTENT_UNWRITTEN:
+                    found += min(end, logical + length) - max(position, logical)
+                position = logical + length
+                if flags & _EXTENT_LAST:
+                    return found
+    return found
+
+
+@pytest.mark.parametrize(("size", "zeroed"), [(10_600, True), (600_000, False)])
+def test_space_is_written_with_zeros_ahead_of_small_blobs_only(tmp_path, monkeypatch, size,
+                                                               zeroed):
+    """Small blobs land in zeroed space, so their flush commits no extent conversion; large
+    ones in space only reserved (zeroing would write each byte twice)."""
+    monkeypatch.setattr(segment_writer, "open_direct", aligned_writes)
+    blobs = FileBlobStore(tmp_path / "blobs", 64 * MIB)
+    try:
+        keys = [put(blobs, payload(n, size)) for n in range(40)]  # past the first window
+        blobs.settle()
+        path = blobs.path(keys[0])
+        last = blobs.local_file(keys[-1])
+        tail = last.offset + direct.aligned(size)
+        ahead = 2 * MIB  # reserved beyond the last blob by now
+        assert path.stat().st_size >= tail + ahead
+        assert unwritten(path, 0, tail) == 0  # everything written so far is data or zeros
+        assert (unwritten(path, tail, tail + ahead) == 0) is zeroed
+        for n, key in enumerate(keys):
+            with blobs.open(key) as stream:
+                assert stream.read() == payload(n, size)
+    finally:
+        blobs.close()
+
+
+def test_only_small_writes_into_reserved_direct_space_are_quick(tmp_path, monkeypatch):
+    monkeypatch.setattr(segment_writer, "open_direct", aligned_writes)
+    blobs = FileBlobStore(tmp_path / "blobs", 4 * MIB)
+    try:
+        key = blobs.new_key()
+        assert blobs.quick(key, 10_600)
+        assert blobs.quick(key, segment_writer.QUICK_BYTES)
+        assert not blobs.quick(key, segment_writer.QUICK_BYTES + 1)
+        blobs.write(key, payload(1))
+    finally:
+        blobs.close()
+    monkeypatch.setattr(segment_writer, "open_direct", lambda path: None)
+    cached = FileBlobStore(tmp_path / "cached", 4 * MIB)  # through the page cache: a thread's
+    try:
+        assert not cached.quick(cached.new_key(), 10)
+    finally:
+        cached.close()
+    files = FileBlobStore(tmp_path / "files")  # a file of its own: create, fsync, rename
+    assert not files.quick(files.new_key(), 10)

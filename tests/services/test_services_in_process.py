@@ -8,6 +8,8 @@ import asyncio
 import datetime as dt
 import io
 import logging
+import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -162,6 +164,33 @@ def test_lost_index_is_storage_unavailable_in_process(services, tmp_path):
         with pytest.raises(StorageUnavailable):
             await core.query.search(Query(Level.STUDY, limit=10))
         assert [e.detail["reason"] for e in trail.events] == ["StorageUnavailable"]
+
+    services(scenario)
+
+
+def test_a_failed_blob_write_on_the_loop_stores_nothing(services, tmp_path, monkeypatch):
+    """A lone small object is written on the event loop's thread (`IngestService._write`); a
+    failed flush there is a failed store, indexes nothing, and the next store goes on."""
+    objects, _ = study_files(tmp_path, slices=2)
+    flushed_on: list[threading.Thread] = []
+    real = os.fdatasync
+
+    def failing_once(fd: int) -> None:
+        flushed_on.append(threading.current_thread())
+        if len(flushed_on) == 1:
+            raise OSError(5, "I/O error")
+        real(fd)
+
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
+        monkeypatch.setattr(os, "fdatasync", failing_once)
+        with pytest.raises(StorageUnavailable):
+            await core.ingest.store(objects[0], "default", by=OPERATOR, protocol="t")
+        assert flushed_on == [threading.main_thread()]  # the loop's own thread
+        assert await pool.fetchval("SELECT count(*) FROM instance") == 0
+        stored = await core.ingest.store(objects[1], "default", by=OPERATOR, protocol="t")
+        assert not stored.duplicate
+        assert await pool.fetchval("SELECT count(*) FROM instance") == 1
+        assert [e.outcome for e in trail.events] == [Outcome.SERIOUS_FAILURE, Outcome.SUCCESS]
 
     services(scenario)
 
