@@ -166,6 +166,30 @@ def age_from(birth: str, study_date: str) -> str:
     return cap_age(f"{years:03d}Y")
 
 
+@lru_cache(maxsize=16384)
+def _settled(tag: int, vr: str) -> bool | None:
+    """`Rules.settled`: it depends on the tag, the VR and the (fixed) table only."""
+    group = tag >> 16
+    if group % 2 == 1 or group == 0x0002 or group >> 8 in (0x50, 0x60):
+        return False
+    action = profile_table().actions.get(tag)
+    if vr == "SQ":
+        return False if action == "X" else None
+    if action == "X":
+        return False
+    if action == "K":
+        return None if vr == "AS" else True
+    if action is not None:
+        return None
+    if vr == "UI":
+        return True if tag in _CLASS_UID_TAGS else None
+    if vr in ("DA", "DT", "AS"):
+        return None
+    if vr in _REMOVED_VRS:
+        return tag in _SAFE_TEXT_TAGS
+    return True
+
+
 @lru_cache(maxsize=8192)
 def decision_vr(encoded_vr: str | None, tag: int) -> str:
     """The VR to decide by: as encoded, else (implicit VR, or UN for a known attribute, which
@@ -214,29 +238,12 @@ class Rules:
     def remap_uid(self, value: str) -> str:
         return keyed_uid(self.context.keys, self.context.siteid, value)
 
-    def settled(self, tag: int, vr: str) -> bool | None:
+    @staticmethod
+    def settled(tag: int, vr: str) -> bool | None:
         """Decide from tag and VR alone: True keep untouched, False remove, None rewrite
         (`sequence` for SQ, else `edit`). Elements kept untouched are written back byte for
         byte, never decoded."""
-        group = tag >> 16
-        if group % 2 == 1 or group == 0x0002 or group >> 8 in (0x50, 0x60):
-            return False
-        action = self.actions.get(tag)
-        if vr == "SQ":
-            return False if action == "X" else None
-        if action == "X":
-            return False
-        if action == "K":
-            return None if vr == "AS" else True
-        if action is not None:
-            return None
-        if vr == "UI":
-            return True if tag in _CLASS_UID_TAGS else None
-        if vr in ("DA", "DT", "AS"):
-            return None
-        if vr in _REMOVED_VRS:
-            return tag in _SAFE_TEXT_TAGS
-        return True
+        return _settled(tag, vr)
 
     def sequence(self, tag: int) -> str | None:
         """A sequence's fate: None removed, EMPTIED, or CLEANED item by item."""

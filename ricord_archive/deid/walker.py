@@ -63,6 +63,7 @@ _MAPPED_VRS = frozenset({"UI", "DA", "DT", "AS"})
 _PREAMBLE = bytes(128) + b"DICM"
 _RECURRING_SIZE = 64  # text and number values up to this size are rendered once (cached)
 _RECORD_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+Encodings = tuple[str, ...] | None  # a data set's character sets (None: the default)
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,14 @@ def admitted(parsed: Parsed) -> Admitted:
                     _original(parsed, "IssuerOfPatientID").strip())
 
 
-def _encodings(parsed: Parsed, element: Element | None, inherited: list[str] | None
-               ) -> list[str] | None:
+def _encodings(parsed: Parsed, element: Element | None, inherited: Encodings) -> Encodings:
     if element is None:
         return inherited
     names = strings(parsed.value(element))
     if names == [""]:
         return inherited
     try:
-        return convert_encodings(names)
+        return tuple(convert_encodings(names))
     except Exception as exc:
         raise Unhandled("character set") from exc
 
@@ -170,7 +170,7 @@ class _Walker:
 
     # ---- one dataset -------------------------------------------------------------------
 
-    def dataset(self, elements: list[Element], encodings: list[str] | None, depth: int
+    def dataset(self, elements: list[Element], encodings: Encodings, depth: int
                 ) -> list[_Out]:
         out = []
         for element in elements:
@@ -179,7 +179,7 @@ class _Walker:
                 out.append(done)
         return out
 
-    def element(self, element: Element, encodings: list[str] | None, depth: int
+    def element(self, element: Element, encodings: Encodings, depth: int
                 ) -> _Out | None:
         tag = element.tag
         vr = decision_vr(element.vr, tag)
@@ -215,7 +215,7 @@ class _Walker:
             return "US" if self.pixel_rep == 0 else "SS"
         raise Unhandled("ambiguous VR")
 
-    def kept(self, element: Element, vr: str, encodings: list[str] | None, depth: int) -> _Out:
+    def kept(self, element: Element, vr: str, encodings: Encodings, depth: int) -> _Out:
         tag = element.tag
         value = self.view[element.vstart:element.vend]
         chunks: list[bytes | memoryview]
@@ -232,7 +232,7 @@ class _Walker:
         return _Out(tag, vr, chunks, size, json, value, pixels)
 
     def mapped(self, element: Element, vr: str, json_vr: str, edit: MapValues,
-               encodings: list[str] | None, depth: int) -> _Out:
+               encodings: Encodings, depth: int) -> _Out:
         if vr not in _MAPPED_VRS:
             raise Unhandled("rewrite of a value that is not text")
         values = strings(self.parsed.value(element))
@@ -242,21 +242,20 @@ class _Walker:
         return self.encoded(element.tag, vr, json_vr, encode_text(vr, new), encodings)
 
     def encoded(self, tag: int, vr: str, json_vr: str, value: bytes,
-                encodings: list[str] | None) -> _Out:
+                encodings: Encodings) -> _Out:
         head = header(tag, None if self.implicit else vr, len(value))
         return _Out(tag, vr, [head, value], len(head) + len(value),
                     self.json(tag, json_vr, value, encodings, 1), value)
 
-    def json(self, tag: int, vr: str, value: Any, encodings: list[str] | None, depth: int
+    def json(self, tag: int, vr: str, value: Any, encodings: Encodings, depth: int
              ) -> dict | None:
         try:
             if vr in BINARY_VRS:
-                rendered = render(tag, vr, value, encodings)
+                rendered = render(tag, vr, value, _listed(encodings))
             elif len(value) <= _RECURRING_SIZE:
-                rendered = _render_recurring(tag, vr, bytes(value),
-                                             None if encodings is None else tuple(encodings))
+                rendered = _render_recurring(tag, vr, bytes(value), encodings)
             else:
-                rendered = render(tag, vr, bytes(value), encodings)
+                rendered = render(tag, vr, bytes(value), _listed(encodings))
         except Exception:  # as to_json: an element pydicom cannot express is left out
             return None
         if depth == 0 and tag in _PIXEL_TAGS and "InlineBinary" in rendered:
@@ -266,7 +265,7 @@ class _Walker:
         return rendered
 
     def sequence(self, tag: int, items: list[Item], undefined: bool,
-                 encodings: list[str] | None, depth: int) -> _Out:
+                 encodings: Encodings, depth: int) -> _Out:
         chunks: list = []
         size = 0
         documents: list[dict] | None = []
@@ -350,12 +349,15 @@ def _inserted(tag: int, vr: str, value: str | tuple | None, implicit: bool, unde
 
 
 @lru_cache(maxsize=8192)
-def _render_recurring(tag: int, vr: str, raw: bytes, encodings: tuple[str, ...] | None
-                      ) -> dict:
+def _render_recurring(tag: int, vr: str, raw: bytes, encodings: Encodings) -> dict:
     """The JSON of a short text or number value. Most such values recur object after object
     (modality, image type, spacing, the archive's own codes), so each is rendered once; the
     JSON is shared between documents, which are only ever serialized."""
-    return render(tag, vr, raw, None if encodings is None else list(encodings))
+    return render(tag, vr, raw, _listed(encodings))
+
+
+def _listed(encodings: Encodings) -> list[str] | None:
+    return None if encodings is None else list(encodings)
 
 
 def _assemble(out: list[_Out]) -> tuple[list, int, dict | None]:

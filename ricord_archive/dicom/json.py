@@ -100,16 +100,28 @@ class InstanceRecord:
 
 
 def _as_date(value: Any) -> dt.date | None:
+    if not value:
+        return None
+    text = str(value)
     try:
-        return dt.datetime.strptime(str(value), "%Y%m%d").date() if value else None
+        if len(text) == 8 and text.isascii() and text.isdigit():  # what strptime reads so
+            return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        return dt.datetime.strptime(text, "%Y%m%d").date()
     except ValueError:
         return None
 
 
 def _as_time(value: Any) -> dt.time | None:
-    text = str(value or "").replace(":", "")
+    text = str(value or "").replace(":", "")[:6]
+    if len(text) < 6:
+        return None
     try:
-        return dt.datetime.strptime(text[:6], "%H%M%S").time() if len(text) >= 6 else None
+        if text.isascii() and text.isdigit():  # as strptime reads it, unless a leap second
+            return dt.time(int(text[:2]), int(text[2:4]), int(text[4:]))
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.strptime(text, "%H%M%S").time()
     except ValueError:
         return None
 

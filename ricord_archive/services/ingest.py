@@ -262,8 +262,9 @@ class IngestService:
     """Runs the pipeline. The byte walker's work runs inline on the event loop (cheaper than
     handing it to a process pool, where pickling the object both ways alone costs the loop
     about as much: bench/ingest_cpu.py); the SHA-256 is computed with the blob's write, in a
-    thread unless the write is quick (`_write`). Objects the walker does not handle go to `executor` (a process pool, so pydicom uses every
-    core and never holds the event loop's GIL), else threads."""
+    thread unless the write is quick (`_write`). Objects the walker does not handle go to
+    `executor` (a process pool, so pydicom uses every core and never holds the event loop's
+    GIL), else threads."""
 
     def __init__(
         self, index: Index, blobs: BlobStore, keys: Keyring, sites: dict[str, Site],
