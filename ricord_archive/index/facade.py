@@ -38,6 +38,7 @@ class Index:
         self.cohorts = CohortRows(pool)
         self.clinical = ClinicalRows(pool)
         self.labels = LabelRows(pool)
+        self._study_keys = reads.StudyKeys()
 
     async def ensure_site(self, site: SiteConfig) -> Site:
         """The index row of a configured site, created with a SITEID on first use."""
@@ -89,12 +90,14 @@ class Index:
                                ) -> list[StoredInstance]:
         """The instances of a study, series or instance (`reads.stored_instances`), on the
         primary: where the bytes are."""
-        return await reads.stored_instances(self._pool, *uids, site_id=site_id)
+        return await reads.stored_instances(self._pool, *uids, site_id=site_id,
+                                            keys=self._study_keys)
 
     async def instance_metadata(self, *uids: str, site_id: int | None = None) -> list[bytes]:
         """The stored DICOM JSON of each instance in scope (`reads.instance_metadata`)."""
         return await self._reads.run(
-            lambda pool: reads.instance_metadata(pool, *uids, site_id=site_id))
+            lambda pool: reads.instance_metadata(pool, *uids, site_id=site_id,
+                                                 keys=self._study_keys))
 
     def instance_blobs(self) -> AsyncIterator[tuple[str, str, int]]:
         """(SOP Instance UID, blob key, size) of every indexed instance, in one transaction."""

@@ -3,6 +3,8 @@ the site and patient rows the offline tools look up (never allocating anything).
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import fields
 
 import asyncpg
@@ -18,64 +20,125 @@ _TABLE_OF = {"study_uid": "st", "series_uid": "se"}
 _STORED_COLUMNS = ", ".join(
     f"{_TABLE_OF.get(f.name, 'i')}.{f.name}" for f in fields(StoredInstance)
 )
-# The instance table is partitioned by study (migrations/014): the study's pk is resolved
-# first and bound as a parameter, so PostgreSQL plans and locks that one partition only (a
-# join on the study UID alone prunes at run time, after planning every partition).
+# The instance table is partitioned by study (migrations/014): a retrieval first finds the
+# study's pk and partition (`StudyKeys`), then reads that partition alone, the pk bound as a
+# parameter (a join on the study UID alone prunes at run time, after planning every partition).
 _SCOPE = {
     "study": "i.study_pk = $1",
     "series": "i.study_pk = $1 AND se.series_uid = $2",
-    "instance": "i.study_pk = $1 AND se.series_uid = $2 AND i.sop_uid = $3",
+    "instance": "i.study_pk = $1 AND i.sop_uid = $3"
+                " AND i.series_pk = (SELECT pk FROM series WHERE series_uid = $2)",
+}
+# A single instance's study and series UIDs, without joining their tables.
+_ONE_INSTANCE = {
+    "st.study_uid": "(SELECT study_uid FROM study WHERE pk = $1) AS study_uid",
+    "se.series_uid": "$2::text AS series_uid",
 }
 _FROM = (
-    "FROM instance i JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = i.study_pk"
+    "FROM {table} i JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = i.study_pk"
 )
 _ORDER = "ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk"
 
 
-async def study_pk(conn: asyncpg.Pool | asyncpg.Connection, study_uid: str,
-                   site_id: int | None = None) -> int | None:
-    """The pk of a stored study (of one site only when `site_id` is given), None if none."""
-    return await conn.fetchval(
-        "SELECT pk FROM study WHERE study_uid = $1 AND ($2::integer IS NULL OR site_id = $2)",
-        study_uid, site_id,
-    )
+class StudyKeys:
+    """Where each study's instances are, remembered by (Study Instance UID, site): its pk and
+    the partition of `instance` holding them (migrations/014), read once per study. A study's
+    pk never changes and is never reused, so what is remembered either still holds or names
+    no instance (the study went), and is then looked up again. A retrieval then costs one
+    statement on one plain table, planned once per connection (a statement on the
+    partitioned table is planned again for every study: bench/RESULTS.md)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._known: dict[tuple[str, int | None], tuple[int, str]] = {}
+
+    def get(self, study_uid: str, site_id: int | None) -> tuple[int, str] | None:
+        """(pk, table) of a study, if remembered."""
+        return self._known.get((study_uid, site_id))
+
+    def remember(self, study_uid: str, site_id: int | None, found: tuple[int, str]) -> None:
+        if len(self._known) >= self._size:
+            self._known.clear()  # simple and rare: each study is looked up again once
+        self._known[(study_uid, site_id)] = found
+
+    def forget(self, study_uid: str, site_id: int | None) -> None:
+        self._known.pop((study_uid, site_id), None)
+
+
+# A study's pk and the partition holding its instances (none yet: the partitioned table).
+_STUDY_HOME = (
+    "SELECT st.pk, (SELECT i.tableoid::regclass::text FROM instance i"
+    " WHERE i.study_pk = st.pk LIMIT 1) AS home"
+    " FROM study st WHERE st.study_uid = $1 AND ($2::integer IS NULL OR st.site_id = $2)"
+)
+_TABLE_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)?instance(?:_p[0-9]+)?")
+
+
+async def _study_home(conn: asyncpg.Connection, study_uid: str, site_id: int | None
+                      ) -> tuple[int, str] | None:
+    row = await conn.fetchrow(_STUDY_HOME, study_uid, site_id)
+    if row is None:
+        return None
+    home = row["home"] or "instance"
+    if not _TABLE_NAME.fullmatch(home):
+        raise ValueError("unexpected partition name")
+    return row["pk"], home
 
 
 async def _in_scope(pool: asyncpg.Pool, columns: str, uids: tuple[str, ...],
-                    site_id: int | None) -> list[asyncpg.Record]:
+                    site_id: int | None, keys: StudyKeys) -> list[asyncpg.Record]:
     """`columns` of the instances of a study, a series or one instance (by how many UIDs are
     given), of one site only when `site_id` is given, in retrieval order."""
     async with pool.acquire() as conn:
-        pk = await study_pk(conn, uids[0], site_id)
-        if pk is None:
+        remembered = keys.get(uids[0], site_id)
+        if remembered is not None:
+            pk, home = remembered
+            with contextlib.suppress(asyncpg.UndefinedTableError):  # partitioned anew
+                rows = await conn.fetch(retrieval_statement(len(uids), columns, home), pk,
+                                        *uids[1:])
+                if rows:
+                    return rows
+        found = await _study_home(conn, uids[0], site_id)
+        if found is None:
+            keys.forget(uids[0], site_id)
             return []
-        return await conn.fetch(retrieval_statement(len(uids), columns), pk, *uids[1:])
+        keys.remember(uids[0], site_id, found)
+        if found == remembered:  # the study is there, the scope is empty
+            return []
+        pk, home = found
+        return await conn.fetch(retrieval_statement(len(uids), columns, home), pk, *uids[1:])
 
 
-def retrieval_statement(depth: int, columns: str = _STORED_COLUMNS) -> str:
+def retrieval_statement(depth: int, columns: str = _STORED_COLUMNS,
+                        table: str = "instance") -> str:
     """The statement reading `columns` of a study's instances (`depth` 1), a series' (2) or
-    one instance (3); its parameters: the study's pk, then the series' and instance's UIDs."""
-    scope = _SCOPE[("study", "series", "instance")[depth - 1]]
-    return f"SELECT {columns} {_FROM} WHERE {scope} {_ORDER}"
+    one instance (3) from `table` (`instance`, or the partition holding the study); its
+    parameters: the study's pk, then the series' and instance's UIDs. One instance is read
+    from its table alone, without joining its series and study."""
+    if depth == 3:
+        one = ", ".join(_ONE_INSTANCE.get(column, column) for column in columns.split(", "))
+        return f"SELECT {one} FROM {table} i WHERE {_SCOPE['instance']}"
+    scope = _SCOPE[("study", "series")[depth - 1]]
+    return f"SELECT {columns} {_FROM.format(table=table)} WHERE {scope} {_ORDER}"
 
 
 @translating
 async def stored_instances(
-    pool: asyncpg.Pool, *uids: str, site_id: int | None = None
+    pool: asyncpg.Pool, *uids: str, site_id: int | None = None, keys: StudyKeys | None = None,
 ) -> list[StoredInstance]:
     """The instances of a study, a series or one instance (by how many UIDs are given), of
-    one site only when `site_id` is given."""
-    rows = await _in_scope(pool, _STORED_COLUMNS, uids, site_id)
+    one site only when `site_id` is given; study pks remembered in `keys`."""
+    rows = await _in_scope(pool, _STORED_COLUMNS, uids, site_id, keys or StudyKeys())
     return [StoredInstance(**dict(r)) for r in rows]
 
 
 @translating
 async def instance_metadata(
-    pool: asyncpg.Pool, *uids: str, site_id: int | None = None
+    pool: asyncpg.Pool, *uids: str, site_id: int | None = None, keys: StudyKeys | None = None,
 ) -> list[bytes]:
     """The stored DICOM JSON of each instance in scope (of one site when `site_id` is given),
-    in retrieval order."""
-    rows = await _in_scope(pool, "i.dicom_json", uids, site_id)
+    in retrieval order; study pks remembered in `keys`."""
+    rows = await _in_scope(pool, "i.dicom_json", uids, site_id, keys or StudyKeys())
     return [r["dicom_json"] for r in rows]
 
 

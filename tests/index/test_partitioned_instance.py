@@ -219,7 +219,7 @@ def _partition_scans(plan: object) -> list[str]:
     return own + [name for value in plan.values() for name in _partition_scans(value)]
 
 
-def test_a_retrieval_plans_one_partition(index):
+def test_a_retrieval_reads_its_study_s_partition_planned_once(index):
     async def scenario(ix: Index) -> None:
         patient = await ix.patient(b"p" * 32)
         for study in range(1, 7):
@@ -227,27 +227,55 @@ def test_a_retrieval_plans_one_partition(index):
                 await ix.store(patient, instance(study, study, study * 10 + number))
         target = instance(4, 4, 41).record
         partition = await _study_partition(ix, 4)
-        study_pk = await reads.study_pk(ix.pool, target.study_uid)
+        keys = reads.StudyKeys()
+        found = await reads.stored_instances(ix.pool, target.study_uid, target.series_uid,
+                                             target.sop_uid, keys=keys)
+        assert [(f.sop_uid, f.study_uid) for f in found] == [(target.sop_uid, target.study_uid)]
+        study_pk, home = keys.get(target.study_uid, None) or (0, "")
+        assert home == partition
         async with ix.pool.acquire() as conn:
             for depth, uids in ((1, ()), (2, (target.series_uid,)),
                                 (3, (target.series_uid, target.sop_uid))):
+                statement = reads.retrieval_statement(depth, table=home)
                 for _ in range(8):  # past the plan cache's first custom plans
-                    await conn.fetch(reads.retrieval_statement(depth), study_pk, *uids)
+                    await conn.fetch(statement, study_pk, *uids)
                 [plan] = orjson.loads(await conn.fetchval(
-                    "EXPLAIN (FORMAT JSON) " + reads.retrieval_statement(depth),
-                    study_pk, *uids))
+                    "EXPLAIN (FORMAT JSON) " + statement, study_pk, *uids))
                 assert _partition_scans(plan) == [partition], depth
-            # each run planned for its study (a generic plan would lock every partition)
+            # planned once and cached: a generic plan, of this one partition
             plans = await conn.fetch(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                "WHERE statement = ANY($1::text[])",
-                [reads.retrieval_statement(depth) for depth in (1, 2, 3)])
-            assert [tuple(r) for r in plans] == [(0, 8)] * 3
-        found = await reads.stored_instances(ix.pool, target.study_uid, target.series_uid,
-                                             target.sop_uid)
-        assert [(f.sop_uid, f.study_uid) for f in found] == [(target.sop_uid, target.study_uid)]
-        assert len(await reads.instance_metadata(ix.pool, target.study_uid)) == 3
+                "SELECT generic_plans FROM pg_prepared_statements WHERE statement = ANY($1)",
+                [reads.retrieval_statement(depth, table=home) for depth in (1, 2, 3)])
+            assert len(plans) == 3 and all(r["generic_plans"] > 0 for r in plans)
+        assert len(await reads.instance_metadata(ix.pool, target.study_uid, keys=keys)) == 3
         assert await reads.stored_instances(ix.pool, target.study_uid,
                                             site_id=ix.site.id + 1) == []
+
+    index(scenario)
+
+
+def test_a_remembered_study_pk_that_names_nothing_is_looked_up_again(index):
+    async def scenario(ix: Index) -> None:
+        patient = await ix.patient(b"p" * 32)
+        for number in range(3):
+            await ix.store(patient, instance(1, 1, 10 + number))
+        target = instance(1, 1, 11).record
+        keys = reads.StudyKeys()
+        await reads.stored_instances(ix.pool, target.study_uid, keys=keys)
+        pk, home = keys.get(target.study_uid, None) or (0, "")
+        for stale in ((pk + 1000, home), (pk, "instance_p9999")):  # no such study, partition
+            keys.remember(target.study_uid, None, stale)
+            found = await reads.stored_instances(ix.pool, target.study_uid, keys=keys)
+            assert sorted(f.sop_uid for f in found) == sorted(
+                instance(1, 1, 10 + n).record.sop_uid for n in range(3))
+            assert keys.get(target.study_uid, None) == (pk, home)
+        one = await reads.stored_instances(ix.pool, target.study_uid, target.series_uid,
+                                           target.sop_uid, keys=keys)
+        assert [(f.study_uid, f.series_uid, f.sop_uid) for f in one] == [
+            (target.study_uid, target.series_uid, target.sop_uid)]
+        assert await reads.stored_instances(ix.pool, target.study_uid, "1.2.3.4",
+                                            target.sop_uid, keys=keys) == []
+        assert await reads.stored_instances(ix.pool, "1.2.3.5", keys=keys) == []
+        assert keys.get("1.2.3.5", None) is None
 
     index(scenario)
