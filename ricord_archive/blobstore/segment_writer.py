@@ -36,6 +36,7 @@ _FIRST_WINDOW = 1024**2  # reserved when a segment is made (a process's first ke
 # Reserved space is written with zeros ahead of the writers while the blobs written lately
 # average less than this (`_reserve`).
 ZERO_BELOW = 64 * 1024
+ZERO_STEP = 2 * 1024**2  # bytes zeroed (and fsynced) at a time
 QUICK_BYTES = 64 * 1024  # a direct write of at most this much is `quick`
 MIN_SEGMENT_BYTES = 1024**2
 
@@ -288,8 +289,10 @@ class SegmentWriter:
                 self._cond.notify_all()
 
     def _extend(self, seg: _Open) -> None:
-        end = min(seg.capacity, seg.ready + self.window)
         small = self._blob_size < ZERO_BELOW
+        # zeroing goes in short steps: a writer waiting for space waits for one step only
+        end = min(seg.capacity, seg.ready + (min(ZERO_STEP, self.window) if small
+                                             else self.window))
         _reserve(seg.fd, seg.direct if small else None, seg.ready, end)
         os.fsync(seg.fd)  # the new extents and size: their journal commit is ours, not a writer's
         with self._cond:
