@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import io
 import logging
 import os
@@ -191,6 +192,27 @@ def test_a_failed_blob_write_on_the_loop_stores_nothing(services, tmp_path, monk
         assert not stored.duplicate
         assert await pool.fetchval("SELECT count(*) FROM instance") == 1
         assert [e.outcome for e in trail.events] == [Outcome.SERIOUS_FAILURE, Outcome.SUCCESS]
+
+    services(scenario)
+
+
+def test_a_large_blob_hashed_beside_its_write_is_indexed_with_its_digest(services, tmp_path):
+    """Alone, a large blob is hashed in one thread while another writes it: the index holds the
+    SHA-256 of the bytes stored, so the same object sent again is a plain duplicate."""
+    corpus = PhiCorpus(seed=20261206, out_dir=tmp_path / "corpus")
+    [large] = corpus.study(corpus.patient(), dt.date(2020, 5, 18), slices=1, size=256)
+    data = large.read_bytes()
+    assert len(data) > 2 * 64 * 1024
+
+    async def scenario(core: ArchiveServices, trail: Recording, pool: Pool) -> None:
+        stored = await core.ingest.store(data, "default", by=OPERATOR, protocol="t")
+        row = await pool.fetchrow("SELECT blob_key, sha256, size_bytes FROM instance")
+        with core.blobs.open(row["blob_key"]) as blob:
+            written = blob.read()
+        assert len(written) == row["size_bytes"]
+        assert hashlib.sha256(written).digest() == row["sha256"]
+        again = await core.ingest.store(data, "default", by=OPERATOR, protocol="t")
+        assert (again.duplicate, again.warning, again.sop_uid) == (True, None, stored.sop_uid)
 
     services(scenario)
 
