@@ -65,24 +65,25 @@ class StudyKeys:
         self._known.pop((study_uid, site_id), None)
 
 
-# A study's pk and the partition holding its instances (none yet: the partitioned table).
-_STUDY_HOME = (
-    "SELECT st.pk, (SELECT i.tableoid::regclass::text FROM instance i"
-    " WHERE i.study_pk = st.pk LIMIT 1) AS home"
-    " FROM study st WHERE st.study_uid = $1 AND ($2::integer IS NULL OR st.site_id = $2)"
-)
+# A study's pk, then the partition holding its instances, in two statements: with the pk
+# bound, PostgreSQL prunes the second to one partition when planning it and locks only that
+# one (one statement with a correlated subquery would lock every partition).
+_STUDY_PK = "SELECT pk FROM study WHERE study_uid = $1 AND ($2::integer IS NULL OR site_id = $2)"
+_PARTITION = "SELECT tableoid::regclass::text FROM instance WHERE study_pk = $1 LIMIT 1"
 _TABLE_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)?instance(?:_p[0-9]+)?")
 
 
 async def _study_home(conn: asyncpg.Connection, study_uid: str, site_id: int | None
                       ) -> tuple[int, str] | None:
-    row = await conn.fetchrow(_STUDY_HOME, study_uid, site_id)
-    if row is None:
+    """(pk, table) of a stored study: the partition holding its instances, or `instance`
+    while it has none; None when no such study (of that site)."""
+    pk = await conn.fetchval(_STUDY_PK, study_uid, site_id)
+    if pk is None:
         return None
-    home = row["home"] or "instance"
+    home = await conn.fetchval(_PARTITION, pk) or "instance"
     if not _TABLE_NAME.fullmatch(home):
         raise ValueError("unexpected partition name")
-    return row["pk"], home
+    return pk, home
 
 
 async def _in_scope(pool: asyncpg.Pool, columns: str, uids: tuple[str, ...],

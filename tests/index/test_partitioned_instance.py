@@ -234,6 +234,10 @@ def test_a_retrieval_reads_its_study_s_partition_planned_once(index):
         study_pk, home = keys.get(target.study_uid, None) or (0, "")
         assert home == partition
         async with ix.pool.acquire() as conn:
+            # finding the partition itself reads (and locks) that partition only
+            [plan] = orjson.loads(await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) " + reads._PARTITION, study_pk))
+            assert _partition_scans(plan) == [partition]
             for depth, uids in ((1, ()), (2, (target.series_uid,)),
                                 (3, (target.series_uid, target.sop_uid))):
                 statement = reads.retrieval_statement(depth, table=home)
