@@ -30,6 +30,7 @@ from pydicom.datadict import dictionary_VR
 from ricord_archive import __version__
 from ricord_archive.deid.keys import Keyring
 from ricord_archive.deid.table import DECLARED_OPTIONS, profile_table
+from ricord_archive.dicom.json import read_date
 
 REGISTRY_UID_ROOT = "1.2.840.10008."
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0013, "RSNA"  # (0013,1001) project name, (0013,1003) SITEID
@@ -110,13 +111,8 @@ class DeidContext:
 
 def shift_date(value: str, days: int) -> str:
     """Shift a DA value by `days`; '' for anything that is not a full valid date."""
-    text = value.strip()
     try:
-        if len(text) == 8 and text.isascii() and text.isdigit():  # what strptime reads so
-            day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
-        else:
-            day = dt.datetime.strptime(text, "%Y%m%d").date()
-        moved = day + dt.timedelta(days=days)
+        moved = read_date(value.strip()) + dt.timedelta(days=days)
     except (ValueError, OverflowError):  # OverflowError: shifted before year 1 or after 9999
         return ""
     return moved.strftime("%Y%m%d")
@@ -156,8 +152,7 @@ def cap_age(value: str) -> str:
 
 def age_from(birth: str, study_date: str) -> str:
     try:
-        born = dt.datetime.strptime(birth, "%Y%m%d").date()
-        seen = dt.datetime.strptime(study_date, "%Y%m%d").date()
+        born, seen = read_date(birth), read_date(study_date)
     except ValueError:
         return ""
     years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))

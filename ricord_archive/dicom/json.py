@@ -99,14 +99,17 @@ class InstanceRecord:
     bits_allocated: int | None
 
 
+def read_date(text: str) -> dt.date:
+    """A DA value as `strptime(text, "%Y%m%d")` reads it, without strptime for plain digits
+    (ValueError when it is no date)."""
+    if len(text) == 8 and text.isascii() and text.isdigit():  # what strptime reads so
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    return dt.datetime.strptime(text, "%Y%m%d").date()
+
+
 def _as_date(value: Any) -> dt.date | None:
-    if not value:
-        return None
-    text = str(value)
     try:
-        if len(text) == 8 and text.isascii() and text.isdigit():  # what strptime reads so
-            return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
-        return dt.datetime.strptime(text, "%Y%m%d").date()
+        return read_date(str(value)) if value else None
     except ValueError:
         return None
 
